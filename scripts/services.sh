@@ -1,0 +1,460 @@
+#!/usr/bin/env bash
+# Make sure the PostgreSQL and RabbitMQ servers the tests need are reachable
+# on loopback: reuse running ones, otherwise install (Debian) and start them,
+# then write $ARCHIVER_SERVICES_DIR/env.sh with the URLs to use.
+#
+# Usage: scripts/services.sh [postgres] [rabbitmq]   (no argument = both)
+#        scripts/services.sh stop    (stops only the private PostgreSQL
+#                                     cluster this script started)
+#
+# Environment:
+#   ARCHIVER_SERVICES_DIR      state dir (default <repo>/.services)
+#   ARCHIVER_PG_ADMIN_URL      reused as it is if it works
+#   ARCHIVER_AMQP_URL          reused as it is if it works
+#   ARCHIVER_PG_PORT           port of the private cluster (default 5432,
+#                              or 55432 when 5432 is taken)
+#   ARCHIVER_PG_FORCE_PRIVATE  1 = skip any other server, use the private one
+set -euo pipefail
+
+# pg_ctlcluster and rabbitmq-server live in sbin, which a non-login shell
+# may not have on PATH.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+# A half-started server must not hang psql or pg_isready.
+export PGCONNECT_TIMEOUT=5
+
+REPO_ROOT=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
+SERVICES_DIR=${ARCHIVER_SERVICES_DIR:-$REPO_ROOT/.services}
+case $SERVICES_DIR in
+  /*) ;;
+  *) SERVICES_DIR=$PWD/$SERVICES_DIR ;;
+esac
+PG_DATA=$SERVICES_DIR/pg
+PG_RUN=$SERVICES_DIR/pg-run # socket + server log, owned by the server's user
+PG_LOG=$PG_RUN/postgres.log
+APT_LOG=$SERVICES_DIR/apt.log
+PG_FALLBACK_PORT=55432
+AMQP_DEFAULT_URL='amqp://guest:guest@127.0.0.1:5672/%2f'
+TRUST_LINE='host    all    all    127.0.0.1/32    trust'
+FORCE_PRIVATE=${ARCHIVER_PG_FORCE_PRIVATE:-0}
+
+PSQL=''
+PG_URL=''
+AMQP_URL=''
+APT_UPDATED=0
+
+log() { printf '%s\n' "$*" >&2; }
+# Run a command without our lock fd (9): a daemon it spawns (postgres,
+# rabbitmq, epmd) would otherwise hold the lock for good.
+nolock() { "$@" 9>&-; }
+die() {
+  printf 'services.sh: error: %s\n' "$*" >&2
+  exit 1
+}
+usage() {
+  log "usage: scripts/services.sh [postgres] [rabbitmq] | stop"
+  exit 2
+}
+
+# Exit status 0 if something accepts TCP connections on host:port.
+port_in_use() {
+  # shellcheck disable=SC2016 # expanded by the inner bash
+  timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$1" "$2" 2>/dev/null
+}
+
+apt_install() {
+  [[ $EUID -eq 0 ]] || die "need root to install $* (apt-get)"
+  command -v apt-get >/dev/null || die "apt-get not found; install $* by hand"
+  if [[ $APT_UPDATED -eq 0 ]]; then
+    log "services: apt-get update (log: $APT_LOG)"
+    apt-get update -q >>"$APT_LOG" 2>&1 || die "apt-get update failed (see $APT_LOG)"
+    APT_UPDATED=1
+  fi
+  log "services: installing $* (log: $APT_LOG)"
+  nolock env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >>"$APT_LOG" 2>&1 ||
+    die "apt-get install $* failed (see $APT_LOG)"
+}
+
+# ---------------------------------------------------------------- PostgreSQL
+
+# Run a PostgreSQL server binary as user postgres when we are root
+# (the server refuses to run as root); cd / so it never trips over an
+# unreadable working directory.
+as_pg() {
+  if [[ $EUID -eq 0 ]]; then
+    (cd / && nolock runuser -u postgres -- "$@")
+  else
+    nolock "$@"
+  fi
+}
+
+find_psql() {
+  PSQL=$(command -v psql || true)
+  if [[ -z $PSQL ]]; then
+    local bindir
+    bindir=$(newest_pg_bindir)
+    if [[ -n $bindir && -x $bindir/psql ]]; then PSQL=$bindir/psql; fi
+  fi
+}
+
+# Newest /usr/lib/postgresql/<ver>/bin that has initdb, or nothing.
+newest_pg_bindir() {
+  local initdb
+  initdb=$(printf '%s\n' /usr/lib/postgresql/*/bin/initdb | sort -V | tail -n 1)
+  if [[ -x $initdb ]]; then dirname -- "$initdb"; fi
+}
+
+# The URL works and its user may CREATE DATABASE (what the tests need).
+pg_url_ok() {
+  [[ -n $PSQL ]] || return 1
+  local out
+  out=$("$PSQL" "$1" -XAtq -c \
+    'select rolsuper or rolcreatedb from pg_roles where rolname = current_user' \
+    2>/dev/null) || return 1
+  [[ $out == t ]]
+}
+
+pg_local_url() { printf 'postgresql://postgres@127.0.0.1:%s/postgres' "$1"; }
+
+# Wait until a server answers on 127.0.0.1:port (pg_isready), up to $2 s.
+wait_pg_ready() {
+  local port=$1 deadline=$((SECONDS + $2)) isready
+  isready=$(command -v pg_isready || echo "$(newest_pg_bindir)/pg_isready")
+  until "$isready" -q -h 127.0.0.1 -p "$port" -t 2; do
+    ((SECONDS < deadline)) || return 1
+    sleep 0.5
+  done
+}
+
+# Poll pg_url_ok for a few seconds (a pg_hba reload is asynchronous).
+wait_pg_url_ok() {
+  local i
+  for i in 1 2 3 4 5 6 7 8 9 10; do
+    pg_url_ok "$1" && return 0
+    [[ $i -eq 10 ]] || sleep 0.5
+  done
+  return 1
+}
+
+# Put the loopback trust line before the first host* line of a pg_hba.conf,
+# unless it is already the first one.
+add_trust_line() {
+  local hba=$1 first
+  [[ -f $hba ]] || return 1
+  # First host* line with its whitespace squeezed ($1=$1 rebuilds it).
+  first=$(awk '/^[[:space:]]*host/ { $1 = $1; print; exit }' "$hba") || return 1
+  if [[ $first == "host all all 127.0.0.1/32 trust" ]]; then
+    return 0
+  fi
+  log "postgres: adding '$TRUST_LINE' to $hba"
+  # Called where errexit is off, so every step is checked by hand.
+  local tmp
+  tmp=$(mktemp) || return 1
+  if ! awk -v line="$TRUST_LINE" '
+    !done && /^[[:space:]]*host/ { print line; done = 1 }
+    { print }
+    END { if (!done) print line }' "$hba" >"$tmp"; then
+    rm -f "$tmp"
+    return 1
+  fi
+  # cat rather than mv keeps the file's owner and mode.
+  cat "$tmp" >"$hba" || return 1
+  rm -f "$tmp"
+}
+
+# Start a stopped Debian cluster (or fix one we just installed) and make it
+# trust postgres on 127.0.0.1. $1 = 1 if this run installed PostgreSQL.
+try_debian_cluster() {
+  local just_installed=$1 ver name port status _rest url
+  [[ $EUID -eq 0 ]] || return 1
+  command -v pg_lsclusters >/dev/null || return 1
+  while read -r ver name port status _rest; do
+    [[ $name == main ]] || continue
+    url=$(pg_local_url "$port")
+    case $status in
+      down*)
+        log "postgres: starting Debian cluster $ver/$name"
+        nolock pg_ctlcluster --skip-systemctl-redirect "$ver" "$name" start >&2 || continue
+        ;;
+      online*)
+        # A running server we did not install: never touch its config.
+        [[ $just_installed -eq 1 ]] || continue
+        ;;
+      *) continue ;;
+    esac
+    wait_pg_ready "$port" 30 || continue
+    if ! pg_url_ok "$url"; then
+      # Debian's default is peer/scram auth; tests connect over TCP with no
+      # password.
+      add_trust_line "/etc/postgresql/$ver/$name/pg_hba.conf" || continue
+      pg_ctlcluster --skip-systemctl-redirect "$ver" "$name" reload >&2 || continue
+      wait_pg_url_ok "$url" || continue
+    fi
+    PG_URL=$url
+    log "postgres: started Debian cluster $ver/$name on 127.0.0.1:$port"
+    return 0
+  done < <(pg_lsclusters -h 2>/dev/null | sort -rV)
+  return 1
+}
+
+# Binaries matching the private cluster's data, if it was initialised.
+private_pg_bindir() {
+  [[ -f $PG_DATA/PG_VERSION ]] || return 1
+  local bindir
+  bindir=/usr/lib/postgresql/$(<"$PG_DATA/PG_VERSION")/bin
+  [[ -x $bindir/pg_ctl ]] || return 1
+  echo "$bindir"
+}
+
+# Print the port of our private cluster if it is running.
+private_pg_port() {
+  local bindir
+  [[ -f $PG_DATA/postmaster.pid ]] || return 1
+  bindir=$(private_pg_bindir) || return 1
+  as_pg "$bindir/pg_ctl" -D "$PG_DATA" status >/dev/null 2>&1 || return 1
+  sed -n 4p "$PG_DATA/postmaster.pid"
+}
+
+choose_pg_port() {
+  if [[ -n ${ARCHIVER_PG_PORT:-} ]]; then
+    if port_in_use 127.0.0.1 "$ARCHIVER_PG_PORT"; then
+      die "ARCHIVER_PG_PORT=$ARCHIVER_PG_PORT is already in use on 127.0.0.1"
+    fi
+    echo "$ARCHIVER_PG_PORT"
+    return
+  fi
+  local p
+  for p in 5432 "$PG_FALLBACK_PORT"; do
+    if ! port_in_use 127.0.0.1 "$p"; then
+      echo "$p"
+      return
+    fi
+  done
+  die "127.0.0.1:5432 and :$PG_FALLBACK_PORT are both in use; set ARCHIVER_PG_PORT"
+}
+
+# A throwaway cluster of our own: initdb (trust) + pg_ctl, in $PG_DATA.
+start_private_pg() {
+  local port bindir
+  if port=$(private_pg_port); then
+    PG_URL=$(pg_local_url "$port")
+    pg_url_ok "$PG_URL" ||
+      die "private cluster in $PG_DATA runs on 127.0.0.1:$port but refuses user postgres"
+    log "postgres: reusing private cluster on 127.0.0.1:$port"
+    return
+  fi
+  if [[ $EUID -eq 0 ]] && ! id postgres >/dev/null 2>&1; then
+    die "user postgres does not exist; cannot run a private cluster as root"
+  fi
+
+  # Data from a half-done initdb or from binaries no longer installed is
+  # worthless: this cluster is scratch space for tests.
+  if ! bindir=$(private_pg_bindir); then
+    rm -rf -- "$PG_DATA"
+    bindir=$(newest_pg_bindir)
+    [[ -n $bindir ]] || die "no PostgreSQL binaries under /usr/lib/postgresql"
+  fi
+  port=$(choose_pg_port)
+
+  mkdir -p "$PG_DATA" "$PG_RUN"
+  touch "$PG_LOG"
+  chmod 700 "$PG_DATA"
+  # The server appends to its log itself, so the log is postgres's too.
+  if [[ $EUID -eq 0 ]]; then chown postgres: "$PG_DATA" "$PG_RUN" "$PG_LOG"; fi
+  as_pg test -w "$PG_DATA" -a -w "$PG_RUN" -a -w "$PG_LOG" ||
+    die "user postgres cannot write $SERVICES_DIR (a parent dir is private?); set ARCHIVER_SERVICES_DIR"
+
+  if [[ ! -f $PG_DATA/PG_VERSION ]]; then
+    as_pg "$bindir/initdb" -D "$PG_DATA" -A trust -U postgres -E UTF8 \
+      --locale=C --no-sync >>"$PG_LOG" 2>&1 ||
+      die "initdb failed (see $PG_LOG)"
+    echo "include = 'archiver.conf'" >>"$PG_DATA/postgresql.conf"
+  fi
+  # Stale after a crash or reboot; pg_ctl status just said it is not running.
+  rm -f "$PG_DATA/postmaster.pid"
+
+  # Rewritten at every start so the port can change between runs. The
+  # durability settings are off: the data is thrown away anyway.
+  cat >"$PG_DATA/archiver.conf" <<EOF
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '${PG_RUN//\'/\'\'}'
+max_connections = 200
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+EOF
+  if [[ $EUID -eq 0 ]]; then chown postgres: "$PG_DATA/archiver.conf"; fi
+
+  as_pg "$bindir/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -t 60 start >/dev/null 2>&1 ||
+    die "private PostgreSQL did not start (see $PG_LOG)"
+  wait_pg_ready "$port" 30 || die "private PostgreSQL not ready on 127.0.0.1:$port (see $PG_LOG)"
+  PG_URL=$(pg_local_url "$port")
+  pg_url_ok "$PG_URL" || die "private PostgreSQL on 127.0.0.1:$port refuses user postgres (see $PG_LOG)"
+  log "postgres: started private cluster on 127.0.0.1:$port"
+}
+
+ensure_postgres() {
+  local just_installed=0
+  find_psql
+  if [[ $FORCE_PRIVATE != 1 ]]; then
+    if [[ -n ${ARCHIVER_PG_ADMIN_URL:-} ]]; then
+      if pg_url_ok "$ARCHIVER_PG_ADMIN_URL"; then
+        PG_URL=$ARCHIVER_PG_ADMIN_URL
+        log "postgres: reusing ARCHIVER_PG_ADMIN_URL from the environment"
+        return
+      fi
+      log "postgres: ARCHIVER_PG_ADMIN_URL from the environment does not work; ignoring it"
+    fi
+    if pg_url_ok "$(pg_local_url 5432)"; then
+      PG_URL=$(pg_local_url 5432)
+      log "postgres: reusing 127.0.0.1:5432"
+      return
+    fi
+  fi
+
+  if [[ -z $(newest_pg_bindir) || -z $PSQL ]]; then
+    apt_install postgresql postgresql-client
+    just_installed=1
+    find_psql
+    [[ -n $PSQL ]] || die "psql still missing after installing postgresql-client"
+  fi
+  if [[ $FORCE_PRIVATE != 1 ]] && ! private_pg_port >/dev/null; then
+    try_debian_cluster "$just_installed" && return
+  fi
+  start_private_pg
+}
+
+# ------------------------------------------------------------------ RabbitMQ
+
+# Does an AMQP 0-9-1 broker answer the protocol header on host:port?
+# (Its first reply frame, connection.start, has frame type 1.)
+amqp_probe() {
+  # shellcheck disable=SC2016 # expanded by the inner bash
+  timeout 5 bash -c '
+    exec 3<>"/dev/tcp/$1/$2" || exit 1
+    printf "AMQP\000\000\011\001" >&3
+    reply=$(od -An -tx1 -N1 <&3)
+    [[ ${reply//[[:space:]]/} == 01 ]]' _ "$1" "$2" 2>/dev/null
+}
+
+# Check the broker behind an amqp(s):// URL answers (credentials unchecked).
+amqp_url_ok() {
+  local url=$1 scheme rest host port
+  scheme=${url%%://*}
+  rest=${url#*://}
+  rest=${rest%%/*}
+  rest=${rest##*@}
+  if [[ $rest =~ ^\[([^]]+)\](:([0-9]+))?$ || $rest =~ ^([^:]+)(:([0-9]+))?$ ]]; then
+    host=${BASH_REMATCH[1]}
+    port=${BASH_REMATCH[3]}
+  else
+    return 1
+  fi
+  case $scheme in
+    amqp) amqp_probe "$host" "${port:-5672}" ;;
+    amqps) port_in_use "$host" "${port:-5671}" ;; # TLS: a TCP connect is all we can do
+    *) return 1 ;;
+  esac
+}
+
+ensure_rabbitmq() {
+  if [[ -n ${ARCHIVER_AMQP_URL:-} ]]; then
+    if amqp_url_ok "$ARCHIVER_AMQP_URL"; then
+      AMQP_URL=$ARCHIVER_AMQP_URL
+      log "rabbitmq: reusing ARCHIVER_AMQP_URL from the environment"
+      return
+    fi
+    log "rabbitmq: ARCHIVER_AMQP_URL from the environment does not answer; ignoring it"
+  fi
+  if amqp_probe 127.0.0.1 5672; then
+    AMQP_URL=$AMQP_DEFAULT_URL
+    log "rabbitmq: reusing 127.0.0.1:5672"
+    return
+  fi
+
+  local what=started
+  if ! command -v rabbitmq-server >/dev/null; then
+    apt_install rabbitmq-server
+    what='installed and started'
+  fi
+  local deadline=$((SECONDS + 90))
+  if ! amqp_probe 127.0.0.1 5672; then
+    if nolock rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
+      # A node still booting (e.g. started by the package's postinst).
+      what='found booting; now ready'
+    elif port_in_use 127.0.0.1 5672; then
+      die "127.0.0.1:5672 is taken by something that is neither AMQP nor a RabbitMQ node"
+    else
+      nolock rabbitmq-server -detached >>"$SERVICES_DIR/rabbitmq-start.log" 2>&1 ||
+        die "rabbitmq-server -detached failed (see $SERVICES_DIR/rabbitmq-start.log)"
+    fi
+    # await_startup fails at once while the node is still booting: retry
+    # (each try bounded, as it would wait for a stopped app for 5 minutes).
+    until nolock rabbitmqctl -q -t 10 await_startup >/dev/null 2>&1; do
+      ((SECONDS < deadline)) || die "RabbitMQ did not start within 90 s (see /var/log/rabbitmq/)"
+      sleep 1
+    done
+    until amqp_probe 127.0.0.1 5672; do
+      ((SECONDS < deadline)) || die "RabbitMQ runs but 127.0.0.1:5672 does not speak AMQP"
+      sleep 1
+    done
+  fi
+  AMQP_URL=$AMQP_DEFAULT_URL
+  log "rabbitmq: $what on 127.0.0.1:5672"
+}
+
+# ---------------------------------------------------------------------- main
+
+write_env() {
+  local tmp
+  tmp=$(mktemp "$SERVICES_DIR/.env.sh.XXXXXX")
+  {
+    echo '# Written by scripts/services.sh; source it.'
+    if [[ -n $PG_URL ]]; then printf 'export ARCHIVER_PG_ADMIN_URL=%q\n' "$PG_URL"; fi
+    if [[ -n $AMQP_URL ]]; then printf 'export ARCHIVER_AMQP_URL=%q\n' "$AMQP_URL"; fi
+  } >"$tmp"
+  chmod 644 "$tmp"
+  mv -f -- "$tmp" "$SERVICES_DIR/env.sh"
+}
+
+stop_services() {
+  local port bindir
+  if port=$(private_pg_port); then
+    bindir=$(private_pg_bindir)
+    as_pg "$bindir/pg_ctl" -D "$PG_DATA" -m fast -w -t 60 stop >/dev/null ||
+      die "could not stop the private cluster in $PG_DATA"
+    log "postgres: stopped private cluster on 127.0.0.1:$port"
+  else
+    log "postgres: no private cluster running; nothing to stop"
+  fi
+}
+
+main() {
+  local want_pg=0 want_mq=0 stop=0 arg
+  for arg in "$@"; do
+    case $arg in
+      postgres | postgresql | pg) want_pg=1 ;;
+      rabbitmq | amqp) want_mq=1 ;;
+      stop) stop=1 ;;
+      -h | --help) usage ;;
+      *) log "services.sh: unknown argument: $arg" && usage ;;
+    esac
+  done
+  if [[ $stop -eq 1 && $# -ne 1 ]]; then usage; fi
+  if [[ $# -eq 0 ]]; then want_pg=1 want_mq=1; fi
+
+  mkdir -p "$SERVICES_DIR"
+  # Two runs at once (parallel CI jobs) must not both initdb or start a broker.
+  exec 9>"$SERVICES_DIR/.lock"
+  flock -w 300 9 || die "timed out waiting for the lock on $SERVICES_DIR/.lock"
+
+  if [[ $stop -eq 1 ]]; then
+    stop_services
+    return
+  fi
+  if [[ $want_pg -eq 1 ]]; then ensure_postgres; fi
+  if [[ $want_mq -eq 1 ]]; then ensure_rabbitmq; fi
+  write_env
+}
+
+main "$@"

@@ -1,0 +1,397 @@
+//! The two commands' flags, and what each does with them. The binaries only
+//! call [`planner_main`] and [`worker_main`]; flags are parsed and checked
+//! first, heavy objects built second, and every error becomes one line and a
+//! documented exit status: 0 done, 1 failed, 2 bad flag or setting,
+//! 3 another planner is running.
+
+use crate::config::{self, Policy, QueueConfig};
+use crate::error::{Error, Result};
+use crate::ledger::Kind;
+use crate::plan::{self, Eligible, PlanOptions, Planned};
+use crate::transport::amqp::{AmqpConfig, AmqpConsumer, AmqpPublisher};
+use crate::transport::{Publisher, inline};
+use crate::worker::{self, WorkerOptions};
+use crate::{db, ledger, report, telemetry};
+use clap::{Args, Parser, Subcommand};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Settings both commands share.
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// PostgreSQL URL (`postgresql+asyncpg://` accepted).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Broker URL: `amqp://…` for RabbitMQ; unset for inline (no broker).
+    #[arg(long, env = "QUEUE_URL", hide_env_values = true)]
+    pub queue_url: Option<String>,
+    /// Work queue name (with `<name>.dlx` and `<name>.dead`).
+    #[arg(long, env = "ARCHIVER_QUEUE", default_value = "archiver.batches")]
+    pub queue: String,
+    /// Deliveries of a failing batch before it is dead-lettered.
+    #[arg(long, env = "ARCHIVER_DELIVERY_LIMIT", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub delivery_limit: u32,
+    /// Batches executed at once (worker; and the planner when inline).
+    #[arg(long, env = "ARCHIVER_CONCURRENCY", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub concurrency: u16,
+    /// Debug logging (RUST_LOG overrides).
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
+}
+
+impl Common {
+    fn queue(&self) -> Result<QueueConfig> {
+        QueueConfig::parse(self.queue_url.as_deref(), &self.queue, self.delivery_limit)
+    }
+}
+
+/// `planner`: plans archive batches and publishes them (or runs them inline).
+#[derive(Debug, Parser)]
+#[command(
+    name = "planner",
+    version,
+    about = "Plans archive batches and enqueues them (or runs them itself with no broker)."
+)]
+pub struct PlannerCli {
+    /// Maintenance commands.
+    #[command(subcommand)]
+    pub command: Option<PlannerCommand>,
+    /// Archive every kind.
+    #[arg(long)]
+    pub all: bool,
+    /// Archive logs older than the logs policy age.
+    #[arg(long)]
+    pub logs: bool,
+    /// Aggregate metric samples older than the metrics policy age.
+    #[arg(long)]
+    pub metrics: bool,
+    /// Move reports older than the reports policy age to the object store.
+    #[arg(long)]
+    pub reports: bool,
+    /// Say what would be archived; change nothing, publish nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Rows per batch.
+    #[arg(long, env = "ARCHIVER_BATCH_SIZE", default_value_t = 5000,
+          value_parser = clap::value_parser!(i64).range(1..=1_000_000))]
+    pub batch_size: i64,
+    /// Logs older than this many days are archived.
+    #[arg(long, env = "ARCHIVER_LOGS_AGE_DAYS", default_value_t = 365,
+          value_parser = clap::value_parser!(u32).range(1..=36500))]
+    pub logs_age_days: u32,
+    /// Metric samples older than this many days are aggregated.
+    #[arg(long, env = "ARCHIVER_METRICS_AGE_DAYS", default_value_t = 730,
+          value_parser = clap::value_parser!(u32).range(1..=36500))]
+    pub metrics_age_days: u32,
+    /// Reports older than this many days are archived.
+    #[arg(long, env = "ARCHIVER_REPORTS_AGE_DAYS", default_value_t = 180,
+          value_parser = clap::value_parser!(u32).range(1..=36500))]
+    pub reports_age_days: u32,
+    /// Shared settings.
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// Planner subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum PlannerCommand {
+    /// Apply the schema migrations and exit.
+    Migrate,
+}
+
+impl PlannerCli {
+    fn kinds(&self) -> Vec<Kind> {
+        Kind::ALL
+            .into_iter()
+            .filter(|k| {
+                self.all
+                    || match k {
+                        Kind::Logs => self.logs,
+                        Kind::Metrics => self.metrics,
+                        Kind::Reports => self.reports,
+                    }
+            })
+            .collect()
+    }
+
+    fn options(&self, queue: &QueueConfig) -> PlanOptions {
+        PlanOptions {
+            batch_size: self.batch_size,
+            policy: Policy {
+                logs_age_days: self.logs_age_days,
+                metrics_age_days: self.metrics_age_days,
+                reports_age_days: self.reports_age_days,
+            },
+            transport: queue.name(),
+        }
+    }
+}
+
+/// Maps an error to its exit status, printing it on one line.
+fn fail(program: &str, e: &Error) -> ExitCode {
+    eprintln!("{program}: {e}");
+    match e {
+        Error::Config { .. } => ExitCode::from(2),
+        Error::Locked(_) => ExitCode::from(3),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+/// Runs the planner command line.
+pub async fn planner_main(cli: PlannerCli) -> ExitCode {
+    telemetry::init(cli.common.verbose);
+    match run_planner(&cli).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => fail("planner", &e),
+    }
+}
+
+/// The planner's advisory-lock key: "archiver" in ASCII.
+pub const PLANNER_LOCK: i64 = 0x6172_6368_6976_6572;
+
+async fn run_planner(cli: &PlannerCli) -> Result<bool> {
+    let opts = config::database_options(cli.common.database_url.as_deref(), "archiver-planner")?;
+    let queue = cli.common.queue()?;
+    if let Some(PlannerCommand::Migrate) = cli.command {
+        let pool = db::connect(&opts, 2, Duration::from_secs(30)).await?;
+        db::migrate(&pool).await?;
+        println!("schema is up to date ({})", config::describe(&opts));
+        return Ok(true);
+    }
+    let kinds = cli.kinds();
+    if kinds.is_empty() {
+        return Err(Error::config(
+            "--all",
+            "say what to archive: --all, --logs, --metrics and/or --reports",
+        ));
+    }
+    let pool = db::connect(
+        &opts,
+        u32::from(cli.common.concurrency) + 3,
+        Duration::from_secs(30),
+    )
+    .await?;
+    db::check_migrated(&pool).await?;
+    let plan_opts = cli.options(&queue);
+    if cli.dry_run {
+        return dry_run(&pool, &kinds, &plan_opts).await;
+    }
+    let _lock = take_lock(&opts).await?;
+    let ok = match &queue {
+        QueueConfig::Inline => {
+            run_inline(
+                &pool,
+                &kinds,
+                &plan_opts,
+                cli.common.concurrency,
+                cli.common.delivery_limit,
+            )
+            .await?
+        }
+        QueueConfig::Amqp {
+            url,
+            queue,
+            delivery_limit,
+        } => {
+            let cfg = AmqpConfig {
+                url: url.clone(),
+                queue: queue.clone(),
+                delivery_limit: *delivery_limit,
+            };
+            let publisher = AmqpPublisher::connect(cfg).await?;
+            let (planned, ok) = plan_kinds(&pool, &kinds, &plan_opts, &publisher).await;
+            publisher.close().await?;
+            for p in &planned {
+                println!("{}", report::published(p, queue));
+            }
+            ok
+        }
+    };
+    Ok(ok)
+}
+
+/// Holds the planner lock on a connection of its own for the whole run;
+/// the server releases it if the planner dies.
+async fn take_lock(opts: &PgConnectOptions) -> Result<PgConnection> {
+    let mut conn = PgConnection::connect_with(opts).await?;
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(PLANNER_LOCK)
+        .fetch_one(&mut conn)
+        .await?;
+    if got {
+        Ok(conn)
+    } else {
+        Err(Error::Locked(PLANNER_LOCK))
+    }
+}
+
+async fn dry_run(pool: &PgPool, kinds: &[Kind], opts: &PlanOptions) -> Result<bool> {
+    println!("DRY RUN: nothing is changed and nothing is published");
+    for &kind in kinds {
+        if !plan::is_built(kind) {
+            println!("{}", report::not_built(kind));
+            continue;
+        }
+        let e: Eligible = plan::dry_run(pool, kind, opts).await?;
+        println!("{}", report::eligible(&e, opts.batch_size));
+    }
+    Ok(true)
+}
+
+/// Plans each kind; a failure of one kind does not stop the others.
+async fn plan_kinds(
+    pool: &PgPool,
+    kinds: &[Kind],
+    opts: &PlanOptions,
+    publisher: &dyn Publisher,
+) -> (Vec<Planned>, bool) {
+    let (mut planned, mut ok) = (Vec::new(), true);
+    for &kind in kinds {
+        if !plan::is_built(kind) {
+            println!("{}", report::not_built(kind));
+            continue;
+        }
+        match plan::plan(pool, kind, opts, publisher).await {
+            Ok(p) => {
+                if let Some((n, _)) = p.pending_before {
+                    println!(
+                        "{kind}: {n} unfinished batch(es) of earlier runs; planned only rows after them"
+                    );
+                }
+                planned.push(p);
+            }
+            Err(e) => {
+                eprintln!("planner: {kind}: {e}");
+                ok = false;
+            }
+        }
+    }
+    (planned, ok)
+}
+
+async fn run_inline(
+    pool: &PgPool,
+    kinds: &[Kind],
+    opts: &PlanOptions,
+    concurrency: u16,
+    delivery_limit: u32,
+) -> Result<bool> {
+    let (publisher, mut consumer) = inline::queue();
+    let started = std::time::Instant::now();
+    let wopts = WorkerOptions {
+        concurrency: concurrency.into(),
+        delivery_limit,
+        ..Default::default()
+    };
+    let executors = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            worker::run(&pool, &mut consumer, wopts, CancellationToken::new()).await
+        })
+    };
+    let (planned, mut ok) = plan_kinds(pool, kinds, opts, &publisher).await;
+    publisher.close().await?;
+    executors
+        .await
+        .map_err(|e| Error::JobFailed(format!("executor task: {e}")))??;
+    let elapsed = started.elapsed();
+    for p in &planned {
+        let job = ledger::job(pool, p.job).await?;
+        println!("{}", report::finished(&job, elapsed));
+        ok &= job.status == "completed";
+    }
+    for (payload, reason) in publisher.dead_letters().await {
+        eprintln!(
+            "planner: dead batch {}: {reason}",
+            String::from_utf8_lossy(&payload)
+        );
+    }
+    Ok(ok)
+}
+
+/// `worker`: executes batches from the broker until SIGTERM or SIGINT.
+#[derive(Debug, Parser)]
+#[command(
+    name = "worker",
+    version,
+    about = "Executes archive batches from the queue; SIGTERM finishes in-flight batches and exits."
+)]
+pub struct WorkerCli {
+    /// Shared settings.
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// Runs the worker command line.
+pub async fn worker_main(cli: WorkerCli) -> ExitCode {
+    telemetry::init(cli.common.verbose);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    match run_worker(&cli, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail("worker", &e),
+    }
+}
+
+async fn run_worker(cli: &WorkerCli, shutdown: CancellationToken) -> Result<()> {
+    let opts = config::database_options(cli.common.database_url.as_deref(), "archiver-worker")?;
+    let (url, queue, delivery_limit) = match cli.common.queue()? {
+        QueueConfig::Amqp {
+            url,
+            queue,
+            delivery_limit,
+        } => (url, queue, delivery_limit),
+        QueueConfig::Inline => {
+            return Err(Error::config(
+                "QUEUE_URL",
+                "not set: a worker consumes from a broker (amqp://…); with no broker the planner runs batches itself",
+            ));
+        }
+    };
+    let pool = db::connect(
+        &opts,
+        u32::from(cli.common.concurrency) + 2,
+        Duration::from_secs(600),
+    )
+    .await?;
+    db::check_migrated(&pool).await?;
+    let cfg = AmqpConfig {
+        url,
+        queue,
+        delivery_limit,
+    };
+    let mut consumer = AmqpConsumer::new(cfg, cli.common.concurrency);
+    let wopts = WorkerOptions {
+        concurrency: cli.common.concurrency.into(),
+        delivery_limit,
+        ..Default::default()
+    };
+    let stats = worker::run(&pool, &mut consumer, wopts, shutdown).await?;
+    consumer.close().await;
+    tracing::info!(?stats, "worker stopped");
+    Ok(())
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+pub async fn cancel_on_signal(token: CancellationToken) {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down: finishing in-flight batches");
+    token.cancel();
+}

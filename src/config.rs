@@ -1,0 +1,198 @@
+//! Settings: the database and queue URLs, policy ages, batch size, and the
+//! checks that turn a bad value into a one-line error naming the setting.
+
+use crate::error::{Error, Result};
+use sqlx::postgres::PgConnectOptions;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// How old a row must be before it is archived, per kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// `scenario_logs.received_at` older than this many days moves (R1).
+    pub logs_age_days: u32,
+    /// `scenario_metrics.timestamp` older than this many days is aggregated (R2).
+    pub metrics_age_days: u32,
+    /// `reports.created_at` older than this many days goes to the object store (R3).
+    pub reports_age_days: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            logs_age_days: 365,
+            metrics_age_days: 730,
+            reports_age_days: 180,
+        }
+    }
+}
+
+/// Where batches travel between planner and workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueConfig {
+    /// No broker: the planner executes its batches itself.
+    Inline,
+    /// RabbitMQ at this `amqp://` or `amqps://` URL.
+    Amqp {
+        /// The broker URL (may hold a password: never log it).
+        url: String,
+        /// The work queue; `<queue>.dlx` and `<queue>.dead` go with it.
+        queue: String,
+        /// Deliveries after which the broker dead-letters a message.
+        delivery_limit: u32,
+    },
+}
+
+impl QueueConfig {
+    /// Reads `QUEUE_URL` (unset or empty: inline).
+    pub fn parse(url: Option<&str>, queue: &str, delivery_limit: u32) -> Result<Self> {
+        let Some(url) = url.map(str::trim).filter(|u| !u.is_empty()) else {
+            return Ok(QueueConfig::Inline);
+        };
+        if queue.is_empty() || queue.len() > 200 {
+            return Err(Error::config(
+                "ARCHIVER_QUEUE",
+                "must be 1 to 200 characters",
+            ));
+        }
+        if delivery_limit == 0 {
+            return Err(Error::config(
+                "ARCHIVER_DELIVERY_LIMIT",
+                "must be at least 1",
+            ));
+        }
+        let scheme = url.split("://").next().unwrap_or_default();
+        match scheme {
+            "amqp" | "amqps" => {
+                url.parse::<lapin::uri::AMQPUri>().map_err(|e| {
+                    Error::config("QUEUE_URL", format!("not a valid AMQP URL: {e}"))
+                })?;
+                Ok(QueueConfig::Amqp {
+                    url: url.to_string(),
+                    queue: queue.to_string(),
+                    delivery_limit,
+                })
+            }
+            _ => Err(Error::config(
+                "QUEUE_URL",
+                format!(
+                    "unsupported scheme {scheme:?}: expected amqp:// or amqps:// (or unset for inline)"
+                ),
+            )),
+        }
+    }
+
+    /// Short name recorded in `archive_jobs.transport`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            QueueConfig::Inline => "inline",
+            QueueConfig::Amqp { .. } => "amqp",
+        }
+    }
+}
+
+/// Parses `DATABASE_URL`. Accepts the spec's `postgresql+asyncpg://` form.
+/// Errors never echo the URL, which may hold a password.
+pub fn database_options(url: Option<&str>, application: &str) -> Result<PgConnectOptions> {
+    let raw = url
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| {
+            Error::config(
+                "DATABASE_URL",
+                "not set (e.g. postgresql://user:pass@host:5432/db)",
+            )
+        })?;
+    let normalized = normalize_database_url(raw)?;
+    let opts = PgConnectOptions::from_str(&normalized).map_err(|e| {
+        Error::config(
+            "DATABASE_URL",
+            format!("cannot be parsed: {}", scrub(&e.to_string(), raw)),
+        )
+    })?;
+    Ok(opts
+        .application_name(application)
+        // A batch waits at most this long for a row lock held by the
+        // application; past it the batch is retried instead of stalling.
+        .options([("lock_timeout", "30s")]))
+}
+
+fn normalize_database_url(raw: &str) -> Result<String> {
+    let (scheme, rest) = raw.split_once("://").ok_or_else(|| {
+        Error::config(
+            "DATABASE_URL",
+            "not a URL: expected postgresql://user:pass@host:5432/db",
+        )
+    })?;
+    let scheme = scheme.split('+').next().unwrap_or_default();
+    match scheme {
+        "postgres" | "postgresql" => Ok(format!("postgresql://{rest}")),
+        other => Err(Error::config(
+            "DATABASE_URL",
+            format!("unsupported scheme {other:?}: expected postgresql://"),
+        )),
+    }
+}
+
+/// Removes the URL itself from a message that might quote it.
+fn scrub(message: &str, url: &str) -> String {
+    message.replace(url, "<DATABASE_URL>")
+}
+
+/// Describes the server a set of options points at, without the password.
+pub fn describe(opts: &PgConnectOptions) -> String {
+    format!(
+        "{}:{}/{}",
+        opts.get_host(),
+        opts.get_port(),
+        opts.get_database().unwrap_or("<default>")
+    )
+}
+
+/// Timeout for one call to a broker; lapin can hang on a dying connection.
+pub const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn asyncpg_urls_are_accepted() {
+        let o = database_options(
+            Some("postgresql+asyncpg://u:secret@db.example:6543/mock"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(describe(&o), "db.example:6543/mock");
+    }
+
+    #[test]
+    fn bad_database_urls_name_the_variable_and_hide_the_password() {
+        for bad in ["mysql://u:hunter2@h/db", "hunter2", ""] {
+            let e = database_options(Some(bad), "t").unwrap_err().to_string();
+            assert!(e.starts_with("DATABASE_URL: "), "{e}");
+            assert!(!e.contains("hunter2"), "{e}");
+        }
+        let e = database_options(None, "t").unwrap_err().to_string();
+        assert!(e.contains("DATABASE_URL: not set"), "{e}");
+    }
+
+    #[test]
+    fn queue_url_selects_the_transport() {
+        assert_eq!(
+            QueueConfig::parse(None, "q", 5).unwrap(),
+            QueueConfig::Inline
+        );
+        assert_eq!(
+            QueueConfig::parse(Some(" "), "q", 5).unwrap(),
+            QueueConfig::Inline
+        );
+        let amqp =
+            QueueConfig::parse(Some("amqp://guest:guest@127.0.0.1:5672/%2f"), "q", 5).unwrap();
+        assert_eq!(amqp.name(), "amqp");
+        let e = QueueConfig::parse(Some("kafka://x"), "q", 5)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("QUEUE_URL: "), "{e}");
+    }
+}

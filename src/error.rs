@@ -1,0 +1,149 @@
+//! The library's error type. Its [`Class`] decides what happens to a batch:
+//! retried in place, handed back to the queue, or dead-lettered.
+
+use uuid::Uuid;
+
+/// What a failure means for the batch that hit it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// A server we depend on is unreachable: wait for it, however long,
+    /// without charging the batch an attempt.
+    Unavailable,
+    /// Worth another try soon (serialization failure, lock timeout, broker
+    /// hiccup). Retried a few times in place, then handed back.
+    Transient,
+    /// Will fail the same way every time (bad message, unknown batch,
+    /// constraint violation): dead-letter at once.
+    Permanent,
+}
+
+/// Everything the archiver can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A flag or environment variable is missing or malformed.
+    #[error("{name}: {reason}")]
+    Config {
+        /// The flag or variable, as the operator spells it.
+        name: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// PostgreSQL said no, or could not be reached.
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    /// Applying the schema failed.
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The message broker failed or refused a request.
+    #[error("broker: {0}")]
+    Broker(String),
+    /// A message that cannot be decoded.
+    #[error("malformed message: {0}")]
+    BadMessage(String),
+    /// A message naming a batch the ledger does not have.
+    #[error("unknown batch {0}: not in the ledger")]
+    UnknownBatch(Uuid),
+    /// A batch whose ledger row contradicts the message or itself.
+    #[error("batch {id}: {reason}")]
+    BadBatch {
+        /// The batch.
+        id: Uuid,
+        /// What is inconsistent.
+        reason: String,
+    },
+    /// Another planner holds the advisory lock.
+    #[error("another planner is running (advisory lock {0} is held); try again when it ends")]
+    Locked(i64),
+    /// A job ended with failed batches.
+    #[error("{0}")]
+    JobFailed(String),
+    /// A remote call took longer than we allow.
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    /// Work stopped because the process is shutting down.
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+/// Shorthand for the library's results.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// How a batch that hit this error should be treated.
+    pub fn class(&self) -> Class {
+        match self {
+            Error::Db(e) => db_class(e),
+            Error::Broker(_) | Error::Timeout(_) | Error::ShuttingDown => Class::Transient,
+            Error::Migrate(_)
+            | Error::Config { .. }
+            | Error::BadMessage(_)
+            | Error::UnknownBatch(_)
+            | Error::BadBatch { .. }
+            | Error::Locked(_)
+            | Error::JobFailed(_) => Class::Permanent,
+        }
+    }
+
+    /// Convenience for building a configuration error.
+    pub fn config(name: &'static str, reason: impl Into<String>) -> Self {
+        Error::Config {
+            name,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<lapin::Error> for Error {
+    fn from(e: lapin::Error) -> Self {
+        Error::Broker(e.to_string())
+    }
+}
+
+fn db_class(e: &sqlx::Error) -> Class {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => Class::Unavailable,
+        sqlx::Error::Protocol(_) => Class::Transient,
+        sqlx::Error::Database(db) => sqlstate_class(db.code().as_deref().unwrap_or("")),
+        _ => Class::Permanent,
+    }
+}
+
+/// SQLSTATE codes: <https://www.postgresql.org/docs/current/errcodes-appendix.html>.
+fn sqlstate_class(code: &str) -> Class {
+    match code {
+        // connection exception; operator intervention (shutdown, cannot connect now)
+        c if c.starts_with("08") || c.starts_with("57P") => Class::Unavailable,
+        // serialization failure, deadlock, lock not available, query canceled
+        // (statement/lock timeout), insufficient resources, system error
+        "40001" | "40P01" | "55P03" | "57014" => Class::Transient,
+        c if c.starts_with("53") || c.starts_with("58") => Class::Transient,
+        _ => Class::Permanent,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_are_classified() {
+        assert_eq!(sqlstate_class("08006"), Class::Unavailable);
+        assert_eq!(sqlstate_class("57P01"), Class::Unavailable);
+        assert_eq!(sqlstate_class("40001"), Class::Transient);
+        assert_eq!(sqlstate_class("55P03"), Class::Transient);
+        assert_eq!(sqlstate_class("53300"), Class::Transient);
+        assert_eq!(sqlstate_class("23505"), Class::Permanent);
+        assert_eq!(sqlstate_class("42P01"), Class::Permanent);
+    }
+
+    #[test]
+    fn message_errors_are_permanent() {
+        assert_eq!(Error::BadMessage("x".into()).class(), Class::Permanent);
+        assert_eq!(Error::UnknownBatch(Uuid::nil()).class(), Class::Permanent);
+        assert_eq!(Error::Broker("x".into()).class(), Class::Transient);
+    }
+}

@@ -1,0 +1,407 @@
+//! The ledger: `archive_jobs` (one row per kind per planner run) and
+//! `archive_batches` (one row per batch). It is the authority on what a
+//! message may do: a worker executes only what the planner recorded here.
+
+use crate::error::{Error, Result};
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use std::fmt;
+use std::str::FromStr;
+use uuid::Uuid;
+
+/// A kind of data the archiver handles.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// `scenario_logs` → `scenario_logs_archive` (R1).
+    Logs,
+    /// `scenario_metrics` → daily aggregates (R2).
+    Metrics,
+    /// `reports` → object store + `reports_archive` (R3).
+    Reports,
+}
+
+impl Kind {
+    /// Every kind, in the order the planner runs them.
+    pub const ALL: [Kind; 3] = [Kind::Logs, Kind::Metrics, Kind::Reports];
+
+    /// The name used in the ledger, messages and `archive_jobs.job_type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Logs => "logs",
+            Kind::Metrics => "metrics",
+            Kind::Reports => "reports",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Kind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "logs" => Ok(Kind::Logs),
+            "metrics" => Ok(Kind::Metrics),
+            "reports" => Ok(Kind::Reports),
+            other => Err(format!("unknown kind {other:?}")),
+        }
+    }
+}
+
+/// A point in a kind's keyset order: (time, id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Key {
+    /// The time column (`received_at`, `created_at`, or a day).
+    pub ts: DateTime<Utc>,
+    /// The tie-breaker (`id`, or `scenario_id` for metrics).
+    pub id: Uuid,
+}
+
+/// A batch as the planner cuts it, before it is recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewBatch {
+    /// Becomes `archive_batch_id` on every row the batch archives.
+    pub id: Uuid,
+    /// Exclusive lower bound.
+    pub lo: Key,
+    /// Inclusive upper bound.
+    pub hi: Key,
+    /// Rows in (lo, hi] when the planner counted them.
+    pub planned_rows: i64,
+}
+
+/// A batch as a worker loads it, locked for the length of its transaction.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// The batch id.
+    pub id: Uuid,
+    /// The job it belongs to.
+    pub job_id: Uuid,
+    /// What it archives.
+    pub kind: Kind,
+    /// Exclusive lower bound; `None`: from the start.
+    pub lo: Option<Key>,
+    /// Inclusive upper bound.
+    pub hi: Key,
+    /// `pending`, `done` or `dead`.
+    pub status: String,
+    /// The job's policy cut-off: only rows older than it move.
+    pub cutoff: DateTime<Utc>,
+}
+
+/// Creates a job row (`pending`) for one kind of one planner run.
+pub async fn create_job(
+    pool: &PgPool,
+    kind: Kind,
+    cutoff: DateTime<Utc>,
+    batch_size: i64,
+    transport: &str,
+) -> Result<Uuid> {
+    let id: Uuid = sqlx::query_scalar(
+        "INSERT INTO archive_jobs (job_type, status, cutoff, batch_size, transport)
+         VALUES ($1, 'pending', $2, $3, $4) RETURNING id",
+    )
+    .bind(kind.as_str())
+    .bind(cutoff)
+    .bind(i32::try_from(batch_size).unwrap_or(i32::MAX))
+    .bind(transport)
+    .fetch_one(pool)
+    .await?;
+    Ok(id)
+}
+
+/// `pending → running`.
+pub async fn start_job(pool: &PgPool, job: Uuid) -> Result<()> {
+    sqlx::query("UPDATE archive_jobs SET status = 'running', started_at = now() WHERE id = $1")
+        .bind(job)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Records batches and counts them into their job, in one transaction.
+pub async fn record_batches(
+    pool: &PgPool,
+    job: Uuid,
+    kind: Kind,
+    first_seq: i32,
+    batches: &[NewBatch],
+) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    let ids: Vec<Uuid> = batches.iter().map(|b| b.id).collect();
+    let seqs: Vec<i32> = (0..batches.len()).map(|i| first_seq + i as i32).collect();
+    let lo_ts: Vec<DateTime<Utc>> = batches.iter().map(|b| b.lo.ts).collect();
+    let lo_id: Vec<Uuid> = batches.iter().map(|b| b.lo.id).collect();
+    let hi_ts: Vec<DateTime<Utc>> = batches.iter().map(|b| b.hi.ts).collect();
+    let hi_id: Vec<Uuid> = batches.iter().map(|b| b.hi.id).collect();
+    let planned: Vec<i64> = batches.iter().map(|b| b.planned_rows).collect();
+    sqlx::query(
+        "INSERT INTO archive_batches (id, job_id, kind, seq, lo_ts, lo_id, hi_ts, hi_id, planned_rows)
+         SELECT id, $2, $3, seq, lo_ts, lo_id, hi_ts, hi_id, planned
+         FROM UNNEST($1::uuid[], $4::int[], $5::timestamptz[], $6::uuid[], $7::timestamptz[], $8::uuid[], $9::bigint[])
+              AS t(id, seq, lo_ts, lo_id, hi_ts, hi_id, planned)",
+    )
+    .bind(&ids)
+    .bind(job)
+    .bind(kind.as_str())
+    .bind(&seqs)
+    .bind(&lo_ts)
+    .bind(&lo_id)
+    .bind(&hi_ts)
+    .bind(&hi_id)
+    .bind(&planned)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE archive_jobs SET batches_planned = batches_planned + $2 WHERE id = $1")
+        .bind(job)
+        .bind(batches.len() as i32)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Notes that the broker confirmed these batches' messages.
+pub async fn mark_published(pool: &PgPool, ids: &[Uuid]) -> Result<()> {
+    sqlx::query("UPDATE archive_batches SET published_at = now() WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Ends planning. The job completes now if every batch is already done (or
+/// there were none); otherwise the last batch to finish completes it.
+pub async fn finish_planning(pool: &PgPool, job: Uuid) -> Result<()> {
+    sqlx::query(
+        "UPDATE archive_jobs SET planning_done = true,
+            status = CASE WHEN status = 'running' AND batches_done >= batches_planned THEN 'completed' ELSE status END,
+            completed_at = CASE WHEN status = 'running' AND batches_done >= batches_planned THEN now() ELSE completed_at END
+         WHERE id = $1",
+    )
+    .bind(job)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Marks a job `failed` with the reason (the first reason wins).
+pub async fn fail_job(pool: &PgPool, job: Uuid, reason: &str) -> Result<()> {
+    sqlx::query(
+        "UPDATE archive_jobs SET status = 'failed', completed_at = now(),
+            error_message = COALESCE(error_message, $2)
+         WHERE id = $1 AND status <> 'completed'",
+    )
+    .bind(job)
+    .bind(reason)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The highest upper bound among this kind's unfinished batches, and how many
+/// there are: a new run plans only rows above it, never rows a pending batch
+/// already covers.
+pub async fn open_high_water(pool: &PgPool, kind: Kind) -> Result<Option<(Key, i64)>> {
+    let row = sqlx::query(
+        "SELECT hi_ts, hi_id, count(*) OVER () AS n FROM archive_batches
+         WHERE kind = $1 AND status <> 'done'
+         ORDER BY hi_ts DESC, hi_id DESC LIMIT 1",
+    )
+    .bind(kind.as_str())
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|r| {
+        let key = Key {
+            ts: r.get("hi_ts"),
+            id: r.get::<Option<Uuid>, _>("hi_id").unwrap_or(Uuid::max()),
+        };
+        (key, r.get("n"))
+    }))
+}
+
+/// Loads and locks a batch with its job's cut-off. Concurrent deliveries of
+/// the same batch queue up here; the second sees the first's result.
+pub async fn lock_batch(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Result<Batch> {
+    let row = sqlx::query(
+        "SELECT b.job_id, b.kind, b.lo_ts, b.lo_id, b.hi_ts, b.hi_id, b.status, j.cutoff
+         FROM archive_batches b JOIN archive_jobs j ON j.id = b.job_id
+         WHERE b.id = $1 FOR UPDATE OF b",
+    )
+    .bind(id)
+    .fetch_optional(&mut **tx)
+    .await?
+    .ok_or(Error::UnknownBatch(id))?;
+    let bad = |reason: &str| Error::BadBatch {
+        id,
+        reason: reason.into(),
+    };
+    let kind: String = row.get("kind");
+    let lo = match (
+        row.get::<Option<DateTime<Utc>>, _>("lo_ts"),
+        row.get::<Option<Uuid>, _>("lo_id"),
+    ) {
+        (Some(ts), Some(id)) => Some(Key { ts, id }),
+        (None, None) => None,
+        _ => return Err(bad("half a lower bound")),
+    };
+    Ok(Batch {
+        id,
+        job_id: row.get("job_id"),
+        kind: kind.parse().map_err(|e: String| bad(&e))?,
+        lo,
+        hi: Key {
+            ts: row.get("hi_ts"),
+            id: row
+                .get::<Option<Uuid>, _>("hi_id")
+                .ok_or_else(|| bad("no upper id"))?,
+        },
+        status: row.get("status"),
+        cutoff: row
+            .get::<Option<DateTime<Utc>>, _>("cutoff")
+            .ok_or_else(|| bad("job has no cut-off"))?,
+    })
+}
+
+/// What executing a batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Rows examined.
+    pub processed: i64,
+    /// Rows written to the archive.
+    pub archived: i64,
+    /// Rows deleted from the hot table.
+    pub deleted: i64,
+    /// Bytes archived (`size_bytes` for logs).
+    pub bytes: i64,
+}
+
+/// Marks a batch done and adds its counts to the job, inside the batch's
+/// transaction. Returns whether this batch completed its job. The job row is
+/// locked last, so concurrent batches hold it only for their commit.
+pub async fn complete_batch(
+    tx: &mut Transaction<'_, Postgres>,
+    batch: &Batch,
+    c: Counts,
+) -> Result<bool> {
+    sqlx::query(
+        "UPDATE archive_batches SET status = 'done', attempts = attempts + 1, last_error = NULL,
+            rows_archived = $2, rows_deleted = $3, bytes_archived = $4, completed_at = now()
+         WHERE id = $1",
+    )
+    .bind(batch.id)
+    .bind(c.archived)
+    .bind(c.deleted)
+    .bind(c.bytes)
+    .execute(&mut **tx)
+    .await?;
+    let status: String = sqlx::query_scalar(
+        "UPDATE archive_jobs SET
+            records_processed = records_processed + $2, records_archived = records_archived + $3,
+            records_deleted = records_deleted + $4, bytes_archived = bytes_archived + $5,
+            batches_done = batches_done + 1,
+            status = CASE WHEN planning_done AND status IN ('running', 'failed')
+                               AND batches_done + 1 >= batches_planned
+                               AND NOT EXISTS (SELECT 1 FROM archive_batches
+                                               WHERE job_id = $1 AND status = 'dead')
+                          THEN 'completed' ELSE status END,
+            completed_at = CASE WHEN planning_done AND batches_done + 1 >= batches_planned
+                                THEN now() ELSE completed_at END
+         WHERE id = $1 RETURNING status",
+    )
+    .bind(batch.job_id)
+    .bind(c.processed)
+    .bind(c.archived)
+    .bind(c.deleted)
+    .bind(c.bytes)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(status == "completed")
+}
+
+/// Records a failed attempt (outside the failed transaction). The batch is
+/// parked (`dead`) when the failure is permanent or it has had `limit`
+/// attempts; its job is then marked failed. Returns whether it is dead, or
+/// `None` when there is no such unfinished batch.
+pub async fn record_failure(
+    pool: &PgPool,
+    id: Uuid,
+    reason: &str,
+    permanent: bool,
+    limit: i32,
+) -> Result<Option<bool>> {
+    let mut tx = pool.begin().await?;
+    let row = sqlx::query(
+        "UPDATE archive_batches SET attempts = attempts + 1, last_error = $2,
+            status = CASE WHEN $3 OR attempts + 1 >= $4 THEN 'dead' ELSE status END
+         WHERE id = $1 AND status <> 'done' RETURNING job_id, status",
+    )
+    .bind(id)
+    .bind(reason)
+    .bind(permanent)
+    .bind(limit)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else {
+        tx.commit().await?;
+        return Ok(None);
+    };
+    let dead = row.get::<String, _>("status") == "dead";
+    if dead {
+        sqlx::query(
+            "UPDATE archive_jobs SET status = 'failed', completed_at = now(),
+                error_message = COALESCE(error_message, $2)
+             WHERE id = $1 AND status <> 'completed'",
+        )
+        .bind(row.get::<Uuid, _>("job_id"))
+        .bind(format!("batch {id} dead: {reason}"))
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(Some(dead))
+}
+
+/// A job's row as reports show it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct JobRow {
+    /// Job id.
+    pub id: Uuid,
+    /// `logs`, `metrics` or `reports`.
+    pub job_type: String,
+    /// `pending`, `running`, `completed` or `failed`.
+    pub status: String,
+    /// Rows archived so far.
+    pub records_archived: Option<i64>,
+    /// Bytes archived so far.
+    pub bytes_archived: Option<i64>,
+    /// Batches recorded.
+    pub batches_planned: i32,
+    /// Batches done.
+    pub batches_done: i32,
+    /// Why it failed.
+    pub error_message: Option<String>,
+    /// When planning started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it completed or failed.
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// Loads a job.
+pub async fn job(pool: &PgPool, id: Uuid) -> Result<JobRow> {
+    Ok(sqlx::query_as(
+        "SELECT id, job_type, status, records_archived, bytes_archived, batches_planned, batches_done,
+                error_message, started_at, completed_at
+         FROM archive_jobs WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await?)
+}

@@ -1,0 +1,116 @@
+//! What the planner prints: one line per kind that a person reads at a glance.
+
+use crate::ledger::{JobRow, Kind};
+use crate::plan::{Eligible, Planned};
+use chrono::{DateTime, Utc};
+use std::time::Duration;
+
+/// `1234567` → `1,234,567`.
+pub fn count(n: i64) -> String {
+    let s = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 { format!("-{out}") } else { out }
+}
+
+/// Bytes in binary units.
+pub fn bytes(n: i64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < units.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+fn time(t: Option<DateTime<Utc>>) -> String {
+    t.map_or_else(
+        || "-".into(),
+        |t| t.format("%Y-%m-%d %H:%M UTC").to_string(),
+    )
+}
+
+/// A kind this version cannot plan yet.
+pub fn not_built(kind: Kind) -> String {
+    format!("{kind}: not built yet in this version; skipped (nothing changed)")
+}
+
+/// A dry run's finding.
+pub fn eligible(e: &Eligible, batch_size: i64) -> String {
+    let mut s = format!(
+        "{}: {} eligible rows ({}), oldest {}, newest {}; {} batch(es) of up to {} (cut-off {})",
+        e.kind,
+        count(e.rows),
+        bytes(e.bytes),
+        time(e.oldest),
+        time(e.newest),
+        count(e.batches),
+        count(batch_size),
+        time(Some(e.cutoff)),
+    );
+    if let Some((n, _)) = e.pending {
+        s.push_str(&format!(
+            "; {n} unfinished batch(es) of earlier runs are not counted"
+        ));
+    }
+    s
+}
+
+/// A kind planned onto a broker.
+pub fn published(p: &Planned, queue: &str) -> String {
+    format!(
+        "{}: job {} planned {} rows in {} batch(es) (cut-off {}); published to {queue}",
+        p.kind,
+        p.job,
+        count(p.rows),
+        count(p.batches as i64),
+        time(Some(p.cutoff)),
+    )
+}
+
+/// A job run to its end inline.
+pub fn finished(job: &JobRow, elapsed: Duration) -> String {
+    let rows = job.records_archived.unwrap_or(0);
+    let secs = elapsed.as_secs_f64().max(0.001);
+    let mut s = format!(
+        "{}: job {} {}: {} rows archived ({}) in {}/{} batches, {:.1} s ({} rows/s)",
+        job.job_type,
+        job.id,
+        job.status,
+        count(rows),
+        bytes(job.bytes_archived.unwrap_or(0)),
+        job.batches_done,
+        job.batches_planned,
+        secs,
+        count((rows as f64 / secs) as i64),
+    );
+    if let Some(err) = &job.error_message {
+        s.push_str(&format!("; error: {err}"));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_read_at_a_glance() {
+        assert_eq!(count(0), "0");
+        assert_eq!(count(1234567), "1,234,567");
+        assert_eq!(count(-1000), "-1,000");
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+    }
+}

@@ -1,0 +1,476 @@
+//! RabbitMQ through lapin: a durable quorum queue with a delivery limit and a
+//! dead-letter exchange, persistent messages published with confirms and
+//! `mandatory`, and a consumer that reconnects with jittered backoff.
+//!
+//! Topology for work queue `Q`: exchange `Q.dlx` (fanout) → queue `Q.dead`.
+//! Queue arguments cannot change once declared; a mismatch is reported with
+//! the queue's name.
+
+use super::{Acknowledge, BatchMessage, Consumer, Delivery, Publisher};
+use crate::config::BROKER_TIMEOUT;
+use crate::error::{Error, Result};
+use async_trait::async_trait;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use std::future::Future;
+use std::time::Duration;
+
+/// Where and how to reach the broker.
+#[derive(Debug, Clone)]
+pub struct AmqpConfig {
+    /// `amqp://` URL (holds credentials: never logged).
+    pub url: String,
+    /// Work queue name.
+    pub queue: String,
+    /// Deliveries before the broker dead-letters a message.
+    pub delivery_limit: u32,
+}
+
+impl AmqpConfig {
+    /// The dead-letter exchange.
+    pub fn dlx(&self) -> String {
+        format!("{}.dlx", self.queue)
+    }
+    /// The dead-letter queue.
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.queue)
+    }
+}
+
+async fn timed<T>(what: &'static str, f: impl Future<Output = lapin::Result<T>>) -> Result<T> {
+    match tokio::time::timeout(BROKER_TIMEOUT, f).await {
+        Ok(r) => r.map_err(|e| Error::Broker(format!("{what}: {e}"))),
+        Err(_) => Err(Error::Timeout(what)),
+    }
+}
+
+/// Opens a connection and a channel in confirm mode, and declares the topology.
+async fn open(cfg: &AmqpConfig, name: &str) -> Result<(Connection, Channel)> {
+    let props =
+        ConnectionProperties::default().with_connection_name(LongString::from(name.to_string()));
+    let conn = timed("connect", Connection::connect(&cfg.url, props)).await?;
+    let channel = timed("channel.open", conn.create_channel()).await?;
+    timed(
+        "confirm.select",
+        channel.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await?;
+    declare(&channel, cfg).await?;
+    Ok((conn, channel))
+}
+
+/// Declares exchange, dead-letter queue and work queue (idempotent).
+pub async fn declare(channel: &Channel, cfg: &AmqpConfig) -> Result<()> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    timed(
+        "exchange.declare",
+        channel.exchange_declare(
+            cfg.dlx().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    let mut dead_args = FieldTable::default();
+    dead_args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    timed(
+        "queue.declare (dead)",
+        channel.queue_declare(cfg.dead_queue().into(), durable, dead_args),
+    )
+    .await
+    .map_err(|e| mismatch(e, &cfg.dead_queue()))?;
+    timed(
+        "queue.bind",
+        channel.queue_bind(
+            cfg.dead_queue().into(),
+            cfg.dlx().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(cfg.dlx().into()),
+    );
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(cfg.delivery_limit as i32),
+    );
+    // Dead-letter at least once (the default for quorum queues is at most once).
+    args.insert(
+        "x-dead-letter-strategy".into(),
+        AMQPValue::LongString("at-least-once".into()),
+    );
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    timed(
+        "queue.declare",
+        channel.queue_declare(cfg.queue.as_str().into(), durable, args),
+    )
+    .await
+    .map_err(|e| mismatch(e, &cfg.queue))?;
+    Ok(())
+}
+
+fn mismatch(e: Error, queue: &str) -> Error {
+    let text = e.to_string();
+    if text.contains("PRECONDITION_FAILED") || text.contains("inequivalent") {
+        Error::config(
+            "ARCHIVER_QUEUE",
+            format!(
+                "queue {queue} exists with other arguments ({text}); delete it or choose another queue name"
+            ),
+        )
+    } else {
+        e
+    }
+}
+
+/// Publishes batch messages with confirms.
+pub struct AmqpPublisher {
+    cfg: AmqpConfig,
+    conn: Connection,
+    channel: Channel,
+}
+
+impl std::fmt::Debug for AmqpPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpPublisher")
+            .field("queue", &self.cfg.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Messages in flight before waiting for their confirms.
+const PUBLISH_WINDOW: usize = 500;
+
+impl AmqpPublisher {
+    /// Connects and declares the topology.
+    pub async fn connect(cfg: AmqpConfig) -> Result<Self> {
+        let (conn, channel) = open(&cfg, "archiver-planner").await?;
+        Ok(AmqpPublisher { cfg, conn, channel })
+    }
+}
+
+fn properties(msg_id: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(ShortString::from("application/json"))
+        .with_message_id(ShortString::from(msg_id))
+}
+
+async fn confirmed(c: lapin::PublisherConfirm, what: &str) -> Result<()> {
+    match timed("publisher confirm", c).await? {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(_)) => Err(Error::Broker(format!(
+            "{what}: returned unroutable (does the queue exist?)"
+        ))),
+        Confirmation::Nack(_) => Err(Error::Broker(format!(
+            "{what}: the broker refused the message (nack)"
+        ))),
+        Confirmation::NotRequested => Err(Error::Broker(format!(
+            "{what}: channel is not in confirm mode"
+        ))),
+    }
+}
+
+#[async_trait]
+impl Publisher for AmqpPublisher {
+    async fn publish(&self, messages: &[BatchMessage]) -> Result<()> {
+        for window in messages.chunks(PUBLISH_WINDOW) {
+            let mut confirms = Vec::with_capacity(window.len());
+            for m in window {
+                let c = timed(
+                    "basic.publish",
+                    self.channel.basic_publish(
+                        "".into(),
+                        self.cfg.queue.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..Default::default()
+                        },
+                        &m.encode(),
+                        properties(&m.batch_id.to_string()),
+                    ),
+                )
+                .await?;
+                confirms.push(c);
+            }
+            for c in confirms {
+                confirmed(c, &format!("publish to {}", self.cfg.queue)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn close(&self) -> Result<()> {
+        let _ = timed("channel.close", self.channel.close(200, "done".into())).await;
+        let _ = timed("connection.close", self.conn.close(200, "done".into())).await;
+        Ok(())
+    }
+}
+
+/// Consumes the work queue with bounded prefetch, reconnecting as needed.
+pub struct AmqpConsumer {
+    cfg: AmqpConfig,
+    prefetch: u16,
+    live: Option<Live>,
+}
+
+struct Live {
+    conn: Connection,
+    channel: Channel,
+    consumer: lapin::Consumer,
+}
+
+impl std::fmt::Debug for AmqpConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpConsumer")
+            .field("queue", &self.cfg.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AmqpConsumer {
+    /// A consumer that will connect on first `receive`; at most `prefetch`
+    /// deliveries are unsettled at a time.
+    pub fn new(cfg: AmqpConfig, prefetch: u16) -> Self {
+        AmqpConsumer {
+            cfg,
+            prefetch: prefetch.max(1),
+            live: None,
+        }
+    }
+
+    async fn start(&self) -> Result<Live> {
+        let (conn, channel) = open(&self.cfg, "archiver-worker").await?;
+        // Set on every (re)connect: a recovered channel may not keep it.
+        timed(
+            "basic.qos",
+            channel.basic_qos(self.prefetch, BasicQosOptions::default()),
+        )
+        .await?;
+        let consumer = timed(
+            "basic.consume",
+            channel.basic_consume(
+                self.cfg.queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        Ok(Live {
+            conn,
+            channel,
+            consumer,
+        })
+    }
+
+    async fn connect_until_up(&mut self) {
+        let mut delays = ExponentialBuilder::default()
+            .with_jitter()
+            .with_max_delay(Duration::from_secs(30))
+            .without_max_times()
+            .build();
+        loop {
+            match self.start().await {
+                Ok(live) => {
+                    tracing::info!(queue = %self.cfg.queue, prefetch = self.prefetch, "consuming");
+                    self.live = Some(live);
+                    return;
+                }
+                Err(e) => {
+                    let d = delays.next().unwrap_or(Duration::from_secs(30));
+                    tracing::warn!("broker unavailable ({e}); reconnecting in {d:?}");
+                    tokio::time::sleep(d).await;
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Consumer for AmqpConsumer {
+    async fn receive(&mut self) -> Result<Option<Delivery>> {
+        loop {
+            if self.live.is_none() {
+                self.connect_until_up().await;
+            }
+            let cfg = self.cfg.clone();
+            let live = self.live.as_mut().expect("connected above");
+            match live.consumer.next().await {
+                Some(Ok(d)) => {
+                    let acker = AmqpAcker {
+                        cfg,
+                        channel: live.channel.clone(),
+                        acker: d.acker,
+                        payload: d.data.clone(),
+                    };
+                    return Ok(Some(Delivery {
+                        payload: d.data,
+                        redelivered: d.redelivered,
+                        acker: Box::new(acker),
+                    }));
+                }
+                Some(Err(e)) => tracing::warn!("consumer failed ({e}); reconnecting"),
+                None => tracing::warn!("consumer cancelled by the broker; reconnecting"),
+            }
+            if let Some(old) = self.live.take() {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    old.conn.close(320, "reconnecting".into()),
+                )
+                .await;
+            }
+        }
+    }
+
+    async fn stop(&mut self) {
+        if let Some(live) = &self.live {
+            let tag = live.consumer.tag();
+            let _ = timed(
+                "basic.cancel",
+                live.channel
+                    .basic_cancel(tag, BasicCancelOptions::default()),
+            )
+            .await;
+        }
+    }
+}
+
+impl AmqpConsumer {
+    /// Closes the connection; unsettled deliveries return to the queue.
+    pub async fn close(&mut self) {
+        if let Some(live) = self.live.take() {
+            let _ = timed("channel.close", live.channel.close(200, "shutdown".into())).await;
+            let _ = timed("connection.close", live.conn.close(200, "shutdown".into())).await;
+        }
+    }
+}
+
+struct AmqpAcker {
+    cfg: AmqpConfig,
+    channel: Channel,
+    acker: lapin::Acker,
+    payload: Vec<u8>,
+}
+
+/// lapin returns `Ok(false)` when the channel is gone and nothing was sent:
+/// the broker will redeliver, and the ledger makes that a no-op.
+fn sent(what: &'static str, ok: bool) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Broker(format!(
+            "{what} not sent: channel closed; the message will be redelivered"
+        )))
+    }
+}
+
+#[async_trait]
+impl Acknowledge for AmqpAcker {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        let ok = timed("basic.ack", self.acker.ack(BasicAckOptions::default())).await?;
+        sent("ack", ok)
+    }
+
+    async fn dead_letter(self: Box<Self>, reason: &str) -> Result<()> {
+        // Publish to the DLX ourselves so the parked message carries the
+        // reason; only then drop the original. If that fails, reject without
+        // requeue: the broker dead-letters it (reason "rejected").
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-archiver-error".into(),
+            AMQPValue::LongString(reason.into()),
+        );
+        headers.insert(
+            "x-archiver-queue".into(),
+            AMQPValue::LongString(self.cfg.queue.as_str().into()),
+        );
+        let props = properties("dead-letter").with_headers(headers);
+        let published = async {
+            let c = timed(
+                "basic.publish (dead letter)",
+                self.channel.basic_publish(
+                    self.cfg.dlx().into(),
+                    self.cfg.queue.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &self.payload,
+                    props,
+                ),
+            )
+            .await?;
+            confirmed(c, "dead-letter publish").await
+        }
+        .await;
+        match published {
+            Ok(()) => {
+                let ok = timed("basic.ack", self.acker.ack(BasicAckOptions::default())).await?;
+                sent("ack", ok)
+            }
+            Err(e) => {
+                tracing::warn!("dead-letter publish failed ({e}); rejecting instead");
+                let ok = timed(
+                    "basic.reject",
+                    self.acker.reject(BasicRejectOptions { requeue: false }),
+                )
+                .await?;
+                sent("reject", ok)
+            }
+        }
+    }
+
+    async fn retry_later(self: Box<Self>) -> Result<()> {
+        // reject (not nack) counts toward x-delivery-limit on every version.
+        let ok = timed(
+            "basic.reject",
+            self.acker.reject(BasicRejectOptions { requeue: true }),
+        )
+        .await?;
+        sent("reject", ok)
+    }
+
+    async fn hand_back(self: Box<Self>) -> Result<()> {
+        let ok = timed(
+            "basic.nack",
+            self.acker.nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            }),
+        )
+        .await?;
+        sent("nack", ok)
+    }
+}

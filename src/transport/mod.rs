@@ -1,0 +1,146 @@
+//! How batch messages travel from the planner to workers. A message carries
+//! a batch id and its kind, never rows or ranges: the ledger says what the
+//! batch is, so a stale, duplicated or forged message can do nothing the
+//! planner did not plan.
+//!
+//! Three small traits form the seam: a [`Publisher`] that returns only once
+//! the broker holds every message, a [`Consumer`] that yields deliveries, and
+//! the [`Acknowledge`] handle each delivery carries.
+
+pub mod amqp;
+pub mod inline;
+
+use crate::error::{Error, Result};
+use crate::ledger::Kind;
+use async_trait::async_trait;
+use uuid::Uuid;
+
+/// The body of every message: `{"v":1,"batch_id":"…","kind":"logs"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BatchMessage {
+    /// Format version; only 1 exists.
+    pub v: u8,
+    /// The batch in the ledger.
+    pub batch_id: Uuid,
+    /// Its kind, checked against the ledger.
+    pub kind: Kind,
+}
+
+/// Larger payloads are refused before parsing.
+const MAX_PAYLOAD: usize = 4096;
+
+impl BatchMessage {
+    /// A version-1 message for a batch.
+    pub fn new(batch_id: Uuid, kind: Kind) -> Self {
+        BatchMessage {
+            v: 1,
+            batch_id,
+            kind,
+        }
+    }
+
+    /// Serializes to JSON.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a BatchMessage always serializes")
+    }
+
+    /// Parses a payload, naming what is wrong with a bad one.
+    pub fn decode(payload: &[u8]) -> Result<Self> {
+        if payload.len() > MAX_PAYLOAD {
+            return Err(Error::BadMessage(format!(
+                "{} bytes, more than {MAX_PAYLOAD}",
+                payload.len()
+            )));
+        }
+        let msg: BatchMessage = serde_json::from_slice(payload).map_err(|e| {
+            let shown: String = String::from_utf8_lossy(payload).chars().take(80).collect();
+            Error::BadMessage(format!("{e} in {shown:?}"))
+        })?;
+        if msg.v != 1 {
+            return Err(Error::BadMessage(format!("unsupported version {}", msg.v)));
+        }
+        Ok(msg)
+    }
+}
+
+/// Sends batch messages.
+#[async_trait]
+pub trait Publisher: Send + Sync {
+    /// Enqueues every message durably. `Ok` means the broker confirmed each
+    /// one; on `Err` some may have been enqueued and others not.
+    async fn publish(&self, messages: &[BatchMessage]) -> Result<()>;
+
+    /// No more messages will be published.
+    async fn close(&self) -> Result<()>;
+}
+
+/// Settles one delivery. Exactly one method is called, once.
+#[async_trait]
+pub trait Acknowledge: Send {
+    /// The batch's effect is committed: remove the message.
+    async fn ack(self: Box<Self>) -> Result<()>;
+    /// The message can never succeed: park it, with the reason, in the
+    /// dead-letter queue.
+    async fn dead_letter(self: Box<Self>, reason: &str) -> Result<()>;
+    /// It failed for now: deliver it again later, counting the attempt.
+    async fn retry_later(self: Box<Self>) -> Result<()>;
+    /// Not processed (shutting down): give it back without counting.
+    async fn hand_back(self: Box<Self>) -> Result<()>;
+}
+
+/// One received message and the handle that settles it.
+pub struct Delivery {
+    /// The raw body.
+    pub payload: Vec<u8>,
+    /// The broker delivered it before.
+    pub redelivered: bool,
+    /// Settles the delivery.
+    pub acker: Box<dyn Acknowledge>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("payload", &String::from_utf8_lossy(&self.payload))
+            .field("redelivered", &self.redelivered)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Yields deliveries.
+#[async_trait]
+pub trait Consumer: Send {
+    /// The next delivery, waiting (and reconnecting) as long as it takes.
+    /// `None`: there will be no more. Cancel-safe.
+    async fn receive(&mut self) -> Result<Option<Delivery>>;
+    /// Stop taking deliveries; unsettled ones go back to the queue.
+    async fn stop(&mut self);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        let m = BatchMessage::new(Uuid::new_v4(), Kind::Logs);
+        assert_eq!(BatchMessage::decode(&m.encode()).unwrap(), m);
+    }
+
+    #[test]
+    fn bad_messages_say_why() {
+        let e = BatchMessage::decode(b"not json").unwrap_err().to_string();
+        assert!(e.starts_with("malformed message: "), "{e}");
+        let e = BatchMessage::decode(
+            br#"{"v":2,"batch_id":"00000000-0000-0000-0000-000000000000","kind":"logs"}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unsupported version 2"), "{e}");
+        let e = BatchMessage::decode(br#"{"v":1,"batch_id":"x","kind":"logs"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("batch_id") || e.contains("UUID"), "{e}");
+        assert!(BatchMessage::decode(&vec![b' '; 5000]).is_err());
+    }
+}

@@ -1,0 +1,213 @@
+//! The worker: take a delivery, execute its batch, settle the delivery.
+//! [`process`] is the unit of work (tests call it directly); [`run`] is the
+//! loop around it with bounded concurrency and clean shutdown: on
+//! cancellation no new delivery is taken and in-flight batches finish.
+
+use crate::error::{Class, Error, Result};
+use crate::execute::{self, Outcome};
+use crate::ledger;
+use crate::transport::{BatchMessage, Consumer, Delivery};
+use backon::{BackoffBuilder, ExponentialBuilder};
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How a worker behaves.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerOptions {
+    /// Batches executed at once (and the broker prefetch).
+    pub concurrency: usize,
+    /// Attempts after which a batch is parked in the dead-letter queue.
+    pub delivery_limit: u32,
+    /// Transient failures retried in place before handing the message back.
+    pub transient_tries: u32,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            concurrency: 2,
+            delivery_limit: 5,
+            transient_tries: 4,
+        }
+    }
+}
+
+/// What to do with a delivery after processing it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    /// Committed (or already done): acknowledge.
+    Ack(Outcome),
+    /// Cannot succeed: park it with the reason.
+    DeadLetter(String),
+    /// Failed for now: deliver again later.
+    Retry(String),
+    /// Not processed because we are shutting down.
+    HandBack,
+}
+
+/// Decodes a payload and executes its batch, retrying transient failures in
+/// place and waiting out an unreachable database until `shutdown`.
+pub async fn process(
+    pool: &PgPool,
+    payload: &[u8],
+    opts: WorkerOptions,
+    shutdown: &CancellationToken,
+) -> Disposition {
+    let msg = match BatchMessage::decode(payload) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!("dead-lettering: {e}");
+            return Disposition::DeadLetter(e.to_string());
+        }
+    };
+    let err = match execute_with_retry(pool, msg, opts, shutdown).await {
+        Ok(outcome) => return Disposition::Ack(outcome),
+        Err(Error::ShuttingDown) => return Disposition::HandBack,
+        Err(e) => e,
+    };
+    let reason = err.to_string();
+    let permanent = err.class() == Class::Permanent;
+    let limit = i32::try_from(opts.delivery_limit).unwrap_or(i32::MAX);
+    match ledger::record_failure(pool, msg.batch_id, &reason, permanent, limit).await {
+        Ok(Some(true)) | Ok(None) if permanent => {
+            tracing::error!(archive_batch_id = %msg.batch_id, "dead-lettering: {reason}");
+            Disposition::DeadLetter(reason)
+        }
+        Ok(Some(true)) => {
+            tracing::error!(archive_batch_id = %msg.batch_id, "attempts exhausted, dead-lettering: {reason}");
+            Disposition::DeadLetter(reason)
+        }
+        Ok(_) => {
+            tracing::warn!(archive_batch_id = %msg.batch_id, "will retry later: {reason}");
+            Disposition::Retry(reason)
+        }
+        Err(e) => {
+            // The ledger is unreachable too: never park a batch we could not
+            // record; hand it back for a later try.
+            tracing::warn!(archive_batch_id = %msg.batch_id, "could not record failure ({e}): {reason}");
+            Disposition::Retry(reason)
+        }
+    }
+}
+
+async fn execute_with_retry(
+    pool: &PgPool,
+    msg: BatchMessage,
+    opts: WorkerOptions,
+    shutdown: &CancellationToken,
+) -> Result<Outcome> {
+    let mut delays = ExponentialBuilder::default()
+        .with_jitter()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(30))
+        .without_max_times()
+        .build();
+    let mut transient = 0;
+    loop {
+        let err = match execute::execute_batch(pool, msg.batch_id, msg.kind).await {
+            Ok(o) => return Ok(o),
+            Err(e) => e,
+        };
+        match err.class() {
+            Class::Permanent => return Err(err),
+            Class::Transient if transient >= opts.transient_tries => return Err(err),
+            Class::Transient => transient += 1,
+            // The database is down: pause this batch until it is back.
+            Class::Unavailable => {}
+        }
+        let d = delays.next().unwrap_or(Duration::from_secs(30));
+        tracing::warn!(archive_batch_id = %msg.batch_id, "{err}; retrying in {d:?}");
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = shutdown.cancelled() => return Err(Error::ShuttingDown),
+        }
+    }
+}
+
+/// Counters of one worker's run.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Batches executed.
+    pub done: AtomicU64,
+    /// Deliveries of batches that were already done.
+    pub already_done: AtomicU64,
+    /// Rows archived.
+    pub rows: AtomicU64,
+    /// Deliveries dead-lettered.
+    pub dead_lettered: AtomicU64,
+    /// Deliveries handed back for a later retry.
+    pub retried: AtomicU64,
+}
+
+/// Consumes until `shutdown` (or until the consumer has no more), executing
+/// at most `opts.concurrency` batches at once; then waits for in-flight ones.
+pub async fn run<C: Consumer>(
+    pool: &PgPool,
+    consumer: &mut C,
+    opts: WorkerOptions,
+    shutdown: CancellationToken,
+) -> Result<Arc<WorkerStats>> {
+    let permits = Arc::new(Semaphore::new(opts.concurrency.max(1)));
+    let tracker = TaskTracker::new();
+    let stats = Arc::new(WorkerStats::default());
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
+            _ = shutdown.cancelled() => break,
+        };
+        let delivery = tokio::select! {
+            d = consumer.receive() => d?,
+            _ = shutdown.cancelled() => break,
+        };
+        let Some(delivery) = delivery else { break };
+        let (pool, stats, token) = (pool.clone(), stats.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            handle(&pool, delivery, opts, &stats, &token).await;
+            drop(permit);
+        });
+    }
+    consumer.stop().await;
+    tracker.close();
+    tracker.wait().await;
+    Ok(stats)
+}
+
+async fn handle(
+    pool: &PgPool,
+    d: Delivery,
+    opts: WorkerOptions,
+    stats: &WorkerStats,
+    shutdown: &CancellationToken,
+) {
+    let disposition = process(pool, &d.payload, opts, shutdown).await;
+    let settled = match disposition {
+        Disposition::Ack(Outcome::Done { counts, .. }) => {
+            stats.done.fetch_add(1, Ordering::Relaxed);
+            stats
+                .rows
+                .fetch_add(counts.archived as u64, Ordering::Relaxed);
+            d.acker.ack().await
+        }
+        Disposition::Ack(Outcome::AlreadyDone) => {
+            stats.already_done.fetch_add(1, Ordering::Relaxed);
+            d.acker.ack().await
+        }
+        Disposition::DeadLetter(reason) => {
+            stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            d.acker.dead_letter(&reason).await
+        }
+        Disposition::Retry(_) => {
+            stats.retried.fetch_add(1, Ordering::Relaxed);
+            d.acker.retry_later().await
+        }
+        Disposition::HandBack => d.acker.hand_back().await,
+    };
+    if let Err(e) = settled {
+        tracing::warn!("settling a delivery failed: {e}");
+    }
+}
