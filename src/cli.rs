@@ -395,3 +395,22 @@ pub async fn cancel_on_signal(token: CancellationToken) {
     tracing::info!("shutting down: finishing in-flight batches");
     token.cancel();
 }
+
+/// Parses the command line; a bad flag exits 2 with one line that names it
+/// (`--help` and `--version` print as usual).
+pub fn parse<T: Parser>(program: &str) -> T {
+    match T::try_parse() {
+        Ok(t) => t,
+        Err(e) if e.use_stderr() => {
+            let text = e.to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim_start_matches("error: ");
+            eprintln!("{program}: {first} (see --help)");
+            std::process::exit(2);
+        }
+        Err(e) => e.exit(),
+    }
+}

@@ -1,7 +1,6 @@
 //! `worker`: see [`archiver::cli::WorkerCli`].
-use clap::Parser;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    archiver::cli::worker_main(archiver::cli::WorkerCli::parse()).await
+    archiver::cli::worker_main(archiver::cli::parse("worker")).await
 }

@@ -1,0 +1,209 @@
+//! The binaries as an operator runs them: the advisory lock, the dry run,
+//! bad settings, and SIGTERM.
+
+use crate::helpers::{TestDb, amqp_config, queue_depth};
+use archiver::transport::Publisher;
+use archiver::transport::amqp::AmqpPublisher;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn planner(db_url: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_planner"));
+    c.args(args)
+        .env("DATABASE_URL", db_url)
+        .env_remove("QUEUE_URL")
+        .env_remove("RUST_LOG");
+    c
+}
+
+async fn output(mut c: Command) -> Output {
+    tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// Every table's content and the set of relations, as one string.
+async fn everything(db: &TestDb) -> String {
+    let mut all = String::new();
+    for t in [
+        "scenario_logs",
+        "scenario_logs_archive",
+        "scenario_metrics",
+        "reports",
+        "archive_jobs",
+        "archive_batches",
+    ] {
+        let h: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) || ':' || COALESCE(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {t} t"
+        )))
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        all.push_str(&format!("{t}={h};"));
+    }
+    let rels: String = sqlx::query_scalar("SELECT string_agg(relname, ',' ORDER BY relname) FROM pg_class WHERE relnamespace = 'public'::regnamespace")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    all + &rels
+}
+
+#[tokio::test]
+async fn a_dry_run_changes_nothing_and_publishes_nothing() {
+    let db = TestDb::new().await;
+    db.load_logs(5_000).await;
+    let cfg = amqp_config();
+    // Declare the queue so that we can see it stays empty.
+    let publisher = AmqpPublisher::connect(cfg.clone()).await.unwrap();
+    let before = everything(&db).await;
+    let mut c = planner(&db.url, &["--logs", "--metrics", "--dry-run"]);
+    c.env("QUEUE_URL", &cfg.url)
+        .env("ARCHIVER_QUEUE", &cfg.queue);
+    let o = output(c).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let eligible: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM scenario_logs WHERE received_at < now() - interval '365 days'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        out.contains(&format!(
+            "logs: {} eligible rows",
+            archiver::report::count(eligible)
+        )),
+        "{out}"
+    );
+    assert!(out.contains("metrics: not built yet"), "{out}");
+    assert_eq!(everything(&db).await, before);
+    assert_eq!(queue_depth(&cfg, &cfg.queue).await, Some(0));
+    publisher.close().await.unwrap();
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_second_planner_exits_non_zero_while_one_holds_the_lock() {
+    let db = TestDb::new().await;
+    db.load_logs(1_000).await;
+    let mut holder = db.pool.acquire().await.unwrap();
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(archiver::cli::PLANNER_LOCK)
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    assert!(got);
+    let before = everything(&db).await;
+    let o = output(planner(&db.url, &["--logs"])).await;
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("another planner is running"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(everything(&db).await, before);
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(archiver::cli::PLANNER_LOCK)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    drop(holder);
+    let o = output(planner(&db.url, &["--logs"])).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("completed"));
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn bad_settings_give_one_line_errors_that_name_them() {
+    let db = TestDb::new().await;
+    let secret_url = db.url.replace("postgres@", "postgres:hunter2@");
+    let cases: Vec<(Vec<&str>, String, &str, i32)> = vec![
+        (
+            vec!["--logs"],
+            "mysql://u:hunter2@127.0.0.1/x".into(),
+            "DATABASE_URL",
+            2,
+        ),
+        (
+            vec!["--logs"],
+            secret_url.replace("archiver_t_", "no_such_db_"),
+            "DATABASE_URL",
+            2,
+        ),
+        (
+            vec!["--logs", "--batch-size", "0"],
+            db.url.clone(),
+            "--batch-size",
+            2,
+        ),
+        (
+            vec!["--logs", "--logs-age-days", "soon"],
+            db.url.clone(),
+            "--logs-age-days",
+            2,
+        ),
+        (vec!["--frobnicate"], db.url.clone(), "--frobnicate", 2),
+        (vec![], db.url.clone(), "--all", 2),
+    ];
+    for (args, url, names, code) in cases {
+        let o = output(planner(&url, &args)).await;
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(code), "{args:?}: {err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{args:?}: one line: {err}"
+        );
+        assert!(err.contains(names), "{args:?}: names {names}: {err}");
+        assert!(
+            !err.contains("hunter2"),
+            "{args:?}: leaks the password: {err}"
+        );
+    }
+    let mut c = planner(&db.url, &["--logs"]);
+    c.env("QUEUE_URL", "kafka://x");
+    let o = output(c).await;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("QUEUE_URL"), "{}", stderr(&o));
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_worker_exits_zero_on_sigterm() {
+    let db = TestDb::new().await;
+    let cfg = amqp_config();
+    let child = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .env("DATABASE_URL", &db.url)
+        .env("QUEUE_URL", &cfg.url)
+        .env("ARCHIVER_QUEUE", &cfg.queue)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it consumes (the queue exists once it has declared it).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while queue_depth(&cfg, &cfg.queue).await.is_none() {
+        assert!(Instant::now() < deadline, "worker never declared its queue");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        status.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    db.cleanup().await;
+}

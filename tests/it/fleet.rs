@@ -1,0 +1,220 @@
+//! The fleet over real RabbitMQ: workers share batches, redelivery and a
+//! crash between commit and ack change nothing, bad messages are parked.
+
+use crate::helpers::{TestDb, amqp_config, drain, plan_options, queue_depth};
+use archiver::ledger::Kind;
+use archiver::plan;
+use archiver::transport::amqp::{AmqpConfig, AmqpConsumer, AmqpPublisher};
+use archiver::transport::{BatchMessage, Consumer, Publisher};
+use archiver::worker::{self, Disposition, WorkerOptions, WorkerStats};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// A worker as the binary runs it: its own pool and consumer.
+fn spawn_worker(
+    db: &TestDb,
+    cfg: &AmqpConfig,
+    stop: &CancellationToken,
+) -> JoinHandle<Arc<WorkerStats>> {
+    let (url, cfg, stop) = (db.url.clone(), cfg.clone(), stop.clone());
+    tokio::spawn(async move {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(3)
+            .connect(&url)
+            .await
+            .unwrap();
+        let mut consumer = AmqpConsumer::new(cfg, 1);
+        let opts = WorkerOptions {
+            concurrency: 1,
+            ..Default::default()
+        };
+        let stats = worker::run(&pool, &mut consumer, opts, stop).await.unwrap();
+        consumer.close().await;
+        stats
+    })
+}
+
+async fn plan_to(db: &TestDb, publisher: &AmqpPublisher, batch_size: i64) -> plan::Planned {
+    plan::plan(
+        &db.pool,
+        Kind::Logs,
+        &plan_options(batch_size, "amqp"),
+        publisher,
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn two_workers_share_the_batches_and_archive_every_row_once() {
+    let db = TestDb::new().await;
+    db.load_logs(12_000).await;
+    let (old, young) = db.split_hashes().await;
+    let cfg = amqp_config();
+    let publisher = AmqpPublisher::connect(cfg.clone()).await.unwrap();
+    let planned = plan_to(&db, &publisher, 300).await;
+    assert!(planned.batches >= 20);
+    let stop = CancellationToken::new();
+    let workers = [
+        spawn_worker(&db, &cfg, &stop),
+        spawn_worker(&db, &cfg, &stop),
+    ];
+    assert_eq!(db.wait_job(planned.job).await, "completed");
+    stop.cancel();
+    let mut done = Vec::new();
+    for w in workers {
+        done.push(w.await.unwrap().done.load(Ordering::Relaxed));
+    }
+    assert!(
+        done.iter().all(|&d| d > 0),
+        "both workers executed batches: {done:?}"
+    );
+    assert_eq!(done.iter().sum::<u64>(), planned.batches as u64);
+    db.assert_logs_invariant(&old, &young).await;
+    db.assert_job_counted_once(planned.job, old.0).await;
+    assert_eq!(queue_depth(&cfg, &cfg.queue).await, Some(0));
+    assert_eq!(queue_depth(&cfg, &cfg.dead_queue()).await, Some(0));
+    publisher.close().await.unwrap();
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn every_batch_delivered_twice_has_its_effect_once() {
+    let db = TestDb::new().await;
+    db.load_logs(6_000).await;
+    let (old, young) = db.split_hashes().await;
+    let cfg = amqp_config();
+    let publisher = AmqpPublisher::connect(cfg.clone()).await.unwrap();
+    let planned = plan_to(&db, &publisher, 500).await;
+    // Publish every batch's message a second time.
+    let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM archive_batches WHERE job_id = $1")
+        .bind(planned.job)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    let dups: Vec<BatchMessage> = ids
+        .iter()
+        .map(|&id| BatchMessage::new(id, Kind::Logs))
+        .collect();
+    publisher.publish(&dups).await.unwrap();
+    let stop = CancellationToken::new();
+    let w = spawn_worker(&db, &cfg, &stop);
+    assert_eq!(db.wait_job(planned.job).await, "completed");
+    // Let the duplicates drain too.
+    for _ in 0..200 {
+        if queue_depth(&cfg, &cfg.queue).await == Some(0) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    let stats = w.await.unwrap();
+    assert_eq!(stats.done.load(Ordering::Relaxed), ids.len() as u64);
+    assert_eq!(stats.already_done.load(Ordering::Relaxed), ids.len() as u64);
+    db.assert_logs_invariant(&old, &young).await;
+    db.assert_job_counted_once(planned.job, old.0).await;
+    publisher.close().await.unwrap();
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_worker_killed_after_commit_and_before_ack_loses_and_duplicates_nothing() {
+    let db = TestDb::new().await;
+    db.load_logs(4_000).await;
+    let (old, young) = db.split_hashes().await;
+    let cfg = amqp_config();
+    let publisher = AmqpPublisher::connect(cfg.clone()).await.unwrap();
+    let planned = plan_to(&db, &publisher, 400).await;
+
+    // Receive one delivery, commit its batch, and vanish without acking.
+    let mut doomed = AmqpConsumer::new(cfg.clone(), 1);
+    let d = doomed.receive().await.unwrap().expect("a delivery");
+    let token = CancellationToken::new();
+    let outcome = worker::process(&db.pool, &d.payload, WorkerOptions::default(), &token).await;
+    assert!(
+        matches!(
+            outcome,
+            Disposition::Ack(archiver::execute::Outcome::Done { .. })
+        ),
+        "{outcome:?}"
+    );
+    drop(d);
+    doomed.close().await;
+
+    let stop = CancellationToken::new();
+    let w = spawn_worker(&db, &cfg, &stop);
+    assert_eq!(db.wait_job(planned.job).await, "completed");
+    stop.cancel();
+    let stats = w.await.unwrap();
+    assert_eq!(
+        stats.already_done.load(Ordering::Relaxed),
+        1,
+        "the redelivered batch had no effect"
+    );
+    assert_eq!(
+        stats.done.load(Ordering::Relaxed),
+        planned.batches as u64 - 1
+    );
+    db.assert_logs_invariant(&old, &young).await;
+    db.assert_job_counted_once(planned.job, old.0).await;
+    publisher.close().await.unwrap();
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn malformed_and_unknown_messages_are_dead_lettered_and_the_worker_goes_on() {
+    let db = TestDb::new().await;
+    db.load_logs(3_000).await;
+    let (old, young) = db.split_hashes().await;
+    let cfg = amqp_config();
+    let publisher = AmqpPublisher::connect(cfg.clone()).await.unwrap();
+    // Garbage and a forged batch id go first, real work after them.
+    let conn = lapin::Connection::connect(&cfg.url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    for body in [
+        b"this is not json".to_vec(),
+        BatchMessage::new(Uuid::new_v4(), Kind::Logs).encode(),
+    ] {
+        ch.basic_publish(
+            "".into(),
+            cfg.queue.as_str().into(),
+            Default::default(),
+            &body,
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let planned = plan_to(&db, &publisher, 1000).await;
+    let stop = CancellationToken::new();
+    let w = spawn_worker(&db, &cfg, &stop);
+    assert_eq!(db.wait_job(planned.job).await, "completed");
+    stop.cancel();
+    let stats = w.await.unwrap();
+    assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 2);
+    db.assert_logs_invariant(&old, &young).await;
+    let mut dead = drain(&cfg, &cfg.dead_queue()).await;
+    dead.sort();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|(_, r)| r.clone().expect("reason header"))
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r.starts_with("malformed message")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("not in the ledger")),
+        "{reasons:?}"
+    );
+    assert!(dead.iter().any(|(p, _)| p == "this is not json"));
+    let _ = conn.close(200, "".into()).await;
+    publisher.close().await.unwrap();
+    db.cleanup().await;
+}
