@@ -57,6 +57,9 @@ pub async fn ensure_months(
         }
         month = next_month(month);
     }
+    if created > 0 {
+        tracing::info!("created {created} monthly partition(s) of {table}");
+    }
     Ok(created)
 }
 
@@ -88,7 +91,7 @@ async fn create(pool: &PgPool, table: &str, name: &str, month: DateTime<Utc>) ->
         .when(|e: &Error| e.class() != Class::Permanent)
         .notify(|e, d| tracing::warn!("creating partition {name}: {e}; retrying in {d:?}"))
         .await?;
-    tracing::info!("created partition {name}");
+    tracing::debug!("created partition {name}");
     Ok(())
 }
 
