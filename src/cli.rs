@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::ledger::Kind;
 use crate::plan::{self, Eligible, PlanOptions, Planned};
 use crate::transport::amqp::{AmqpConfig, AmqpConsumer, AmqpPublisher};
-use crate::transport::{Publisher, inline};
+use crate::transport::{BatchMessage, Publisher, inline};
 use crate::worker::{self, WorkerOptions};
 use crate::{db, ledger, report, telemetry};
 use clap::{Args, Parser, Subcommand};
@@ -295,6 +295,20 @@ async fn run_inline(
             worker::run(&pool, &mut consumer, wopts, CancellationToken::new()).await
         })
     };
+    for &kind in kinds.iter().filter(|&&k| plan::is_built(k)) {
+        let ids = ledger::abandoned_inline_batches(pool, kind).await?;
+        if !ids.is_empty() {
+            println!(
+                "{kind}: resuming {} unfinished batch(es) of an earlier run that stopped",
+                ids.len()
+            );
+            let messages: Vec<BatchMessage> = ids
+                .into_iter()
+                .map(|id| BatchMessage::new(id, kind))
+                .collect();
+            publisher.publish(&messages).await?;
+        }
+    }
     let (planned, mut ok) = plan_kinds(pool, kinds, opts, &publisher).await;
     publisher.close().await?;
     executors

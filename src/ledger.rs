@@ -227,6 +227,32 @@ pub async fn open_high_water(pool: &PgPool, kind: Kind) -> Result<Option<(Key, i
     }))
 }
 
+/// Unfinished batches of earlier *inline* runs of `kind`. Only a planner ran
+/// them, and the advisory lock says no other planner is running, so they were
+/// abandoned (the process died) and are safe to run again. Jobs whose planning
+/// was cut short are closed, so their last batch can complete them.
+pub async fn abandoned_inline_batches(pool: &PgPool, kind: Kind) -> Result<Vec<Uuid>> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "UPDATE archive_jobs SET planning_done = true,
+            error_message = COALESCE(error_message, 'planner stopped while planning; resumed by a later run')
+         WHERE job_type = $1 AND transport = 'inline' AND NOT planning_done AND status IN ('pending', 'running', 'failed')",
+    )
+    .bind(kind.as_str())
+    .execute(&mut *tx)
+    .await?;
+    let ids = sqlx::query_scalar(
+        "SELECT b.id FROM archive_batches b JOIN archive_jobs j ON j.id = b.job_id
+         WHERE b.kind = $1 AND b.status = 'pending' AND j.transport = 'inline'
+         ORDER BY b.hi_ts, b.hi_id",
+    )
+    .bind(kind.as_str())
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(ids)
+}
+
 /// Loads and locks a batch with its job's cut-off. Concurrent deliveries of
 /// the same batch queue up here; the second sees the first's result.
 pub async fn lock_batch(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Result<Batch> {

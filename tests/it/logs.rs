@@ -141,3 +141,56 @@ async fn query_api_returns_typed_rows_live_or_with_archive() {
     assert_eq!(limited, all[..7].to_vec());
     db.cleanup().await;
 }
+
+#[tokio::test]
+async fn an_inline_run_that_died_is_resumed_by_the_next_run() {
+    let db = TestDb::new().await;
+    db.load_logs(4_000).await;
+    let (old, young) = db.split_hashes().await;
+    // A planner that recorded and enqueued its batches in-process, then died
+    // before executing them (and before it finished planning).
+    let (publisher, consumer) = inline::queue();
+    let dead_run = plan::plan(
+        &db.pool,
+        archiver::ledger::Kind::Logs,
+        &plan_options(300, "inline"),
+        &publisher,
+    )
+    .await
+    .unwrap();
+    drop((publisher, consumer));
+    sqlx::query("UPDATE archive_jobs SET planning_done = false WHERE id = $1")
+        .bind(dead_run.job)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_planner"))
+        .args(["--logs"])
+        .env("DATABASE_URL", &db.url)
+        .env_remove("QUEUE_URL")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        out.contains(&format!(
+            "resuming {} unfinished batch(es)",
+            dead_run.batches
+        )),
+        "{out}"
+    );
+    db.assert_logs_invariant(&old, &young).await;
+    db.assert_job_counted_once(dead_run.job, old.0).await;
+    let new_job_rows: i64 =
+        sqlx::query_scalar("SELECT records_archived FROM archive_jobs WHERE id <> $1")
+            .bind(dead_run.job)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        new_job_rows, 0,
+        "the new run planned nothing the dead run already covered"
+    );
+    db.cleanup().await;
+}
