@@ -56,7 +56,8 @@ async fn timed<T>(what: &'static str, f: impl Future<Output = lapin::Result<T>>)
 /// Opens a connection and a channel in confirm mode, and declares the topology.
 async fn open(cfg: &AmqpConfig, name: &str) -> Result<(Connection, Channel)> {
     let props =
-        ConnectionProperties::default().with_connection_name(LongString::from(name.to_string()));
+        // Named after the queue too, so operators (and tests) can tell fleets apart.
+        ConnectionProperties::default().with_connection_name(LongString::from(format!("{name} {}", cfg.queue)));
     let conn = timed("connect", Connection::connect(&cfg.url, props)).await?;
     let channel = timed("channel.open", conn.create_channel()).await?;
     timed(

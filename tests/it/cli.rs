@@ -1,7 +1,7 @@
 //! The binaries as an operator runs them: the advisory lock, the dry run,
 //! bad settings, and SIGTERM.
 
-use crate::helpers::{TestDb, amqp_config, queue_depth};
+use crate::helpers::{TestDb, amqp_config, delete_queues, queue_depth};
 use archiver::transport::Publisher;
 use archiver::transport::amqp::AmqpPublisher;
 use std::process::{Command, Output, Stdio};
@@ -83,6 +83,7 @@ async fn a_dry_run_changes_nothing_and_publishes_nothing() {
     assert_eq!(everything(&db).await, before);
     assert_eq!(queue_depth(&cfg, &cfg.queue).await, Some(0));
     publisher.close().await.unwrap();
+    delete_queues(&cfg).await;
     db.cleanup().await;
 }
 
@@ -205,5 +206,6 @@ async fn a_worker_exits_zero_on_sigterm() {
         "{}",
         String::from_utf8_lossy(&status.stderr)
     );
+    delete_queues(&cfg).await;
     db.cleanup().await;
 }

@@ -1,7 +1,7 @@
 //! The fleet over real RabbitMQ: workers share batches, redelivery and a
 //! crash between commit and ack change nothing, bad messages are parked.
 
-use crate::helpers::{TestDb, amqp_config, drain, plan_options, queue_depth};
+use crate::helpers::{TestDb, amqp_config, delete_queues, drain, plan_options, queue_depth};
 use archiver::ledger::Kind;
 use archiver::plan;
 use archiver::transport::amqp::{AmqpConfig, AmqpConsumer, AmqpPublisher};
@@ -78,6 +78,7 @@ async fn two_workers_share_the_batches_and_archive_every_row_once() {
     assert_eq!(queue_depth(&cfg, &cfg.queue).await, Some(0));
     assert_eq!(queue_depth(&cfg, &cfg.dead_queue()).await, Some(0));
     publisher.close().await.unwrap();
+    delete_queues(&cfg).await;
     db.cleanup().await;
 }
 
@@ -117,6 +118,7 @@ async fn every_batch_delivered_twice_has_its_effect_once() {
     db.assert_logs_invariant(&old, &young).await;
     db.assert_job_counted_once(planned.job, old.0).await;
     publisher.close().await.unwrap();
+    delete_queues(&cfg).await;
     db.cleanup().await;
 }
 
@@ -161,6 +163,7 @@ async fn a_worker_killed_after_commit_and_before_ack_loses_and_duplicates_nothin
     db.assert_logs_invariant(&old, &young).await;
     db.assert_job_counted_once(planned.job, old.0).await;
     publisher.close().await.unwrap();
+    delete_queues(&cfg).await;
     db.cleanup().await;
 }
 
@@ -216,5 +219,77 @@ async fn malformed_and_unknown_messages_are_dead_lettered_and_the_worker_goes_on
     assert!(dead.iter().any(|(p, _)| p == "this is not json"));
     let _ = conn.close(200, "".into()).await;
     publisher.close().await.unwrap();
+    delete_queues(&cfg).await;
+    db.cleanup().await;
+}
+
+/// Closes this queue's worker connections at the broker, as a broker restart
+/// or a network cut would.
+async fn close_broker_connections(queue: &str) -> usize {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "-q",
+            "--no-table-headers",
+            "pid",
+            "client_properties",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let pids: Vec<String> = text
+        .lines()
+        .filter(|l| l.contains(&format!("archiver-worker {queue}")))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect();
+    for pid in &pids {
+        let st = tokio::process::Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "test: simulated broker failure"])
+            .status()
+            .await
+            .unwrap();
+        assert!(st.success());
+    }
+    pids.len()
+}
+
+#[tokio::test]
+async fn a_worker_survives_losing_its_broker_and_database_connections() {
+    let db = TestDb::new().await;
+    db.load_logs(4_000).await;
+    let (old, young) = db.split_hashes().await;
+    let cfg = amqp_config();
+    let stop = CancellationToken::new();
+    let w = spawn_worker(&db, &cfg, &stop);
+    // Wait until it consumes, then cut both of its connections.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut closed = 0;
+    while closed == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "worker never connected"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        closed = close_broker_connections(&cfg.queue).await;
+    }
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid()) t",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(killed > 0);
+    let publisher = AmqpPublisher::connect(cfg.clone()).await.unwrap();
+    let planned = plan_to(&db, &publisher, 400).await;
+    assert_eq!(db.wait_job(planned.job).await, "completed");
+    stop.cancel();
+    let stats = w.await.unwrap();
+    assert_eq!(stats.done.load(Ordering::Relaxed), planned.batches as u64);
+    db.assert_logs_invariant(&old, &young).await;
+    db.assert_job_counted_once(planned.job, old.0).await;
+    publisher.close().await.unwrap();
+    delete_queues(&cfg).await;
     db.cleanup().await;
 }

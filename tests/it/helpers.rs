@@ -273,3 +273,18 @@ pub async fn drain(cfg: &AmqpConfig, queue: &str) -> Vec<(String, Option<String>
     let _ = conn.close(200, "".into()).await;
     out
 }
+
+/// Deletes a test's queues and exchange (quorum queues are not free).
+pub async fn delete_queues(cfg: &AmqpConfig) {
+    let conn = lapin::Connection::connect(&cfg.url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    for q in [cfg.queue.clone(), cfg.dead_queue()] {
+        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+    }
+    let _ = ch
+        .exchange_delete(cfg.dlx().as_str().into(), Default::default())
+        .await;
+    let _ = conn.close(200, "".into()).await;
+}
