@@ -51,6 +51,9 @@ pub enum Error {
         /// What is inconsistent.
         reason: String,
     },
+    /// The database's schema is not what the archiver needs.
+    #[error("schema: {0}")]
+    Schema(String),
     /// Another planner holds the advisory lock.
     #[error("another planner is running (advisory lock {0} is held); try again when it ends")]
     Locked(i64),
@@ -79,6 +82,7 @@ impl Error {
             | Error::BadMessage(_)
             | Error::UnknownBatch(_)
             | Error::BadBatch { .. }
+            | Error::Schema(_)
             | Error::Locked(_)
             | Error::JobFailed(_) => Class::Permanent,
         }

@@ -47,11 +47,21 @@ pub async fn ensure_months(
     let mut month = month_start(from);
     while month <= to {
         let name = partition_name(table, month);
-        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-            .bind(&name)
-            .fetch_one(pool)
-            .await?;
-        if !exists {
+        // NULL: no such relation; false: a relation that is not our partition.
+        let attached: Option<bool> = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_inherits WHERE inhrelid = c.oid AND inhparent = to_regclass($2))
+             FROM pg_class c WHERE c.oid = to_regclass($1)",
+        )
+        .bind(&name)
+        .bind(table)
+        .fetch_optional(pool)
+        .await?;
+        if attached == Some(false) {
+            return Err(Error::Schema(format!(
+                "{name} exists but is not a partition of {table}; rename it or attach it"
+            )));
+        }
+        if attached.is_none() {
             create(pool, table, &name, month).await?;
             created += 1;
         }

@@ -209,3 +209,40 @@ async fn a_worker_exits_zero_on_sigterm() {
     delete_queues(&cfg).await;
     db.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_failed_run_exits_non_zero_marks_the_job_failed_and_moves_nothing() {
+    let db = TestDb::new().await;
+    db.load_logs(2_000).await;
+    // A stray table where a partition must go.
+    let month: String = sqlx::query_scalar(
+        "SELECT to_char(min(received_at) AT TIME ZONE 'UTC', 'YYYY_MM') FROM scenario_logs",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let stray = format!("scenario_logs_archive_{month}");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE TABLE {stray} (x int)")))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let before = db.hash("FROM scenario_logs").await;
+    let o = output(planner(&db.url, &["--all"])).await;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains(&stray), "{}", stderr(&o));
+    let (status, error): (String, Option<String>) =
+        sqlx::query_as("SELECT status, error_message FROM archive_jobs WHERE job_type = 'logs'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "failed");
+    assert!(error.unwrap_or_default().contains("is not a partition"));
+    assert_eq!(db.hash("FROM scenario_logs").await, before, "nothing moved");
+    let failed =
+        sqlx::query("SELECT * FROM archive_jobs WHERE status = 'failed' ORDER BY started_at DESC;")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(failed.len(), 1, "the spec's failed-jobs query finds it");
+    db.cleanup().await;
+}
