@@ -158,6 +158,8 @@ CREATE TABLE archive_batches (
 -- Unfinished batches are few and looked up by kind (high-water mark, rescue).
 CREATE INDEX archive_batches_open_idx ON archive_batches (kind, hi_ts, hi_id)
     WHERE status <> 'done';
+-- Lets the last batch of a job check for dead siblings without a scan.
+CREATE INDEX archive_batches_dead_idx ON archive_batches (job_id) WHERE status = 'dead';
 CREATE INDEX archive_batches_completed_idx ON archive_batches (completed_at)
     WHERE status = 'done';
 

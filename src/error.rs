@@ -43,7 +43,17 @@ pub enum Error {
     /// A message naming a batch the ledger does not have.
     #[error("unknown batch {0}: not in the ledger")]
     UnknownBatch(Uuid),
-    /// A batch whose ledger row contradicts the message or itself.
+    /// A message whose kind is not its batch's kind (stale or forged).
+    #[error("message says batch {id} is {message}, the ledger says {ledger}")]
+    WrongKind {
+        /// The batch.
+        id: Uuid,
+        /// Kind named by the message.
+        message: String,
+        /// Kind recorded in the ledger.
+        ledger: String,
+    },
+    /// A batch whose ledger row contradicts itself.
     #[error("batch {id}: {reason}")]
     BadBatch {
         /// The batch.
@@ -81,11 +91,22 @@ impl Error {
             | Error::Config { .. }
             | Error::BadMessage(_)
             | Error::UnknownBatch(_)
+            | Error::WrongKind { .. }
             | Error::BadBatch { .. }
             | Error::Schema(_)
             | Error::Locked(_)
             | Error::JobFailed(_) => Class::Permanent,
         }
+    }
+
+    /// The message itself is at fault (not the batch it names): park the
+    /// message, and leave the ledger alone, so that a forged or stale
+    /// message cannot mark a real batch dead.
+    pub fn blames_message(&self) -> bool {
+        matches!(
+            self,
+            Error::BadMessage(_) | Error::UnknownBatch(_) | Error::WrongKind { .. }
+        )
     }
 
     /// Convenience for building a configuration error.

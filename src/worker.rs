@@ -71,10 +71,14 @@ pub async fn process(
         Err(e) => e,
     };
     let reason = err.to_string();
+    if err.blames_message() {
+        tracing::error!(archive_batch_id = %msg.batch_id, "dead-lettering the message: {reason}");
+        return Disposition::DeadLetter(reason);
+    }
     let permanent = err.class() == Class::Permanent;
     let limit = i32::try_from(opts.delivery_limit).unwrap_or(i32::MAX);
     match ledger::record_failure(pool, msg.batch_id, &reason, permanent, limit).await {
-        Ok(Some(true)) | Ok(None) if permanent => {
+        Ok(Some(true)) if permanent => {
             tracing::error!(archive_batch_id = %msg.batch_id, "dead-lettering: {reason}");
             Disposition::DeadLetter(reason)
         }
@@ -155,16 +159,24 @@ pub async fn run<C: Consumer>(
     let permits = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let tracker = TaskTracker::new();
     let stats = Arc::new(WorkerStats::default());
+    let mut failure = None;
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
             _ = shutdown.cancelled() => break,
         };
         let delivery = tokio::select! {
-            d = consumer.receive() => d?,
+            d = consumer.receive() => d,
             _ = shutdown.cancelled() => break,
         };
-        let Some(delivery) = delivery else { break };
+        let delivery = match delivery {
+            Ok(Some(d)) => d,
+            Ok(None) => break,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        };
         let (pool, stats, token) = (pool.clone(), stats.clone(), shutdown.clone());
         tracker.spawn(async move {
             handle(&pool, delivery, opts, &stats, &token).await;
@@ -174,7 +186,10 @@ pub async fn run<C: Consumer>(
     consumer.stop().await;
     tracker.close();
     tracker.wait().await;
-    Ok(stats)
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(stats),
+    }
 }
 
 async fn handle(

@@ -29,9 +29,10 @@ pub async fn execute_batch(pool: &PgPool, id: Uuid, kind: Kind) -> Result<Outcom
     let mut tx = pool.begin().await?;
     let batch = ledger::lock_batch(&mut tx, id).await?;
     if batch.kind != kind {
-        return Err(Error::BadBatch {
+        return Err(Error::WrongKind {
             id,
-            reason: format!("message says {kind}, ledger says {}", batch.kind),
+            message: kind.to_string(),
+            ledger: batch.kind.to_string(),
         });
     }
     if batch.status == "done" {

@@ -194,20 +194,47 @@ async fn malformed_and_unknown_messages_are_dead_lettered_and_the_worker_goes_on
         .unwrap();
     }
     let planned = plan_to(&db, &publisher, 1000).await;
+    // A stale or forged message naming a real batch with the wrong kind.
+    let real: Uuid = sqlx::query_scalar("SELECT id FROM archive_batches LIMIT 1")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    publisher
+        .publish(&[BatchMessage::new(real, Kind::Metrics)])
+        .await
+        .unwrap();
     let stop = CancellationToken::new();
     let w = spawn_worker(&db, &cfg, &stop);
     assert_eq!(db.wait_job(planned.job).await, "completed");
+    let mut dead = Vec::new();
+    for _ in 0..200 {
+        dead.extend(drain(&cfg, &cfg.dead_queue()).await);
+        if dead.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     stop.cancel();
     let stats = w.await.unwrap();
-    assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 2);
+    assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 3);
     db.assert_logs_invariant(&old, &young).await;
-    let mut dead = drain(&cfg, &cfg.dead_queue()).await;
+    db.assert_job_counted_once(planned.job, old.0).await;
+    let not_done: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM archive_batches WHERE status <> 'done'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(not_done, 0, "a bad message never marks a real batch dead");
     dead.sort();
-    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert_eq!(dead.len(), 3, "{dead:?}");
     let reasons: Vec<String> = dead
         .iter()
         .map(|(_, r)| r.clone().expect("reason header"))
         .collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("the ledger says logs")),
+        "{reasons:?}"
+    );
     assert!(
         reasons.iter().any(|r| r.starts_with("malformed message")),
         "{reasons:?}"
