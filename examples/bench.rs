@@ -1,0 +1,835 @@
+//! Benchmark (issue 2, item 9): the archiver's logs throughput against the
+//! in-database limit, and its impact on live inserts, in one run.
+//!
+//! Run it with `scripts/bench [--rows N]` (brings up the services first), or
+//! `cargo run --release --example bench -- --help` with
+//! `ARCHIVER_PG_ADMIN_URL` and `ARCHIVER_AMQP_URL` set.
+//!
+//! It (re)creates a scratch database, loads N log rows over 912 days, keeps a
+//! pristine copy, and before every measurement resets to identical state
+//! (`bench/reset.sql`). It measures the one-statement move, a server-side
+//! loop of keyset batches, then the archiver inline and with 1 and 2 workers
+//! over RabbitMQ (in-process: each worker its own pool, consumer and
+//! `worker::run` task, concurrency 1). A paced inserter on its own thread and
+//! pool records insert latency, idle and during each run. Every run is
+//! checked: the archive holds exactly the eligible rows, column for column,
+//! and the hot table the rest.
+
+use anyhow::{Context, Result, bail, ensure};
+use archiver::config::Policy;
+use archiver::ledger::Kind;
+use archiver::plan::{self, PlanOptions};
+use archiver::transport::amqp::{self, AmqpConfig, AmqpConsumer, AmqpPublisher};
+use archiver::transport::{Publisher, inline};
+use archiver::worker::{self, WorkerOptions};
+use archiver::{config, db, demo, partitions};
+use chrono::{DateTime, Utc};
+use clap::Parser;
+use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, PgPool, Row};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+const ONE_STATEMENT: &str = include_str!("../bench/move_one_statement.sql");
+const BATCHED_PROC: &str = include_str!("../bench/move_batched.sql");
+const RESET: &str = include_str!("../bench/reset.sql");
+const LIVE_INSERT: &str = include_str!("../bench/live_insert.sql");
+/// The scenario of live rows (`bench/live_insert.sql`).
+const LIVE_SCENARIO: &str = "00000000-0000-0000-0000-00000000ffff";
+const SCENARIOS: i64 = 1000;
+const SPAN_DAYS: i64 = 912;
+/// A job that finishes no batch for this long is stuck.
+const STALL: Duration = Duration::from_secs(120);
+
+/// Archiver throughput vs the in-database limit, with live-insert latency.
+#[derive(Debug, Parser)]
+#[command(name = "bench")]
+struct Args {
+    /// Log rows to load.
+    #[arg(long, default_value_t = 1_000_000)]
+    rows: i64,
+    /// Rows per batch (archiver and server-side loop alike).
+    #[arg(long, default_value_t = 5000)]
+    batch_size: i64,
+    /// Rounds of all five measurements.
+    #[arg(long, default_value_t = 1)]
+    repeat: u32,
+    /// Live inserts per second.
+    #[arg(long, default_value_t = 200)]
+    insert_rate: u32,
+    /// Seconds of idle insert latency measured first.
+    #[arg(long, default_value_t = 10)]
+    idle_secs: u64,
+    /// Batches the inline executor runs at once (the planner's default).
+    #[arg(long, default_value_t = 2)]
+    inline_concurrency: u16,
+    /// Scratch database (dropped and recreated).
+    #[arg(long, default_value = "archiver_bench")]
+    database: String,
+    /// PostgreSQL URL of a user that may create databases.
+    #[arg(long, env = "ARCHIVER_PG_ADMIN_URL", hide_env_values = true)]
+    admin_url: String,
+    /// RabbitMQ URL.
+    #[arg(long, env = "ARCHIVER_AMQP_URL", hide_env_values = true)]
+    amqp_url: String,
+}
+
+// ------------------------------------------------------------------ latency
+
+/// Insert latency percentiles, in milliseconds.
+#[derive(Debug, Clone, Copy)]
+struct Latency {
+    n: usize,
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+impl Latency {
+    fn of(mut ms: Vec<f64>) -> Latency {
+        ms.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            let i = ((ms.len() as f64 * q).ceil() as usize).clamp(1, ms.len().max(1)) - 1;
+            ms.get(i).copied().unwrap_or(f64::NAN)
+        };
+        Latency {
+            n: ms.len(),
+            p50: at(0.50),
+            p99: at(0.99),
+            max: ms.last().copied().unwrap_or(f64::NAN),
+        }
+    }
+}
+
+/// A paced inserter on a thread and runtime of its own (so the archiver's
+/// tasks cannot delay it), with its own pool of 2 connections. Latency is
+/// measured from each insert's scheduled time, as `pgbench -R` does.
+struct Inserter {
+    stop: CancellationToken,
+    thread: std::thread::JoinHandle<Result<Vec<f64>>>,
+}
+
+impl Inserter {
+    async fn start(opts: PgConnectOptions, rate: u32) -> Result<Inserter> {
+        let stop = CancellationToken::new();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let token = stop.clone();
+        let thread = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(insert_loop(opts, rate, token, ready_tx))
+        });
+        if ready_rx.await.is_err() {
+            let e = thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("inserter panicked"))?;
+            return Err(e.err().unwrap_or_else(|| anyhow::anyhow!("inserter quit")));
+        }
+        Ok(Inserter { stop, thread })
+    }
+
+    fn stop(self) -> Result<Latency> {
+        self.stop.cancel();
+        let ms = self
+            .thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("inserter panicked"))??;
+        Ok(Latency::of(ms))
+    }
+}
+
+async fn insert_loop(
+    opts: PgConnectOptions,
+    rate: u32,
+    stop: CancellationToken,
+    ready: tokio::sync::oneshot::Sender<()>,
+) -> Result<Vec<f64>> {
+    let pool = PgPoolOptions::new()
+        .min_connections(2)
+        .max_connections(2)
+        .connect_with(opts.application_name("archiver-bench-live"))
+        .await?;
+    // Open both connections and prepare the statement on each.
+    let (a, b) = tokio::join!(
+        sqlx::query(LIVE_INSERT).execute(&pool),
+        sqlx::query(LIVE_INSERT).execute(&pool)
+    );
+    a?;
+    b?;
+    let _ = ready.send(());
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let tracker = TaskTracker::new();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
+    loop {
+        let at = tokio::select! {
+            at = tick.tick() => at,
+            _ = stop.cancelled() => break,
+        };
+        let (pool, samples, failures) = (pool.clone(), samples.clone(), failures.clone());
+        tracker.spawn(async move {
+            match sqlx::query(LIVE_INSERT).execute(&pool).await {
+                Ok(_) => lock(&samples).push(at.elapsed().as_secs_f64() * 1e3),
+                Err(e) => lock(&failures).push(e.to_string()),
+            }
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+    pool.close().await;
+    if let Some(e) = lock(&failures).first() {
+        bail!(
+            "{} live insert(s) failed, first: {e}",
+            lock(&failures).len()
+        );
+    }
+    Ok(std::mem::take(&mut *lock(&samples)))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The 1-minute load average.
+fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// Brackets the timed part of a run: load average, inserter, clock.
+struct Probe {
+    opts: PgConnectOptions,
+    rate: u32,
+    live: Option<(Inserter, Instant, f64)>,
+    done: Option<(Duration, Latency, f64, f64)>,
+}
+
+impl Probe {
+    fn new(opts: PgConnectOptions, rate: u32) -> Probe {
+        Probe {
+            opts,
+            rate,
+            live: None,
+            done: None,
+        }
+    }
+
+    async fn start(&mut self) -> Result<()> {
+        let load = loadavg();
+        let inserter = Inserter::start(self.opts.clone(), self.rate).await?;
+        self.live = Some((inserter, Instant::now(), load));
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        let (inserter, t0, load0) = self.live.take().context("probe was not started")?;
+        let secs = t0.elapsed();
+        let lat = inserter.stop()?;
+        self.done = Some((secs, lat, load0, loadavg()));
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- the runs
+
+/// One printed line.
+struct Line {
+    round: u32,
+    method: Method,
+    moved: i64,
+    secs: f64,
+    lat: Latency,
+    load: (f64, f64),
+    /// Checkpoints the server finished during the run.
+    checkpoints: i64,
+}
+
+impl Line {
+    fn rate(&self) -> f64 {
+        self.moved as f64 / self.secs
+    }
+}
+
+/// What a run moved: rows older than `cutoff`.
+struct Moved {
+    cutoff: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Method {
+    OneStatement,
+    Batched,
+    Inline,
+    Workers(usize),
+}
+
+impl Method {
+    const ALL: [Method; 5] = [
+        Method::OneStatement,
+        Method::Batched,
+        Method::Inline,
+        Method::Workers(1),
+        Method::Workers(2),
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Method::OneStatement => "limit-one-statement",
+            Method::Batched => "limit-batched",
+            Method::Inline => "archiver-inline",
+            Method::Workers(1) => "archiver-1-worker",
+            Method::Workers(_) => "archiver-2-workers",
+        }
+    }
+
+    fn is_limit(self) -> bool {
+        matches!(self, Method::OneStatement | Method::Batched)
+    }
+}
+
+struct Bench {
+    args: Args,
+    opts: PgConnectOptions,
+    pool: PgPool,
+    total: i64,
+}
+
+impl Bench {
+    async fn connect(&self, max: u32) -> Result<PgPool> {
+        Ok(db::connect(&self.opts, max, Duration::from_secs(30)).await?)
+    }
+
+    fn plan_options(&self, transport: &'static str) -> PlanOptions {
+        PlanOptions {
+            batch_size: self.args.batch_size,
+            policy: Policy::default(),
+            transport,
+        }
+    }
+
+    async fn cutoff(&self) -> Result<DateTime<Utc>> {
+        Ok(plan::cutoff(&self.pool, Kind::Logs, &Policy::default()).await?)
+    }
+
+    async fn checkpoints(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT (checkpoints_timed + checkpoints_req)::bigint FROM pg_stat_bgwriter",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn reset(&self) -> Result<()> {
+        for stmt in statements(RESET) {
+            sqlx::raw_sql(AssertSqlSafe(stmt.to_string()))
+                .execute(&self.pool)
+                .await
+                .with_context(|| format!("reset: {stmt}"))?;
+        }
+        Ok(())
+    }
+
+    async fn measure(&self, round: u32, method: Method) -> Result<Line> {
+        self.reset().await?;
+        let checkpoints = self.checkpoints().await?;
+        let mut probe = Probe::new(self.opts.clone(), self.args.insert_rate);
+        let moved = match method {
+            Method::OneStatement => self.one_statement(&mut probe).await?,
+            Method::Batched => self.batched(&mut probe).await?,
+            Method::Inline => self.inline(&mut probe).await?,
+            Method::Workers(n) => self.workers(n, &mut probe).await?,
+        };
+        let (secs, lat, load0, load1) = probe.done.context("run did not finish its probe")?;
+        let checkpoints = self.checkpoints().await? - checkpoints;
+        let moved = self.verify(method, moved.cutoff).await?;
+        let line = Line {
+            round,
+            method,
+            moved,
+            secs: secs.as_secs_f64(),
+            lat,
+            load: (load0, load1),
+            checkpoints,
+        };
+        eprintln!(
+            "bench: {} moved {} rows in {:.2} s ({:.0} rows/s); insert p99 {:.1} ms",
+            method.name(),
+            line.moved,
+            line.secs,
+            line.rate(),
+            lat.p99
+        );
+        Ok(line)
+    }
+
+    async fn one_statement(&self, probe: &mut Probe) -> Result<Moved> {
+        let cutoff = self.cutoff().await?;
+        let mut conn = self.pool.acquire().await?;
+        probe.start().await?;
+        sqlx::query(ONE_STATEMENT)
+            .bind(cutoff)
+            .bind(Uuid::new_v4())
+            .execute(&mut *conn)
+            .await?;
+        probe.finish()?;
+        Ok(Moved { cutoff })
+    }
+
+    async fn batched(&self, probe: &mut Probe) -> Result<Moved> {
+        let cutoff = self.cutoff().await?;
+        // Simple protocol: the procedure commits, so no implicit transaction.
+        let call = format!(
+            "CALL bench_move_batched({}, '{}')",
+            self.args.batch_size,
+            cutoff.to_rfc3339()
+        );
+        let mut conn = self.pool.acquire().await?;
+        probe.start().await?;
+        sqlx::raw_sql(AssertSqlSafe(call))
+            .execute(&mut *conn)
+            .await?;
+        probe.finish()?;
+        Ok(Moved { cutoff })
+    }
+
+    /// As the planner does with no broker (`cli::run_inline`).
+    async fn inline(&self, probe: &mut Probe) -> Result<Moved> {
+        let c = self.args.inline_concurrency;
+        let pool = self.connect(u32::from(c) + 3).await?;
+        let (publisher, mut consumer) = inline::queue();
+        let wopts = WorkerOptions {
+            concurrency: c.into(),
+            ..Default::default()
+        };
+        probe.start().await?;
+        let executors = {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                worker::run(&pool, &mut consumer, wopts, CancellationToken::new()).await
+            })
+        };
+        let planned = plan::plan(&pool, Kind::Logs, &self.plan_options("inline"), &publisher)
+            .await
+            .context("planning")?;
+        publisher.close().await?;
+        self.wait_job(planned.job).await?;
+        probe.finish()?;
+        self.timeline(planned.job).await?;
+        executors.await??;
+        let dead = publisher.dead_letters().await;
+        ensure!(
+            dead.is_empty(),
+            "{} inline batch(es) dead-lettered",
+            dead.len()
+        );
+        pool.close().await;
+        Ok(Moved {
+            cutoff: planned.cutoff,
+        })
+    }
+
+    /// The planner publishing to RabbitMQ, `n` workers consuming.
+    async fn workers(&self, n: usize, probe: &mut Probe) -> Result<Moved> {
+        let cfg = AmqpConfig {
+            url: self.args.amqp_url.clone(),
+            queue: format!("bench.{}", Uuid::new_v4()),
+            delivery_limit: 5,
+        };
+        let broker = Broker::open(&cfg).await?;
+        let stop = CancellationToken::new();
+        let mut fleet = Vec::new();
+        for _ in 0..n {
+            fleet.push(self.spawn_worker(cfg.clone(), stop.clone()).await?);
+        }
+        broker.await_consumers(&cfg.queue, n).await?;
+        let pool = self.connect(3).await?;
+        probe.start().await?;
+        let publisher = AmqpPublisher::connect(cfg.clone()).await?;
+        let planned = plan::plan(&pool, Kind::Logs, &self.plan_options("amqp"), &publisher)
+            .await
+            .context("planning")?;
+        publisher.close().await?;
+        self.wait_job(planned.job).await?;
+        probe.finish()?;
+        self.timeline(planned.job).await?;
+        stop.cancel();
+        let mut shares = Vec::new();
+        for w in fleet {
+            shares.push(w.await??);
+        }
+        eprintln!("bench: batches per worker: {shares:?}");
+        broker.remove(&cfg).await?;
+        pool.close().await;
+        Ok(Moved {
+            cutoff: planned.cutoff,
+        })
+    }
+
+    /// One worker: its own pool and consumer, concurrency 1. Returns the
+    /// batches it did.
+    async fn spawn_worker(
+        &self,
+        cfg: AmqpConfig,
+        stop: CancellationToken,
+    ) -> Result<JoinHandle<Result<u64>>> {
+        let pool = self.connect(3).await?;
+        let wopts = WorkerOptions {
+            concurrency: 1,
+            delivery_limit: cfg.delivery_limit,
+            ..Default::default()
+        };
+        let mut consumer = AmqpConsumer::new(cfg, 1);
+        Ok(tokio::spawn(async move {
+            let stats = worker::run(&pool, &mut consumer, wopts, stop).await;
+            consumer.close().await;
+            pool.close().await;
+            let stats = stats?;
+            let (dead, retried) = (
+                stats.dead_lettered.load(Ordering::Relaxed),
+                stats.retried.load(Ordering::Relaxed),
+            );
+            ensure!(
+                dead + retried == 0,
+                "worker: {dead} dead-lettered, {retried} retried"
+            );
+            Ok(stats.done.load(Ordering::Relaxed))
+        }))
+    }
+
+    /// Polls the job every 50 ms until it completes; fails if it fails or stalls.
+    async fn wait_job(&self, job: Uuid) -> Result<()> {
+        let (mut last, mut since) = (-1, Instant::now());
+        loop {
+            let r = sqlx::query(
+                "SELECT status, batches_done, error_message FROM archive_jobs WHERE id = $1",
+            )
+            .bind(job)
+            .fetch_one(&self.pool)
+            .await?;
+            let (status, done): (String, i32) = (r.get(0), r.get(1));
+            match status.as_str() {
+                "completed" => return Ok(()),
+                "failed" => bail!("job {job} failed: {:?}", r.get::<Option<String>, _>(2)),
+                _ => {}
+            }
+            if done != last {
+                (last, since) = (done, Instant::now());
+            }
+            ensure!(
+                since.elapsed() < STALL,
+                "job {job} stalled at {done} batches"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Where a job's time went, from the ledger (printed to stderr).
+    async fn timeline(&self, job: Uuid) -> Result<()> {
+        let r = sqlx::query(
+            "SELECT extract(epoch FROM max(b.published_at) - j.started_at)::float8,
+                    extract(epoch FROM min(b.completed_at) - j.started_at)::float8,
+                    extract(epoch FROM j.completed_at - max(b.published_at))::float8,
+                    count(*)
+             FROM archive_jobs j JOIN archive_batches b ON b.job_id = j.id
+             WHERE j.id = $1 GROUP BY j.id",
+        )
+        .bind(job)
+        .fetch_one(&self.pool)
+        .await?;
+        let secs = |i: usize| r.get::<Option<f64>, _>(i).unwrap_or(f64::NAN);
+        eprintln!(
+            "bench: {} batches; planning took {:.2} s, first batch done at {:.2} s, \
+             last batch published → job done {:.2} s",
+            r.get::<i64, _>(3),
+            secs(0),
+            secs(1),
+            secs(2)
+        );
+        Ok(())
+    }
+
+    /// Checks the archive holds exactly the rows older than `cutoff`, every
+    /// column equal to the pristine copy, and the hot table the rest.
+    /// Returns the rows moved.
+    async fn verify(&self, method: Method, cutoff: DateTime<Utc>) -> Result<i64> {
+        let r = sqlx::query(
+            "SELECT
+               (SELECT count(*) FROM logs_pristine WHERE received_at < $1) AS eligible,
+               (SELECT count(*) FROM scenario_logs_archive) AS archived,
+               (SELECT count(*) FROM scenario_logs_archive
+                 WHERE received_at >= $1 OR archived_at IS NULL OR archive_batch_id IS NULL) AS bad,
+               (SELECT count(*) FROM scenario_logs_archive a WHERE NOT EXISTS (
+                   SELECT 1 FROM logs_pristine p
+                    WHERE p.id = a.id AND p.scenario_id = a.scenario_id
+                      AND p.received_at = a.received_at AND p.message_hash = a.message_hash
+                      AND p.message_preview = a.message_preview AND p.source = a.source
+                      AND p.size_bytes = a.size_bytes AND p.has_pii = a.has_pii
+                      AND p.token_count = a.token_count AND p.sqs_blocks = a.sqs_blocks)) AS changed,
+               (SELECT count(*) FROM scenario_logs WHERE scenario_id <> $2::uuid) AS hot,
+               (SELECT count(*) FROM scenario_logs WHERE received_at < $1) AS hot_old",
+        )
+        .bind(cutoff)
+        .bind(LIVE_SCENARIO)
+        .fetch_one(&self.pool)
+        .await?;
+        let get = |c: &str| r.get::<i64, _>(c);
+        let (eligible, archived) = (get("eligible"), get("archived"));
+        let problems = [
+            (archived != eligible, "archive rows != eligible rows"),
+            (get("bad") != 0, "archive rows too young or unstamped"),
+            (
+                get("changed") != 0,
+                "archive rows differing from the originals",
+            ),
+            (
+                get("hot") != self.total - eligible,
+                "hot rows != total - eligible",
+            ),
+            (get("hot_old") != 0, "eligible rows left in the hot table"),
+        ];
+        for (failed, what) in problems {
+            if failed {
+                bail!(
+                    "{}: CHECK FAILED: {what} (eligible {eligible}, archived {archived}, bad {}, changed {}, hot {}, hot_old {}, total {})",
+                    method.name(),
+                    get("bad"),
+                    get("changed"),
+                    get("hot"),
+                    get("hot_old"),
+                    self.total
+                );
+            }
+        }
+        Ok(archived)
+    }
+}
+
+/// Splits a file of statements that each end in `;` at the end of a line.
+fn statements(sql: &str) -> Vec<String> {
+    let body: String = sql
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    body.split(";\n")
+        .map(|s| s.trim().trim_end_matches(';').trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+// ------------------------------------------------------------------ broker
+
+/// A bench-side broker channel: waits for consumers, removes the topology.
+struct Broker {
+    conn: Connection,
+    channel: Channel,
+}
+
+impl Broker {
+    async fn open(cfg: &AmqpConfig) -> Result<Broker> {
+        let conn = Connection::connect(&cfg.url, ConnectionProperties::default()).await?;
+        let channel = conn.create_channel().await?;
+        amqp::declare(&channel, cfg).await?;
+        Ok(Broker { conn, channel })
+    }
+
+    async fn await_consumers(&self, queue: &str, n: usize) -> Result<()> {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        for _ in 0..200 {
+            let q = self
+                .channel
+                .queue_declare(queue.into(), passive, FieldTable::default())
+                .await?;
+            if q.consumer_count() as usize >= n {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("{n} worker(s) did not start consuming {queue} within 10 s")
+    }
+
+    /// Deletes the run's queues; fails if a message was left or dead-lettered.
+    async fn remove(self, cfg: &AmqpConfig) -> Result<()> {
+        let left = self
+            .channel
+            .queue_delete(cfg.queue.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+        let dead = self
+            .channel
+            .queue_delete(cfg.dead_queue().into(), QueueDeleteOptions::default())
+            .await?;
+        self.channel
+            .exchange_delete(cfg.dlx().into(), ExchangeDeleteOptions::default())
+            .await?;
+        let _ = self.conn.close(200, "done".into()).await;
+        ensure!(
+            left == 0 && dead == 0,
+            "{}: {left} message(s) left in the queue, {dead} dead-lettered",
+            cfg.queue
+        );
+        Ok(())
+    }
+}
+
+// -------------------------------------------------------------------- setup
+
+async fn create_database(args: &Args) -> Result<PgConnectOptions> {
+    ensure!(
+        !args.database.is_empty()
+            && args
+                .database
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+        "--database: use lowercase letters, digits and _"
+    );
+    let admin = config::database_options(Some(&args.admin_url), "archiver-bench")?;
+    let pool = db::connect(&admin, 1, Duration::from_secs(30)).await?;
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", args.database),
+        format!("CREATE DATABASE {}", args.database),
+    ] {
+        sqlx::raw_sql(AssertSqlSafe(sql)).execute(&pool).await?;
+    }
+    pool.close().await;
+    Ok(admin.database(&args.database))
+}
+
+/// Schema, data, pristine copy, the procedure, every archive partition.
+async fn prepare(args: Args) -> Result<Bench> {
+    let t = Instant::now();
+    let opts = create_database(&args).await?;
+    let pool = db::connect(&opts, 4, Duration::from_secs(30)).await?;
+    db::migrate(&pool).await?;
+    demo::load_logs(&pool, args.rows, SCENARIOS, SPAN_DAYS).await?;
+    for sql in [
+        "CREATE UNLOGGED TABLE logs_pristine AS SELECT * FROM scenario_logs",
+        "ANALYZE logs_pristine",
+        BATCHED_PROC,
+    ] {
+        sqlx::raw_sql(AssertSqlSafe(sql)).execute(&pool).await?;
+    }
+    let now = Utc::now();
+    partitions::ensure_months(
+        &pool,
+        "scenario_logs_archive",
+        now - chrono::Duration::days(SPAN_DAYS + 1),
+        now,
+    )
+    .await?;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM logs_pristine")
+        .fetch_one(&pool)
+        .await?;
+    eprintln!(
+        "bench: loaded {total} rows into {} in {:.1} s",
+        args.database,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(Bench {
+        args,
+        opts,
+        pool,
+        total,
+    })
+}
+
+async fn idle_latency(bench: &Bench) -> Result<Latency> {
+    bench.reset().await?;
+    let inserter = Inserter::start(bench.opts.clone(), bench.args.insert_rate).await?;
+    tokio::time::sleep(Duration::from_secs(bench.args.idle_secs)).await;
+    inserter.stop()
+}
+
+// ------------------------------------------------------------------- report
+
+async fn print_header(bench: &Bench, idle: &Latency) -> Result<()> {
+    let version: String = sqlx::query_scalar("SHOW server_version")
+        .fetch_one(&bench.pool)
+        .await?;
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let a = &bench.args;
+    println!(
+        "nproc {nproc} · PostgreSQL {version} · {} rows over {SPAN_DAYS} days, {SCENARIOS} scenarios · batch {} · inline concurrency {} · live inserts {}/s",
+        bench.total, a.batch_size, a.inline_concurrency, a.insert_rate
+    );
+    println!(
+        "idle insert latency ({} inserts over {} s): p50 {:.2} ms · p99 {:.2} ms · max {:.2} ms",
+        idle.n, a.idle_secs, idle.p50, idle.p99, idle.max
+    );
+    Ok(())
+}
+
+fn print_table(lines: &[Line], idle: &Latency) {
+    println!(
+        "{:<3} {:<20} {:>10} {:>8} {:>9} {:>8} {:>22} {:>10} {:>14} {:>5}",
+        "#",
+        "run",
+        "rows",
+        "seconds",
+        "rows/s",
+        "x limit",
+        "insert p50/p99/max ms",
+        "p99 x idle",
+        "load1m start>end",
+        "ckpts"
+    );
+    for l in lines {
+        let limit = lines
+            .iter()
+            .filter(|o| o.round == l.round && o.method.is_limit())
+            .map(Line::rate)
+            .fold(f64::NAN, f64::max);
+        println!(
+            "{:<3} {:<20} {:>10} {:>8.2} {:>9.0} {:>8.2} {:>22} {:>10.2} {:>14} {:>5}",
+            l.round,
+            l.method.name(),
+            l.moved,
+            l.secs,
+            l.rate(),
+            l.rate() / limit,
+            format!("{:.1}/{:.1}/{:.1}", l.lat.p50, l.lat.p99, l.lat.max),
+            l.lat.p99 / idle.p99,
+            format!("{:.2}>{:.2}", l.load.0, l.load.1),
+            l.checkpoints,
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sqlx::query=error"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    ensure!(
+        args.rows > 0 && args.batch_size > 0 && args.repeat > 0,
+        "--rows, --batch-size and --repeat must be positive"
+    );
+    let bench = prepare(args).await?;
+    let idle = idle_latency(&bench).await?;
+    let mut lines = Vec::new();
+    for round in 1..=bench.args.repeat {
+        for method in Method::ALL {
+            lines.push(bench.measure(round, method).await?);
+        }
+    }
+    print_header(&bench, &idle).await?;
+    print_table(&lines, &idle);
+    Ok(())
+}
