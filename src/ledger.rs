@@ -404,8 +404,10 @@ pub struct JobRow {
     pub job_type: String,
     /// `pending`, `running`, `completed` or `failed`.
     pub status: String,
-    /// Rows archived so far.
+    /// Rows archived so far (aggregate rows, for metrics).
     pub records_archived: Option<i64>,
+    /// Rows deleted from the hot table so far.
+    pub records_deleted: Option<i64>,
     /// Bytes archived so far.
     pub bytes_archived: Option<i64>,
     /// Batches recorded.
@@ -423,7 +425,7 @@ pub struct JobRow {
 /// Loads a job.
 pub async fn job(pool: &PgPool, id: Uuid) -> Result<JobRow> {
     Ok(sqlx::query_as(
-        "SELECT id, job_type, status, records_archived, bytes_archived, batches_planned, batches_done,
+        "SELECT id, job_type, status, records_archived, records_deleted, bytes_archived, batches_planned, batches_done,
                 error_message, started_at, completed_at
          FROM archive_jobs WHERE id = $1",
     )

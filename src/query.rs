@@ -69,3 +69,63 @@ pub async fn get_logs(
         .fetch_all(pool)
         .await?)
 }
+
+/// One metric row: a live sample, or an archived daily aggregate.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct MetricRow {
+    /// Row id (deterministic per group for aggregates).
+    pub id: Uuid,
+    /// Scenario.
+    pub scenario_id: Uuid,
+    /// Sample time, or the UTC day's start for an aggregate.
+    pub timestamp: DateTime<Utc>,
+    /// Metric type.
+    pub metric_type: String,
+    /// Metric name.
+    pub metric_name: String,
+    /// The value, or the aggregate's average (6 decimals).
+    pub value: sqlx::types::BigDecimal,
+    /// Unit.
+    pub unit: String,
+    /// Extra data (for an aggregate: the pairs all its samples share).
+    pub extra_data: Option<serde_json::Value>,
+    /// When it was archived; `None` while live.
+    pub archived_at: Option<DateTime<Utc>>,
+    /// A daily aggregate.
+    pub is_aggregated: Option<bool>,
+    /// Comes from the archive.
+    pub is_archived: bool,
+    /// Samples it stands for (1 for a live sample).
+    pub sample_count: Option<i32>,
+}
+
+/// A scenario's metrics at or after `since`, oldest first, at most `limit`.
+pub async fn get_metrics(
+    pool: &PgPool,
+    scenario_id: Uuid,
+    scope: Scope,
+    since: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<MetricRow>> {
+    let sql = match scope {
+        Scope::Live => {
+            r#"SELECT id, scenario_id, "timestamp", metric_type, metric_name, value, unit, extra_data,
+                      NULL::timestamptz AS archived_at, false AS is_aggregated, false AS is_archived,
+                      1 AS sample_count
+               FROM scenario_metrics WHERE scenario_id = $1 AND "timestamp" >= $2
+               ORDER BY "timestamp", id LIMIT $3"#
+        }
+        Scope::WithArchive => {
+            r#"SELECT id, scenario_id, "timestamp", metric_type, metric_name, value, unit, extra_data,
+                      archived_at, is_aggregated, is_archived, sample_count
+               FROM v_scenario_metrics_all WHERE scenario_id = $1 AND "timestamp" >= $2
+               ORDER BY "timestamp", id LIMIT $3"#
+        }
+    };
+    Ok(sqlx::query_as(sql)
+        .bind(scenario_id)
+        .bind(since)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?)
+}

@@ -48,11 +48,26 @@ pub fn not_built(kind: Kind) -> String {
 
 /// A dry run's finding.
 pub fn eligible(e: &Eligible, batch_size: i64) -> String {
+    let what = match e.kind {
+        Kind::Metrics => "samples",
+        _ => "rows",
+    };
+    let mut size = Vec::new();
+    if let Some(b) = e.bytes {
+        size.push(bytes(b));
+    }
+    if let Some(g) = e.groups {
+        size.push(format!("{} daily groups", count(g)));
+    }
     let mut s = format!(
-        "{}: {} eligible rows ({}), oldest {}, newest {}; {} batch(es) of up to {} (cut-off {})",
+        "{}: {} eligible {what}{}, oldest {}, newest {}; {} batch(es) of up to {} (cut-off {})",
         e.kind,
         count(e.rows),
-        bytes(e.bytes),
+        if size.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", size.join(", "))
+        },
         time(e.oldest),
         time(e.newest),
         count(e.batches),
@@ -81,19 +96,30 @@ pub fn published(p: &Planned, queue: &str) -> String {
 
 /// A job run to its end inline.
 pub fn finished(job: &JobRow, elapsed: Duration) -> String {
-    let rows = job.records_archived.unwrap_or(0);
+    let moved = job.records_deleted.unwrap_or(0);
     let secs = elapsed.as_secs_f64().max(0.001);
+    let what = if job.job_type == "metrics" {
+        format!(
+            "{} samples reduced to {} daily aggregates",
+            count(moved),
+            count(job.records_archived.unwrap_or(0))
+        )
+    } else {
+        format!(
+            "{} rows archived ({})",
+            count(moved),
+            bytes(job.bytes_archived.unwrap_or(0))
+        )
+    };
     let mut s = format!(
-        "{}: job {} {}: {} rows archived ({}) in {}/{} batches, {:.1} s ({} rows/s)",
+        "{}: job {} {}: {what} in {}/{} batches, {:.1} s ({} rows/s)",
         job.job_type,
         job.id,
         job.status,
-        count(rows),
-        bytes(job.bytes_archived.unwrap_or(0)),
         job.batches_done,
         job.batches_planned,
         secs,
-        count((rows as f64 / secs) as i64),
+        count((moved as f64 / secs) as i64),
     );
     if let Some(err) = &job.error_message {
         s.push_str(&format!("; error: {err}"));

@@ -3,6 +3,7 @@
 //! often its message is delivered.
 
 pub mod logs;
+pub mod metrics;
 
 use crate::error::{Error, Result};
 use crate::ledger::{self, Kind};
@@ -42,6 +43,7 @@ pub async fn execute_batch(pool: &PgPool, id: Uuid, kind: Kind) -> Result<Outcom
     }
     let counts = match batch.kind {
         Kind::Logs => logs::archive(&mut tx, &batch).await?,
+        Kind::Metrics => metrics::archive(&mut tx, &batch).await?,
         other => {
             return Err(Error::BadBatch {
                 id,

@@ -1,15 +1,23 @@
 //! The planner's core: find eligible rows, cut them into keyset batches,
 //! record each batch in the ledger, create the partitions they need, and
 //! publish one message per batch. Also the dry run, which only reads.
+//! One submodule per kind does the cutting; [`Sink`] records and publishes.
+
+mod logs;
+mod metrics;
 
 use crate::config::Policy;
 use crate::error::{Error, Result};
 use crate::ledger::{self, Key, Kind, NewBatch};
-use crate::partitions;
 use crate::transport::{BatchMessage, Publisher};
-use chrono::{DateTime, Duration as ChronoDuration, Utc};
-use sqlx::{PgPool, Row};
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
 use uuid::Uuid;
+
+/// The SQL expression for a metric sample's UTC day (an indexed expression).
+pub fn metrics_day_sql() -> &'static str {
+    metrics::DAY
+}
 
 /// Batches recorded and published together.
 const CHUNK: usize = 200;
@@ -17,7 +25,7 @@ const CHUNK: usize = 200;
 /// What a run plans.
 #[derive(Debug, Clone)]
 pub struct PlanOptions {
-    /// Rows per batch.
+    /// Rows (samples) per batch.
     pub batch_size: i64,
     /// Policy ages.
     pub policy: Policy,
@@ -27,7 +35,7 @@ pub struct PlanOptions {
 
 /// Which kinds this version can plan.
 pub fn is_built(kind: Kind) -> bool {
-    matches!(kind, Kind::Logs)
+    matches!(kind, Kind::Logs | Kind::Metrics)
 }
 
 /// What a dry run found for one kind.
@@ -39,8 +47,10 @@ pub struct Eligible {
     pub cutoff: DateTime<Utc>,
     /// Eligible rows (outside unfinished batches).
     pub rows: i64,
-    /// Their bytes (`size_bytes`).
-    pub bytes: i64,
+    /// Their bytes (`size_bytes`; logs only).
+    pub bytes: Option<i64>,
+    /// Aggregate groups they make (metrics only).
+    pub groups: Option<i64>,
     /// Oldest eligible time.
     pub oldest: Option<DateTime<Utc>>,
     /// Newest eligible time.
@@ -53,53 +63,41 @@ pub struct Eligible {
 }
 
 /// The cut-off for a policy age, by the database's clock.
-pub async fn cutoff(pool: &PgPool, age_days: u32) -> Result<DateTime<Utc>> {
-    Ok(
-        sqlx::query_scalar("SELECT now() - make_interval(days => $1)")
-            .bind(age_days as i32)
-            .fetch_one(pool)
-            .await?,
-    )
+pub async fn cutoff(pool: &PgPool, kind: Kind, policy: &Policy) -> Result<DateTime<Utc>> {
+    let sql = match kind {
+        // Metrics: whole UTC days only, so the cut-off never splits a day.
+        Kind::Metrics => {
+            "SELECT date_trunc('day', (now() - make_interval(days => $1)) AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+        }
+        _ => "SELECT now() - make_interval(days => $1)",
+    };
+    let days = match kind {
+        Kind::Logs => policy.logs_age_days,
+        Kind::Metrics => policy.metrics_age_days,
+        Kind::Reports => policy.reports_age_days,
+    };
+    Ok(sqlx::query_scalar(sql)
+        .bind(days as i32)
+        .fetch_one(pool)
+        .await?)
 }
 
 /// Counts what a run of `kind` would archive, changing nothing.
 pub async fn dry_run(pool: &PgPool, kind: Kind, opts: &PlanOptions) -> Result<Eligible> {
-    match kind {
-        Kind::Logs => {}
-        other => {
-            return Err(Error::config(
-                "--dry-run",
-                format!("{other} planning is not built yet"),
-            ));
-        }
-    }
-    let cutoff = cutoff(pool, opts.policy.logs_age_days).await?;
+    let cutoff = cutoff(pool, kind, &opts.policy).await?;
     let pending = ledger::open_high_water(pool, kind).await?;
     let after = pending.map(|(k, _)| k);
-    let row = sqlx::query(
-        "SELECT count(*) AS n, COALESCE(sum(size_bytes), 0)::bigint AS bytes,
-                min(received_at) AS oldest, max(received_at) AS newest
-         FROM scenario_logs
-         WHERE (received_at, id) > (COALESCE($1, '-infinity'::timestamptz),
-                                    COALESCE($2, '00000000-0000-0000-0000-000000000000'::uuid))
-           AND received_at < $3",
-    )
-    .bind(after.map(|k| k.ts))
-    .bind(after.map(|k| k.id))
-    .bind(cutoff)
-    .fetch_one(pool)
-    .await?;
-    let rows: i64 = row.get("n");
-    Ok(Eligible {
-        kind,
-        cutoff,
-        rows,
-        bytes: row.get("bytes"),
-        oldest: row.get("oldest"),
-        newest: row.get("newest"),
-        batches: (rows + opts.batch_size - 1) / opts.batch_size,
-        pending: pending.map(|(k, n)| (n, k)),
-    })
+    let mut e = match kind {
+        Kind::Logs => logs::eligible(pool, after, cutoff, opts.batch_size).await?,
+        Kind::Metrics => metrics::eligible(pool, after, cutoff, opts.batch_size).await?,
+        Kind::Reports => return Err(not_built(kind)),
+    };
+    e.pending = pending.map(|(k, n)| (n, k));
+    Ok(e)
+}
+
+fn not_built(kind: Kind) -> Error {
+    Error::config("--all", format!("{kind} planning is not built yet"))
 }
 
 /// What a run planned for one kind.
@@ -127,32 +125,41 @@ pub async fn plan(
     opts: &PlanOptions,
     publisher: &dyn Publisher,
 ) -> Result<Planned> {
-    if kind != Kind::Logs {
-        return Err(Error::config(
-            "--all",
-            format!("{kind} planning is not built yet"),
-        ));
+    if !is_built(kind) {
+        return Err(not_built(kind));
     }
-    let cutoff = cutoff(pool, opts.policy.logs_age_days).await?;
+    let cutoff = cutoff(pool, kind, &opts.policy).await?;
     let pending = ledger::open_high_water(pool, kind).await?;
     let job = ledger::create_job(pool, kind, cutoff, opts.batch_size, opts.transport).await?;
     ledger::start_job(pool, job).await?;
-    let cut = LogsCut {
+    let mut sink = Sink {
         pool,
         job,
-        cutoff,
-        opts,
+        kind,
         publisher,
+        recorded: 0,
+        rows: 0,
+        chunk: Vec::with_capacity(CHUNK),
     };
-    match cut.run(pending.map(|(k, _)| k)).await {
-        Ok((batches, rows)) => {
+    let after = pending.map(|(k, _)| k);
+    let cut = match kind {
+        Kind::Logs => logs::cut(pool, after, cutoff, opts.batch_size, &mut sink).await,
+        Kind::Metrics => metrics::cut(pool, after, cutoff, opts.batch_size, &mut sink).await,
+        Kind::Reports => Err(not_built(kind)),
+    };
+    let cut = match cut {
+        Ok(()) => sink.flush().await,
+        Err(e) => Err(e),
+    };
+    match cut {
+        Ok(()) => {
             ledger::finish_planning(pool, job).await?;
             Ok(Planned {
                 kind,
                 job,
                 cutoff,
-                batches,
-                rows,
+                batches: sink.recorded,
+                rows: sink.rows,
                 pending_before: pending.map(|(k, n)| (n, k)),
             })
         }
@@ -165,137 +172,57 @@ pub async fn plan(
     }
 }
 
-struct LogsCut<'a> {
+/// Takes cut batches, records them in the ledger a chunk at a time, then
+/// publishes them: a message never names a batch the ledger does not have.
+struct Sink<'a> {
     pool: &'a PgPool,
     job: Uuid,
-    cutoff: DateTime<Utc>,
-    opts: &'a PlanOptions,
+    kind: Kind,
     publisher: &'a dyn Publisher,
+    recorded: usize,
+    rows: i64,
+    chunk: Vec<NewBatch>,
 }
 
-impl LogsCut<'_> {
-    /// Walks the (received_at, id) index once, in steps of `batch_size`.
-    async fn run(&self, after: Option<Key>) -> Result<(usize, i64)> {
-        let Some(first) = self.edge(after, "ASC").await? else {
-            return Ok((0, 0));
-        };
-        partitions::ensure_months(self.pool, "scenario_logs_archive", first.ts, self.cutoff)
-            .await?;
-        // The first batch starts just below the oldest eligible row, so a
-        // late row older than every partition can never fall into it.
-        let mut lo = after.unwrap_or(Key {
-            ts: first.ts - ChronoDuration::microseconds(1),
-            id: Uuid::max(),
+impl Sink<'_> {
+    /// A batch (lo, hi] holding `rows` rows when counted.
+    async fn push(&mut self, lo: Key, hi: Key, rows: i64) -> Result<()> {
+        self.chunk.push(NewBatch {
+            id: Uuid::new_v4(),
+            lo,
+            hi,
+            planned_rows: rows,
         });
-        let (mut total, mut rows, mut chunk) = (0usize, 0i64, Vec::with_capacity(CHUNK));
-        loop {
-            let (hi, n) = match self.boundary(lo).await? {
-                Some(hi) => (hi, self.opts.batch_size),
-                None => match self.tail(lo).await? {
-                    Some(tail) => tail,
-                    None => break,
-                },
-            };
-            chunk.push(NewBatch {
-                id: Uuid::new_v4(),
-                lo,
-                hi,
-                planned_rows: n,
-            });
-            rows += n;
-            lo = hi;
-            if chunk.len() == CHUNK {
-                self.flush(total, &mut chunk).await?;
-                total += CHUNK;
-            }
-            if n < self.opts.batch_size {
-                break;
-            }
+        self.rows += rows;
+        if self.chunk.len() >= CHUNK {
+            self.flush().await?;
         }
-        let last = chunk.len();
-        self.flush(total, &mut chunk).await?;
-        Ok((total + last, rows))
+        Ok(())
     }
 
-    /// The oldest (ASC) or newest (DESC) eligible key above `after`.
-    async fn edge(&self, after: Option<Key>, order: &str) -> Result<Option<Key>> {
-        let sql = format!(
-            "SELECT received_at, id FROM scenario_logs
-             WHERE (received_at, id) > (COALESCE($1, '-infinity'::timestamptz),
-                                        COALESCE($2, '00000000-0000-0000-0000-000000000000'::uuid))
-               AND received_at < $3
-             ORDER BY received_at {order}, id {order} LIMIT 1"
-        );
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(after.map(|k| k.ts))
-            .bind(after.map(|k| k.id))
-            .bind(self.cutoff)
-            .fetch_optional(self.pool)
-            .await?;
-        Ok(row.map(|r| Key {
-            ts: r.get(0),
-            id: r.get(1),
-        }))
-    }
-
-    /// The key of the `batch_size`-th eligible row above `lo`, if there is one.
-    async fn boundary(&self, lo: Key) -> Result<Option<Key>> {
-        let row = sqlx::query(
-            "SELECT received_at, id FROM scenario_logs
-             WHERE (received_at, id) > ($1, $2) AND received_at < $3
-             ORDER BY received_at, id OFFSET $4 LIMIT 1",
-        )
-        .bind(lo.ts)
-        .bind(lo.id)
-        .bind(self.cutoff)
-        .bind(self.opts.batch_size - 1)
-        .fetch_optional(self.pool)
-        .await?;
-        Ok(row.map(|r| Key {
-            ts: r.get(0),
-            id: r.get(1),
-        }))
-    }
-
-    /// The last eligible key above `lo` and the rows up to it (fewer than a batch).
-    async fn tail(&self, lo: Key) -> Result<Option<(Key, i64)>> {
-        let row = sqlx::query(
-            "SELECT received_at, id, count(*) OVER () AS n FROM scenario_logs
-             WHERE (received_at, id) > ($1, $2) AND received_at < $3
-             ORDER BY received_at DESC, id DESC LIMIT 1",
-        )
-        .bind(lo.ts)
-        .bind(lo.id)
-        .bind(self.cutoff)
-        .fetch_optional(self.pool)
-        .await?;
-        Ok(row.map(|r| {
-            (
-                Key {
-                    ts: r.get(0),
-                    id: r.get(1),
-                },
-                r.get(2),
-            )
-        }))
-    }
-
-    /// Records a chunk of batches, then publishes them: a message never
-    /// names a batch the ledger does not have.
-    async fn flush(&self, first_seq: usize, chunk: &mut Vec<NewBatch>) -> Result<()> {
-        if chunk.is_empty() {
+    async fn flush(&mut self) -> Result<()> {
+        if self.chunk.is_empty() {
             return Ok(());
         }
-        ledger::record_batches(self.pool, self.job, Kind::Logs, first_seq as i32, chunk).await?;
-        let messages: Vec<BatchMessage> = chunk
+        ledger::record_batches(
+            self.pool,
+            self.job,
+            self.kind,
+            self.recorded as i32,
+            &self.chunk,
+        )
+        .await?;
+        let messages: Vec<BatchMessage> = self
+            .chunk
             .iter()
-            .map(|b| BatchMessage::new(b.id, Kind::Logs))
+            .map(|b| BatchMessage::new(b.id, self.kind))
             .collect();
         self.publisher.publish(&messages).await?;
-        let ids: Vec<Uuid> = chunk.iter().map(|b| b.id).collect();
+        let ids: Vec<Uuid> = self.chunk.iter().map(|b| b.id).collect();
         ledger::mark_published(self.pool, &ids).await?;
-        tracing::debug!(job = %self.job, batches = chunk.len(), "published");
-        chunk.clear();
+        tracing::debug!(job = %self.job, batches = self.chunk.len(), "published");
+        self.recorded += self.chunk.len();
+        self.chunk.clear();
         Ok(())
     }
 }

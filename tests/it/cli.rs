@@ -56,11 +56,14 @@ async fn everything(db: &TestDb) -> String {
 async fn a_dry_run_changes_nothing_and_publishes_nothing() {
     let db = TestDb::new().await;
     db.load_logs(5_000).await;
+    archiver::demo::load_metrics(&db.pool, 3_000, 20, 3 * 365)
+        .await
+        .unwrap();
     let cfg = amqp_config();
     // Declare the queue so that we can see it stays empty.
     let publisher = AmqpPublisher::connect(cfg.clone()).await.unwrap();
     let before = everything(&db).await;
-    let mut c = planner(&db.url, &["--logs", "--metrics", "--dry-run"]);
+    let mut c = planner(&db.url, &["--logs", "--metrics", "--reports", "--dry-run"]);
     c.env("QUEUE_URL", &cfg.url)
         .env("ARCHIVER_QUEUE", &cfg.queue);
     let o = output(c).await;
@@ -79,7 +82,22 @@ async fn a_dry_run_changes_nothing_and_publishes_nothing() {
         )),
         "{out}"
     );
-    assert!(out.contains("metrics: not built yet"), "{out}");
+    let samples: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM scenario_metrics
+         WHERE \"timestamp\" < date_trunc('day', (now() - interval '730 days') AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(samples > 0);
+    assert!(
+        out.contains(&format!(
+            "metrics: {} eligible samples",
+            archiver::report::count(samples)
+        )),
+        "{out}"
+    );
+    assert!(out.contains("reports: not built yet"), "{out}");
     assert_eq!(everything(&db).await, before);
     assert_eq!(queue_depth(&cfg, &cfg.queue).await, Some(0));
     publisher.close().await.unwrap();

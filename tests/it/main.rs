@@ -5,4 +5,5 @@ mod cli;
 mod fleet;
 mod helpers;
 mod logs;
+mod metrics;
 mod spec_queries;

@@ -97,17 +97,35 @@ async fn the_specs_queries_run_and_return_the_expected_rows() {
     .fetch_all(&db.pool)
     .await
     .unwrap();
+    let mut types: Vec<String> = jobs.iter().map(|r| r.get("job_type")).collect();
+    types.sort();
     assert_eq!(
-        jobs.len(),
-        1,
-        "one job: logs (metrics and reports are not built yet)"
+        types,
+        ["logs", "metrics"],
+        "one job per built kind (reports are not built yet)"
     );
-    assert_eq!(jobs[0].get::<String, _>("job_type"), "logs");
-    assert_eq!(jobs[0].get::<String, _>("status"), "completed");
+    assert!(
+        jobs.iter()
+            .all(|r| r.get::<String, _>("status") == "completed")
+    );
+    let logs_job = jobs
+        .iter()
+        .find(|r| r.get::<String, _>("job_type") == "logs")
+        .unwrap();
     let archived_total = scalar(&db, "SELECT count(*) FROM scenario_logs_archive").await;
     assert_eq!(
-        jobs[0].get::<Option<i64>, _>("records_archived"),
+        logs_job.get::<Option<i64>, _>("records_archived"),
         Some(archived_total)
+    );
+    let metrics_job = jobs
+        .iter()
+        .find(|r| r.get::<String, _>("job_type") == "metrics")
+        .unwrap();
+    let aggregates = scalar(&db, "SELECT count(*) FROM scenario_metrics_archive").await;
+    assert!(aggregates > 0);
+    assert_eq!(
+        metrics_job.get::<Option<i64>, _>("records_archived"),
+        Some(aggregates)
     );
     assert_eq!(
         count(

@@ -1,0 +1,84 @@
+//! Metrics (R2): reduce a batch's samples to one archive row per (scenario,
+//! type, name, unit, UTC day) and delete them, in one statement.
+//!
+//! Exact and mergeable: each group's row has a deterministic id (an MD5 of
+//! its key), and keeps `sample_count`, `value_sum`, `value_min` and
+//! `value_max`. Samples that arrive later for a day already archived merge
+//! into its row by adding counts and sums; `value` is always
+//! `round(value_sum / sample_count, 6)`, never an average of averages.
+//!
+//! `extra_data` of an aggregate keeps the key/value pairs that every one of
+//! its samples has, equal; a merge keeps the pairs both sides share. Nothing
+//! is ever taken from one arbitrary sample.
+
+use crate::error::Result;
+use crate::ledger::{Batch, Counts};
+use crate::plan::metrics_day_sql as day_sql;
+use sqlx::{Postgres, Row, Transaction};
+
+/// Aggregates and deletes the samples of `batch`'s (day, scenario) range
+/// that are older than its job's cut-off (a whole UTC day).
+pub async fn archive(tx: &mut Transaction<'_, Postgres>, batch: &Batch) -> Result<Counts> {
+    let day = day_sql();
+    let group = "scenario_id, metric_type, metric_name, unit, day";
+    let sql = format!(
+        "WITH moved AS (
+             DELETE FROM scenario_metrics
+             WHERE ($1::timestamptz IS NULL OR ({day}, scenario_id) > ($1 AT TIME ZONE 'UTC', $2))
+               AND ({day}, scenario_id) <= ($3 AT TIME ZONE 'UTC', $4)
+               AND \"timestamp\" < $5
+             RETURNING scenario_id, metric_type, metric_name, unit, {day} AS day, value,
+                       COALESCE(extra_data, '{{}}'::jsonb) AS extra_data
+         ), g AS (
+             SELECT {group}, count(*) AS n, sum(value) AS s, min(value) AS mn, max(value) AS mx
+             FROM moved GROUP BY {group}
+         ), kv AS (
+             SELECT {group}, e.key, e.value, count(*) AS c
+             FROM moved, jsonb_each(moved.extra_data) e
+             GROUP BY {group}, e.key, e.value
+         ), common AS (
+             SELECT {group}, jsonb_object_agg(kv.key, kv.value) AS extra
+             FROM kv JOIN g USING ({group}) WHERE kv.c = g.n
+             GROUP BY {group}
+         ), ins AS (
+             INSERT INTO scenario_metrics_archive AS a
+                 (id, scenario_id, \"timestamp\", metric_type, metric_name, value, unit, extra_data,
+                  archived_at, archive_batch_id, is_aggregated, aggregation_period,
+                  sample_count, value_sum, value_min, value_max)
+             SELECT md5(concat_ws('|', g.scenario_id, g.metric_type, g.metric_name, g.unit, to_char(g.day, 'YYYY-MM-DD')))::uuid,
+                    g.scenario_id, g.day AT TIME ZONE 'UTC', g.metric_type, g.metric_name,
+                    round(g.s / g.n, 6), g.unit, COALESCE(c.extra, '{{}}'::jsonb),
+                    now(), $6, true, 'day', g.n, g.s, g.mn, g.mx
+             FROM g LEFT JOIN common c USING ({group})
+             ON CONFLICT (id, \"timestamp\") DO UPDATE SET
+                 sample_count = a.sample_count + EXCLUDED.sample_count,
+                 value_sum = a.value_sum + EXCLUDED.value_sum,
+                 value_min = LEAST(a.value_min, EXCLUDED.value_min),
+                 value_max = GREATEST(a.value_max, EXCLUDED.value_max),
+                 value = round((a.value_sum + EXCLUDED.value_sum) / (a.sample_count + EXCLUDED.sample_count), 6),
+                 extra_data = COALESCE((SELECT jsonb_object_agg(e.key, e.value)
+                                        FROM jsonb_each(a.extra_data) e
+                                        WHERE EXCLUDED.extra_data -> e.key = e.value), '{{}}'::jsonb),
+                 archived_at = now(),
+                 archive_batch_id = EXCLUDED.archive_batch_id
+             RETURNING 1
+         )
+         SELECT (SELECT count(*) FROM moved) AS samples, (SELECT count(*) FROM ins) AS groups"
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(batch.lo.map(|k| k.ts))
+        .bind(batch.lo.map(|k| k.id))
+        .bind(batch.hi.ts)
+        .bind(batch.hi.id)
+        .bind(batch.cutoff)
+        .bind(batch.id)
+        .fetch_one(&mut **tx)
+        .await?;
+    let samples: i64 = row.get("samples");
+    Ok(Counts {
+        processed: samples,
+        archived: row.get("groups"),
+        deleted: samples,
+        bytes: 0,
+    })
+}

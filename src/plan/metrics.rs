@@ -1,0 +1,272 @@
+//! Metrics: batches of whole aggregate groups. A group is (scenario, type,
+//! name, unit, UTC day); batch bounds are (day, scenario_id) keys, so every
+//! sample of a group falls in the same batch. Walked one day at a time
+//! through the (UTC day, scenario_id) expression index; a batch may span
+//! several small days, or a slice of the scenarios of a large one.
+
+use super::{Eligible, Sink};
+use crate::error::Result;
+use crate::ledger::{Key, Kind};
+use crate::partitions;
+use chrono::{DateTime, Duration, Utc};
+use sqlx::{PgPool, Row};
+use std::future::Future;
+use uuid::Uuid;
+
+/// The UTC day of a sample: the indexed expression.
+pub(super) const DAY: &str = r#"date_trunc('day', "timestamp" AT TIME ZONE 'UTC')"#;
+
+/// Decides where batches end, given (key, samples) in key order. A key's
+/// samples are never split; a batch closes once it reaches `batch_size`, or
+/// before a key that would take it past `batch_size`.
+#[derive(Debug)]
+pub(crate) struct Cutter {
+    batch_size: i64,
+    lo: Key,
+    last: Option<Key>,
+    acc: i64,
+}
+
+impl Cutter {
+    pub(crate) fn new(batch_size: i64, lo: Key) -> Self {
+        Cutter {
+            batch_size,
+            lo,
+            last: None,
+            acc: 0,
+        }
+    }
+
+    /// Feeds one key; returns up to two finished batches (lo, hi, samples).
+    pub(crate) fn feed(&mut self, key: Key, n: i64) -> Vec<(Key, Key, i64)> {
+        let mut out = Vec::new();
+        if self.acc > 0 && self.acc + n > self.batch_size {
+            out.extend(self.close());
+        }
+        self.acc += n;
+        self.last = Some(key);
+        if self.acc >= self.batch_size {
+            out.extend(self.close());
+        }
+        out
+    }
+
+    /// The last, partial batch.
+    pub(crate) fn close(&mut self) -> Option<(Key, Key, i64)> {
+        let hi = self.last.take()?;
+        let batch = (self.lo, hi, self.acc);
+        self.lo = hi;
+        self.acc = 0;
+        Some(batch)
+    }
+}
+
+pub(super) async fn eligible(
+    pool: &PgPool,
+    after: Option<Key>,
+    cutoff: DateTime<Utc>,
+    batch_size: i64,
+) -> Result<Eligible> {
+    let sql = format!(
+        "SELECT count(*) AS n,
+                count(DISTINCT (scenario_id, metric_type, metric_name, unit, {DAY})) AS groups,
+                min(\"timestamp\") AS oldest, max(\"timestamp\") AS newest
+         FROM scenario_metrics
+         WHERE ($1::timestamptz IS NULL OR ({DAY}, scenario_id) > ($1 AT TIME ZONE 'UTC', $2))
+           AND {DAY} < ($3 AT TIME ZONE 'UTC')"
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(after.map(|k| k.ts))
+        .bind(after.map(|k| k.id))
+        .bind(cutoff)
+        .fetch_one(pool)
+        .await?;
+    let mut batches = 0;
+    walk(pool, after, cutoff, batch_size, |_, _, _| {
+        batches += 1;
+        async { Ok(()) }
+    })
+    .await?;
+    Ok(Eligible {
+        kind: Kind::Metrics,
+        cutoff,
+        rows: row.get("n"),
+        bytes: None,
+        groups: Some(row.get("groups")),
+        oldest: row.get("oldest"),
+        newest: row.get("newest"),
+        batches,
+        pending: None,
+    })
+}
+
+pub(super) async fn cut(
+    pool: &PgPool,
+    after: Option<Key>,
+    cutoff: DateTime<Utc>,
+    batch_size: i64,
+    sink: &mut Sink<'_>,
+) -> Result<()> {
+    if let Some(first) = next_day(pool, after.map(|k| k.ts), true, cutoff).await? {
+        partitions::ensure_months(pool, "scenario_metrics_archive", first, cutoff).await?;
+    }
+    let mut batches = Vec::new();
+    walk(pool, after, cutoff, batch_size, |lo, hi, n| {
+        batches.push((lo, hi, n));
+        async { Ok(()) }
+    })
+    .await?;
+    for (lo, hi, n) in batches {
+        sink.push(lo, hi, n).await?;
+    }
+    Ok(())
+}
+
+/// Walks eligible (day, scenario) keys above `after` in order and calls `emit`
+/// for each batch the [`Cutter`] closes.
+async fn walk<F, Fut>(
+    pool: &PgPool,
+    after: Option<Key>,
+    cutoff: DateTime<Utc>,
+    batch_size: i64,
+    mut emit: F,
+) -> Result<()>
+where
+    F: FnMut(Key, Key, i64) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let Some(mut day) = next_day(pool, after.map(|k| k.ts), true, cutoff).await? else {
+        return Ok(());
+    };
+    let start = after.unwrap_or(Key {
+        ts: day - Duration::days(1),
+        id: Uuid::max(),
+    });
+    let mut cutter = Cutter::new(batch_size, start);
+    loop {
+        let above = after.filter(|k| k.ts == day).map(|k| k.id);
+        for (scenario, n) in day_counts(pool, day, above).await? {
+            for (lo, hi, n) in cutter.feed(
+                Key {
+                    ts: day,
+                    id: scenario,
+                },
+                n,
+            ) {
+                emit(lo, hi, n).await?;
+            }
+        }
+        match next_day(pool, Some(day), false, cutoff).await? {
+            Some(d) => day = d,
+            None => break,
+        }
+    }
+    if let Some((lo, hi, n)) = cutter.close() {
+        emit(lo, hi, n).await?;
+    }
+    Ok(())
+}
+
+/// The first day with eligible samples at (`inclusive`) or after `from`.
+async fn next_day(
+    pool: &PgPool,
+    from: Option<DateTime<Utc>>,
+    inclusive: bool,
+    cutoff: DateTime<Utc>,
+) -> Result<Option<DateTime<Utc>>> {
+    let op = if inclusive { ">=" } else { ">" };
+    let sql = format!(
+        "SELECT min({DAY}) AT TIME ZONE 'UTC' FROM scenario_metrics
+         WHERE {DAY} {op} COALESCE($1 AT TIME ZONE 'UTC', '-infinity') AND {DAY} < ($2 AT TIME ZONE 'UTC')"
+    );
+    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(from)
+        .bind(cutoff)
+        .fetch_one(pool)
+        .await?)
+}
+
+/// Samples per scenario on one day, scenarios above `above` only.
+async fn day_counts(
+    pool: &PgPool,
+    day: DateTime<Utc>,
+    above: Option<Uuid>,
+) -> Result<Vec<(Uuid, i64)>> {
+    let sql = format!(
+        "SELECT scenario_id, count(*) FROM scenario_metrics
+         WHERE {DAY} = ($1 AT TIME ZONE 'UTC') AND ($2::uuid IS NULL OR scenario_id > $2)
+         GROUP BY scenario_id ORDER BY scenario_id"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(day)
+        .bind(above)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn key(day: u32, s: u128) -> Key {
+        Key {
+            ts: Utc.with_ymd_and_hms(2024, 1, day, 0, 0, 0).unwrap(),
+            id: Uuid::from_u128(s),
+        }
+    }
+
+    #[test]
+    fn batches_hold_whole_keys_and_stay_near_the_size() {
+        let start = key(1, 0);
+        let mut c = Cutter::new(10, start);
+        let mut out = Vec::new();
+        for (k, n) in [
+            (key(2, 1), 4),
+            (key(2, 2), 4),
+            (key(2, 3), 4),
+            (key(3, 1), 25),
+            (key(4, 1), 3),
+        ] {
+            out.extend(c.feed(k, n));
+        }
+        out.extend(c.close());
+        let expected = vec![
+            (start, key(2, 2), 8),
+            (key(2, 2), key(2, 3), 4),
+            (key(2, 3), key(3, 1), 25), // one key larger than a batch: alone
+            (key(3, 1), key(4, 1), 3),
+        ];
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn every_key_lands_in_exactly_one_batch() {
+        let mut c = Cutter::new(7, key(1, 0));
+        let keys: Vec<(Key, i64)> = (1..=60)
+            .map(|i| (key(2 + (i / 10) as u32, i as u128), (i % 5 + 1) as i64))
+            .collect();
+        let mut out = Vec::new();
+        for &(k, n) in &keys {
+            out.extend(c.feed(k, n));
+        }
+        out.extend(c.close());
+        // Batches chain: each starts where the previous ended.
+        for w in out.windows(2) {
+            assert_eq!(w[0].1, w[1].0);
+        }
+        assert_eq!(
+            out.iter().map(|b| b.2).sum::<i64>(),
+            keys.iter().map(|k| k.1).sum::<i64>()
+        );
+        for (lo, hi, n) in &out {
+            let inside: i64 = keys
+                .iter()
+                .filter(|(k, _)| k > lo && k <= hi)
+                .map(|k| k.1)
+                .sum();
+            assert_eq!(inside, *n);
+        }
+    }
+}
