@@ -33,15 +33,18 @@ impl Default for DemoSize {
     }
 }
 
-/// Inserts `n` log rows: ~200-character previews, 4 sources, times uniform
-/// over `span_days`. Row `g` belongs to scenario `g % scenarios`.
+/// Inserts `n` log rows: ~200-character previews, 4 sources, times spread
+/// evenly over `span_days` in arrival order (so the heap is in time order,
+/// as a real log table's is). Row `g` belongs to scenario `g % scenarios`.
 pub async fn load_logs(pool: &PgPool, n: i64, scenarios: i64, span_days: i64) -> Result<()> {
     sqlx::query(
         "INSERT INTO scenario_logs (id, scenario_id, received_at, message_hash, message_preview, source,
                                     size_bytes, has_pii, token_count, sqs_blocks)
          SELECT gen_random_uuid(),
                 ('00000000-0000-0000-0000-' || lpad(to_hex(g % $2), 12, '0'))::uuid,
-                now() - random() * make_interval(days => $3::int),
+                -- arrival order, as in a real append-only table, ±30 min jitter
+                now() - make_interval(days => $3::int) * (1 - g::float8 / $1)
+                      + (random() - 0.5) * interval '1 hour',
                 md5(g::text) || md5((g + 1)::text),
                 repeat(md5((g * 7)::text), 6) || ' ' || substr(md5(g::text), 1, 10),
                 (ARRAY['sqs', 'sns', 'lambda', 'api'])[1 + g % 4],

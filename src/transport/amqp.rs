@@ -261,12 +261,13 @@ impl std::fmt::Debug for AmqpConsumer {
 }
 
 impl AmqpConsumer {
-    /// A consumer that will connect on first `receive`; at most `prefetch`
-    /// deliveries are unsettled at a time.
-    pub fn new(cfg: AmqpConfig, prefetch: u16) -> Self {
+    /// A consumer for a worker executing `concurrency` batches at once; it
+    /// will connect on first `receive` and hold at most twice that many
+    /// unsettled deliveries (prefetch).
+    pub fn new(cfg: AmqpConfig, concurrency: u16) -> Self {
         AmqpConsumer {
             cfg,
-            prefetch: prefetch.max(1),
+            prefetch: concurrency.max(1).saturating_mul(2),
             live: None,
         }
     }
@@ -276,6 +277,8 @@ impl AmqpConsumer {
         // Set on every (re)connect: a recovered channel may not keep it.
         timed(
             "basic.qos",
+            // One delivery in hand per executor slot, so a slot that frees
+            // up starts its next batch without a round trip to the broker.
             channel.basic_qos(self.prefetch, BasicQosOptions::default()),
         )
         .await?;
