@@ -39,12 +39,32 @@ pub struct Common {
     #[arg(long, env = "ARCHIVER_CONCURRENCY", default_value_t = 2,
           value_parser = clap::value_parser!(u16).range(1..=256))]
     pub concurrency: u16,
+    /// After each batch, rest this many times its duration (0: flat out;
+    /// 1: half the load on the database, and half the speed).
+    #[arg(long, env = "ARCHIVER_REST_RATIO", default_value_t = 0.0, value_parser = rest_ratio)]
+    pub rest_ratio: f64,
     /// Debug logging (RUST_LOG overrides).
     #[arg(long, short = 'v')]
     pub verbose: bool,
 }
 
+fn rest_ratio(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=100.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?} is not a number from 0 to 100")),
+    }
+}
+
 impl Common {
+    fn worker_options(&self) -> WorkerOptions {
+        WorkerOptions {
+            concurrency: self.concurrency.into(),
+            delivery_limit: self.delivery_limit,
+            rest_ratio: self.rest_ratio,
+            ..Default::default()
+        }
+    }
+
     fn queue(&self) -> Result<QueueConfig> {
         QueueConfig::parse(self.queue_url.as_deref(), &self.queue, self.delivery_limit)
     }
@@ -185,14 +205,7 @@ async fn run_planner(cli: &PlannerCli) -> Result<bool> {
     let _lock = take_lock(&opts).await?;
     let ok = match &queue {
         QueueConfig::Inline => {
-            run_inline(
-                &pool,
-                &kinds,
-                &plan_opts,
-                cli.common.concurrency,
-                cli.common.delivery_limit,
-            )
-            .await?
+            run_inline(&pool, &kinds, &plan_opts, cli.common.worker_options()).await?
         }
         QueueConfig::Amqp {
             url,
@@ -279,16 +292,10 @@ async fn run_inline(
     pool: &PgPool,
     kinds: &[Kind],
     opts: &PlanOptions,
-    concurrency: u16,
-    delivery_limit: u32,
+    wopts: WorkerOptions,
 ) -> Result<bool> {
     let (publisher, mut consumer) = inline::queue();
     let started = std::time::Instant::now();
-    let wopts = WorkerOptions {
-        concurrency: concurrency.into(),
-        delivery_limit,
-        ..Default::default()
-    };
     let executors = {
         let pool = pool.clone();
         tokio::spawn(async move {
@@ -381,12 +388,7 @@ async fn run_worker(cli: &WorkerCli, shutdown: CancellationToken) -> Result<()> 
         delivery_limit,
     };
     let mut consumer = AmqpConsumer::new(cfg, cli.common.concurrency);
-    let wopts = WorkerOptions {
-        concurrency: cli.common.concurrency.into(),
-        delivery_limit,
-        ..Default::default()
-    };
-    let stats = worker::run(&pool, &mut consumer, wopts, shutdown).await?;
+    let stats = worker::run(&pool, &mut consumer, cli.common.worker_options(), shutdown).await?;
     consumer.close().await;
     tracing::info!(?stats, "worker stopped");
     Ok(())

@@ -25,6 +25,10 @@ pub struct WorkerOptions {
     pub delivery_limit: u32,
     /// Transient failures retried in place before handing the message back.
     pub transient_tries: u32,
+    /// After each batch, its slot rests this many times the batch's own
+    /// duration before taking the next: 0 runs flat out, 1 halves the load
+    /// the archiver puts on the database (and its speed).
+    pub rest_ratio: f64,
 }
 
 impl Default for WorkerOptions {
@@ -33,6 +37,7 @@ impl Default for WorkerOptions {
             concurrency: 2,
             delivery_limit: 5,
             transient_tries: 4,
+            rest_ratio: 0.0,
         }
     }
 }
@@ -179,7 +184,9 @@ pub async fn run<C: Consumer>(
         };
         let (pool, stats, token) = (pool.clone(), stats.clone(), shutdown.clone());
         tracker.spawn(async move {
+            let started = std::time::Instant::now();
             handle(&pool, delivery, opts, &stats, &token).await;
+            rest(started.elapsed(), opts.rest_ratio, &token).await;
             drop(permit);
         });
     }
@@ -189,6 +196,18 @@ pub async fn run<C: Consumer>(
     match failure {
         Some(e) => Err(e),
         None => Ok(stats),
+    }
+}
+
+/// Leaves the database alone for `ratio` times what the last batch took.
+async fn rest(took: Duration, ratio: f64, shutdown: &CancellationToken) {
+    if ratio <= 0.0 {
+        return;
+    }
+    let pause = took.mul_f64(ratio.min(100.0));
+    tokio::select! {
+        _ = tokio::time::sleep(pause) => {}
+        _ = shutdown.cancelled() => {}
     }
 }
 

@@ -167,6 +167,12 @@ async fn bad_settings_give_one_line_errors_that_name_them() {
             2,
         ),
         (vec!["--frobnicate"], db.url.clone(), "--frobnicate", 2),
+        (
+            vec!["--logs", "--rest-ratio", "lots"],
+            db.url.clone(),
+            "--rest-ratio",
+            2,
+        ),
         (vec![], db.url.clone(), "--all", 2),
     ];
     for (args, url, names, code) in cases {
