@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Make sure the PostgreSQL and RabbitMQ servers the tests need are reachable
-# on loopback: reuse running ones, otherwise install (Debian) and start them,
-# then write $ARCHIVER_SERVICES_DIR/env.sh with the URLs to use.
+# Make sure the PostgreSQL, RabbitMQ and S3-protocol servers the tests need
+# are reachable on loopback: reuse running ones, otherwise install (Debian,
+# PyPI) and start them, then write $ARCHIVER_SERVICES_DIR/env.sh with the
+# URLs to use.
 #
-# Usage: scripts/services.sh [postgres] [rabbitmq]   (no argument = both)
+# Usage: scripts/services.sh [postgres] [rabbitmq] [s3]  (no argument = all)
 #        scripts/services.sh stop    (stops only the private PostgreSQL
-#                                     cluster this script started)
+#                                     cluster and the moto server this
+#                                     script started)
 #
 # Environment:
 #   ARCHIVER_SERVICES_DIR      state dir (default <repo>/.services)
@@ -14,6 +16,8 @@
 #   ARCHIVER_PG_PORT           port of the private cluster (default 5432,
 #                              or 55432 when 5432 is taken)
 #   ARCHIVER_PG_FORCE_PRIVATE  1 = skip any other server, use the private one
+#   ARCHIVER_S3_ENDPOINT       reused as it is if an S3 server answers there
+#   ARCHIVER_S3_PORT           port of the S3 server on 127.0.0.1 (default 5000)
 set -euo pipefail
 
 # pg_ctlcluster and rabbitmq-server live in sbin, which a non-login shell
@@ -36,10 +40,18 @@ PG_FALLBACK_PORT=55432
 AMQP_DEFAULT_URL='amqp://guest:guest@127.0.0.1:5672/%2f'
 TRUST_LINE='host    all    all    127.0.0.1/32    trust'
 FORCE_PRIVATE=${ARCHIVER_PG_FORCE_PRIVATE:-0}
+S3_PORT=${ARCHIVER_S3_PORT:-5000}
+# moto 5.2.1 stores a multipart upload but answers aws-sdk-s3's
+# CompleteMultipartUpload with an XML error; 5.2.5 works.
+MOTO_MIN_VERSION=5.2.5
+MOTO_PID=$SERVICES_DIR/moto.pid
+MOTO_LOG=$SERVICES_DIR/moto.log
+PIP_LOG=$SERVICES_DIR/pip.log
 
 PSQL=''
 PG_URL=''
 AMQP_URL=''
+S3_URL=''
 APT_UPDATED=0
 
 log() { printf '%s\n' "$*" >&2; }
@@ -51,7 +63,7 @@ die() {
   exit 1
 }
 usage() {
-  log "usage: scripts/services.sh [postgres] [rabbitmq] | stop"
+  log "usage: scripts/services.sh [postgres] [rabbitmq] [s3] | stop"
   exit 2
 }
 
@@ -403,6 +415,141 @@ ensure_rabbitmq() {
   log "rabbitmq: $what on 127.0.0.1:5672"
 }
 
+# ------------------------------------------------------------- S3 (moto)
+
+# Does an S3-protocol server answer on host:port? An anonymous ListBuckets
+# gets either the bucket list (moto) or an S3 XML error (a real store).
+s3_probe() {
+  # shellcheck disable=SC2016 # expanded by the inner bash
+  timeout 5 bash -c '
+    exec 3<>"/dev/tcp/$1/$2" || exit 1
+    printf "GET / HTTP/1.0\r\nHost: %s:%s\r\n\r\n" "$1" "$2" >&3
+    reply=$(head -c 4096 <&3)
+    status="^HTTP/1\.[01] (200|403) " body="(ListAllMyBucketsResult|<Error>)"
+    [[ $reply =~ $status && $reply =~ $body ]]
+  ' _ "$1" "$2" 2>/dev/null
+}
+
+# Check the S3 server behind an http://host:port URL answers.
+s3_url_ok() {
+  local url=$1 rest host port
+  [[ $url == http://* ]] || return 1
+  rest=${url#http://}
+  rest=${rest%%/*}
+  if [[ $rest =~ ^([^:]+)(:([0-9]+))?$ ]]; then
+    host=${BASH_REMATCH[1]}
+    port=${BASH_REMATCH[3]:-80}
+  else
+    return 1
+  fi
+  s3_probe "$host" "$port"
+}
+
+# The Python that runs moto_server (its shebang), else python3.
+moto_python() {
+  local script line
+  script=$(command -v moto_server || true)
+  if [[ -n $script ]] && command -v pyenv >/dev/null; then
+    script=$(pyenv which moto_server 2>/dev/null || echo "$script")
+  fi
+  if [[ -n $script && -f $script ]]; then
+    line=$(head -n 1 -- "$script")
+    line=${line#\#!}
+    if [[ $line == /*python* && -x ${line%% *} ]]; then
+      echo "${line%% *}"
+      return
+    fi
+  fi
+  command -v python3 || true
+}
+
+# Installed moto version for Python $1, or nothing.
+moto_version() {
+  "$1" -c 'import importlib.metadata as m; print(m.version("moto"))' 2>/dev/null || true
+}
+
+# Is version $1 at least $2?
+version_at_least() {
+  [[ $(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n 1) == "$2" ]]
+}
+
+pip_install_moto() {
+  local py=$1 spec="moto[server]>=$MOTO_MIN_VERSION"
+  if ! "$py" -m pip --version >/dev/null 2>&1; then
+    apt_install python3-pip
+  fi
+  log "s3: pip install '$spec' (log: $PIP_LOG)"
+  if ! nolock "$py" -m pip install -q "$spec" >>"$PIP_LOG" 2>&1; then
+    # Debian's own Python refuses (PEP 668) unless told.
+    nolock "$py" -m pip install -q --break-system-packages "$spec" >>"$PIP_LOG" 2>&1 ||
+      die "pip install '$spec' failed (see $PIP_LOG)"
+  fi
+  if command -v pyenv >/dev/null; then pyenv rehash >/dev/null 2>&1 || true; fi
+}
+
+# The moto server this script started, if it still runs: its pid.
+private_moto_pid() {
+  local pid
+  [[ -f $MOTO_PID ]] || return 1
+  pid=$(<"$MOTO_PID")
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  kill -0 "$pid" 2>/dev/null || return 1
+  grep -q moto "/proc/$pid/cmdline" 2>/dev/null || return 1
+  echo "$pid"
+}
+
+start_moto() {
+  local py version pid deadline=$((SECONDS + 30))
+  if port_in_use 127.0.0.1 "$S3_PORT"; then
+    die "127.0.0.1:$S3_PORT is taken by something that is not an S3 server; set ARCHIVER_S3_PORT"
+  fi
+  py=$(moto_python)
+  if [[ -z $py ]]; then
+    apt_install python3 python3-pip
+    py=$(command -v python3)
+  fi
+  version=$(moto_version "$py")
+  if [[ -z $version ]] || ! version_at_least "$version" "$MOTO_MIN_VERSION"; then
+    pip_install_moto "$py"
+    version=$(moto_version "$py")
+    if [[ -z $version ]] || ! version_at_least "$version" "$MOTO_MIN_VERSION"; then
+      die "moto ${version:-missing} after pip install; need >= $MOTO_MIN_VERSION (see $PIP_LOG)"
+    fi
+  fi
+  # setsid: the server outlives this script and the shell that ran it,
+  # like the databases it sits beside. exec twice so that $! is the
+  # server's own pid and no shell is left holding the lock fd.
+  (
+    exec 9>&-
+    exec setsid "$py" -m moto.server -H 127.0.0.1 -p "$S3_PORT" >>"$MOTO_LOG" 2>&1 </dev/null
+  ) &
+  pid=$!
+  echo "$pid" >"$MOTO_PID"
+  until s3_probe 127.0.0.1 "$S3_PORT"; do
+    kill -0 "$pid" 2>/dev/null || die "moto_server exited at start (see $MOTO_LOG)"
+    ((SECONDS < deadline)) || die "moto_server not answering on 127.0.0.1:$S3_PORT within 30 s (see $MOTO_LOG)"
+    sleep 0.5
+  done
+  log "s3: started moto $version on 127.0.0.1:$S3_PORT"
+}
+
+ensure_s3() {
+  if [[ -n ${ARCHIVER_S3_ENDPOINT:-} ]]; then
+    if s3_url_ok "$ARCHIVER_S3_ENDPOINT"; then
+      S3_URL=$ARCHIVER_S3_ENDPOINT
+      log "s3: reusing ARCHIVER_S3_ENDPOINT from the environment"
+      return
+    fi
+    log "s3: ARCHIVER_S3_ENDPOINT from the environment does not answer; ignoring it"
+  fi
+  if s3_probe 127.0.0.1 "$S3_PORT"; then
+    log "s3: reusing 127.0.0.1:$S3_PORT"
+  else
+    start_moto
+  fi
+  S3_URL=http://127.0.0.1:$S3_PORT
+}
+
 # ---------------------------------------------------------------------- main
 
 write_env() {
@@ -412,6 +559,7 @@ write_env() {
     echo '# Written by scripts/services.sh; source it.'
     if [[ -n $PG_URL ]]; then printf 'export ARCHIVER_PG_ADMIN_URL=%q\n' "$PG_URL"; fi
     if [[ -n $AMQP_URL ]]; then printf 'export ARCHIVER_AMQP_URL=%q\n' "$AMQP_URL"; fi
+    if [[ -n $S3_URL ]]; then printf 'export ARCHIVER_S3_ENDPOINT=%q\n' "$S3_URL"; fi
   } >"$tmp"
   chmod 644 "$tmp"
   mv -f -- "$tmp" "$SERVICES_DIR/env.sh"
@@ -427,21 +575,40 @@ stop_services() {
   else
     log "postgres: no private cluster running; nothing to stop"
   fi
+  stop_moto
+}
+
+stop_moto() {
+  local pid _
+  if ! pid=$(private_moto_pid); then
+    rm -f -- "$MOTO_PID"
+    log "s3: no moto server of ours running; nothing to stop"
+    return
+  fi
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 1 50); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.2
+  done
+  kill -0 "$pid" 2>/dev/null && die "moto server (pid $pid) did not stop"
+  rm -f -- "$MOTO_PID"
+  log "s3: stopped moto server (pid $pid)"
 }
 
 main() {
-  local want_pg=0 want_mq=0 stop=0 arg
+  local want_pg=0 want_mq=0 want_s3=0 stop=0 arg
   for arg in "$@"; do
     case $arg in
       postgres | postgresql | pg) want_pg=1 ;;
       rabbitmq | amqp) want_mq=1 ;;
+      s3 | moto) want_s3=1 ;;
       stop) stop=1 ;;
       -h | --help) usage ;;
       *) log "services.sh: unknown argument: $arg" && usage ;;
     esac
   done
   if [[ $stop -eq 1 && $# -ne 1 ]]; then usage; fi
-  if [[ $# -eq 0 ]]; then want_pg=1 want_mq=1; fi
+  if [[ $# -eq 0 ]]; then want_pg=1 want_mq=1 want_s3=1; fi
 
   mkdir -p "$SERVICES_DIR"
   # Two runs at once (parallel CI jobs) must not both initdb or start a broker.
@@ -454,6 +621,7 @@ main() {
   fi
   if [[ $want_pg -eq 1 ]]; then ensure_postgres; fi
   if [[ $want_mq -eq 1 ]]; then ensure_rabbitmq; fi
+  if [[ $want_s3 -eq 1 ]]; then ensure_s3; fi
   write_env
 }
 

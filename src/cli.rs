@@ -6,7 +6,10 @@
 
 use crate::config::{self, Policy, QueueConfig};
 use crate::error::{Error, Result};
+use crate::execute::Executor;
+use crate::execute::reports::ReportsContext;
 use crate::ledger::Kind;
+use crate::objects::{self, Compression, ObjectStore};
 use crate::plan::{self, Eligible, PlanOptions, Planned};
 use crate::transport::amqp::{AmqpConfig, AmqpConsumer, AmqpPublisher};
 use crate::transport::{BatchMessage, Publisher, inline};
@@ -15,7 +18,9 @@ use crate::{db, ledger, report, telemetry};
 use clap::{Args, Parser, Subcommand};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection, PgPool};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -46,6 +51,19 @@ pub struct Common {
     /// Debug logging (RUST_LOG overrides).
     #[arg(long, short = 'v')]
     pub verbose: bool,
+    /// Directory every report file must resolve under (symlinks followed).
+    #[arg(long, env = "REPORTS_ROOT")]
+    pub reports_root: Option<PathBuf>,
+    /// S3 bucket for archived reports (AWS settings from the standard
+    /// variables; AWS_ENDPOINT_URL for S3-compatible stores).
+    #[arg(long, env = "REPORTS_ARCHIVE_BUCKET")]
+    pub reports_bucket: Option<String>,
+    /// Local directory for archived reports when no bucket is set.
+    #[arg(long, env = "REPORTS_ARCHIVE_DIR", default_value = "reports-archive")]
+    pub reports_archive_dir: PathBuf,
+    /// Compression of archived reports: zstd or gzip.
+    #[arg(long, env = "ARCHIVER_REPORTS_COMPRESSION", default_value = "zstd")]
+    pub compression: Compression,
 }
 
 fn rest_ratio(s: &str) -> std::result::Result<f64, String> {
@@ -56,6 +74,35 @@ fn rest_ratio(s: &str) -> std::result::Result<f64, String> {
 }
 
 impl Common {
+    /// The object store for archived reports: S3 when a bucket is set,
+    /// otherwise the local directory.
+    pub async fn object_store(&self) -> Result<Box<dyn ObjectStore>> {
+        let bucket = self.reports_bucket.as_deref().filter(|b| !b.is_empty());
+        objects::open(bucket, &self.reports_archive_dir).await
+    }
+
+    /// What executing batches needs; reports only when `REPORTS_ROOT` is set.
+    pub async fn executor(&self, pool: &PgPool) -> Result<Executor> {
+        let Some(root) = &self.reports_root else {
+            return Ok(Executor::from(pool));
+        };
+        if !root.is_dir() {
+            return Err(Error::config(
+                "REPORTS_ROOT",
+                format!("{} is not a directory", root.display()),
+            ));
+        }
+        let ctx = ReportsContext {
+            root: root.clone(),
+            store: self.object_store().await?,
+            compression: self.compression,
+        };
+        Ok(Executor {
+            pool: pool.clone(),
+            reports: Some(Arc::new(ctx)),
+        })
+    }
+
     fn worker_options(&self) -> WorkerOptions {
         WorkerOptions {
             concurrency: self.concurrency.into(),
@@ -108,6 +155,10 @@ pub struct PlannerCli {
     #[arg(long, env = "ARCHIVER_METRICS_AGE_DAYS", default_value_t = 730,
           value_parser = clap::value_parser!(u32).range(1..=36500))]
     pub metrics_age_days: u32,
+    /// Reports per batch (each is a file to compress and upload).
+    #[arg(long, env = "ARCHIVER_REPORTS_BATCH_SIZE", default_value_t = 20,
+          value_parser = clap::value_parser!(i64).range(1..=10_000))]
+    pub reports_batch_size: i64,
     /// Reports older than this many days are archived.
     #[arg(long, env = "ARCHIVER_REPORTS_AGE_DAYS", default_value_t = 180,
           value_parser = clap::value_parser!(u32).range(1..=36500))]
@@ -122,6 +173,26 @@ pub struct PlannerCli {
 pub enum PlannerCommand {
     /// Apply the schema migrations and exit.
     Migrate,
+    /// Download an archived report, decompress it and verify its SHA-256.
+    RestoreReport {
+        /// The report's id.
+        id: uuid::Uuid,
+        /// Where to write the file (must not exist).
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Apply and verify the bucket's lifecycle rule for archived reports.
+    Lifecycle {
+        /// Show the current rule and what would change; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Move objects to Glacier after this many days.
+        #[arg(long, default_value_t = 90)]
+        glacier_after_days: i32,
+        /// Delete objects after this many days (3 years).
+        #[arg(long, default_value_t = 1095)]
+        expire_after_days: i32,
+    },
 }
 
 impl PlannerCli {
@@ -148,6 +219,8 @@ impl PlannerCli {
                 reports_age_days: self.reports_age_days,
             },
             transport: queue.name(),
+            reports_batch_size: self.reports_batch_size,
+            reports_root: self.common.reports_root.clone(),
         }
     }
 }
@@ -178,11 +251,33 @@ pub const PLANNER_LOCK: i64 = 0x6172_6368_6976_6572;
 async fn run_planner(cli: &PlannerCli) -> Result<bool> {
     let opts = config::database_options(cli.common.database_url.as_deref(), "archiver-planner")?;
     let queue = cli.common.queue()?;
-    if let Some(PlannerCommand::Migrate) = cli.command {
-        let pool = db::connect(&opts, 2, Duration::from_secs(30)).await?;
-        db::migrate(&pool).await?;
-        println!("schema is up to date ({})", config::describe(&opts));
-        return Ok(true);
+    match &cli.command {
+        Some(PlannerCommand::Migrate) => {
+            let pool = db::connect(&opts, 2, Duration::from_secs(30)).await?;
+            db::migrate(&pool).await?;
+            println!("schema is up to date ({})", config::describe(&opts));
+            return Ok(true);
+        }
+        Some(PlannerCommand::RestoreReport { id, to }) => {
+            let pool = db::connect(&opts, 2, Duration::from_secs(30)).await?;
+            return restore_report(&pool, &cli.common, *id, to).await;
+        }
+        Some(PlannerCommand::Lifecycle {
+            dry_run,
+            glacier_after_days,
+            expire_after_days,
+        }) => {
+            let store = cli.common.object_store().await?;
+            let prefix = objects::REPORTS_PREFIX;
+            println!(
+                "{}",
+                store
+                    .apply_lifecycle(prefix, *glacier_after_days, *expire_after_days, *dry_run)
+                    .await?
+            );
+            return Ok(true);
+        }
+        None => {}
     }
     let kinds = cli.kinds();
     if kinds.is_empty() {
@@ -199,13 +294,22 @@ async fn run_planner(cli: &PlannerCli) -> Result<bool> {
     .await?;
     db::check_migrated(&pool).await?;
     let plan_opts = cli.options(&queue);
+    let explicit_reports = cli.reports && !cli.all;
+    let mut selected = Vec::new();
+    for kind in kinds {
+        if wanted(kind, &plan_opts, explicit_reports)? {
+            selected.push(kind);
+        }
+    }
+    let kinds = selected;
     if cli.dry_run {
         return dry_run(&pool, &kinds, &plan_opts).await;
     }
     let _lock = take_lock(&opts).await?;
     let ok = match &queue {
         QueueConfig::Inline => {
-            run_inline(&pool, &kinds, &plan_opts, cli.common.worker_options()).await?
+            let exec = cli.common.executor(&pool).await?;
+            run_inline(&exec, &kinds, &plan_opts, cli.common.worker_options()).await?
         }
         QueueConfig::Amqp {
             url,
@@ -247,13 +351,60 @@ async fn take_lock(opts: &PgConnectOptions) -> Result<PgConnection> {
 async fn dry_run(pool: &PgPool, kinds: &[Kind], opts: &PlanOptions) -> Result<bool> {
     println!("DRY RUN: nothing is changed and nothing is published");
     for &kind in kinds {
-        if !plan::is_built(kind) {
-            println!("{}", report::not_built(kind));
-            continue;
-        }
         let e: Eligible = plan::dry_run(pool, kind, opts).await?;
         println!("{}", report::eligible(&e, opts.batch_size));
     }
+    Ok(true)
+}
+
+/// Whether to plan `kind` now: reports need `REPORTS_ROOT`. Under `--all`
+/// a deployment without reports is told so and goes on; `--reports` alone
+/// is an error.
+fn wanted(kind: Kind, opts: &PlanOptions, explicit_reports: bool) -> Result<bool> {
+    if !plan::is_built(kind) {
+        println!("{}", report::not_built(kind));
+        return Ok(false);
+    }
+    if kind == Kind::Reports && opts.reports_root.is_none() {
+        if explicit_reports {
+            return Err(Error::config(
+                "REPORTS_ROOT",
+                "not set: the directory report files must live under",
+            ));
+        }
+        println!("reports: skipped: REPORTS_ROOT is not set (nothing changed)");
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+async fn restore_report(pool: &PgPool, common: &Common, id: uuid::Uuid, to: &Path) -> Result<bool> {
+    let key: Option<String> =
+        sqlx::query_scalar("SELECT object_key FROM reports_archive WHERE id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?
+            .flatten();
+    let key = key.ok_or_else(|| {
+        Error::config(
+            "restore-report",
+            format!("report {id} is not in reports_archive"),
+        )
+    })?;
+    if to.exists() {
+        return Err(Error::config(
+            "--to",
+            format!("{} exists; not overwriting it", to.display()),
+        ));
+    }
+    let store = common.object_store().await?;
+    let n = store.restore(&key, to).await?;
+    println!(
+        "restored report {id} from {} to {} ({} bytes, SHA-256 verified)",
+        store.location(&key),
+        to.display(),
+        n
+    );
     Ok(true)
 }
 
@@ -266,10 +417,6 @@ async fn plan_kinds(
 ) -> (Vec<Planned>, bool) {
     let (mut planned, mut ok) = (Vec::new(), true);
     for &kind in kinds {
-        if !plan::is_built(kind) {
-            println!("{}", report::not_built(kind));
-            continue;
-        }
         match plan::plan(pool, kind, opts, publisher).await {
             Ok(p) => {
                 if let Some((n, _)) = p.pending_before {
@@ -289,20 +436,21 @@ async fn plan_kinds(
 }
 
 async fn run_inline(
-    pool: &PgPool,
+    exec: &Executor,
     kinds: &[Kind],
     opts: &PlanOptions,
     wopts: WorkerOptions,
 ) -> Result<bool> {
+    let pool = &exec.pool;
     let (publisher, mut consumer) = inline::queue();
     let started = std::time::Instant::now();
     let executors = {
-        let pool = pool.clone();
+        let exec = exec.clone();
         tokio::spawn(async move {
-            worker::run(&pool, &mut consumer, wopts, CancellationToken::new()).await
+            worker::run(&exec, &mut consumer, wopts, CancellationToken::new()).await
         })
     };
-    for &kind in kinds.iter().filter(|&&k| plan::is_built(k)) {
+    for &kind in kinds {
         let ids = ledger::abandoned_inline_batches(pool, kind).await?;
         if !ids.is_empty() {
             println!(
@@ -388,7 +536,8 @@ async fn run_worker(cli: &WorkerCli, shutdown: CancellationToken) -> Result<()> 
         delivery_limit,
     };
     let mut consumer = AmqpConsumer::new(cfg, cli.common.concurrency);
-    let stats = worker::run(&pool, &mut consumer, cli.common.worker_options(), shutdown).await?;
+    let exec = cli.common.executor(&pool).await?;
+    let stats = worker::run(&exec, &mut consumer, cli.common.worker_options(), shutdown).await?;
     consumer.close().await;
     tracing::info!(?stats, "worker stopped");
     Ok(())

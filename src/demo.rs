@@ -92,6 +92,10 @@ pub async fn load_reports(
     std::fs::create_dir_all(dir).map_err(|e| {
         crate::error::Error::config("REPORTS_ROOT", format!("{}: {e}", dir.display()))
     })?;
+    // Absolute paths, as the application records them.
+    let dir = &dir.canonicalize().map_err(|e| {
+        crate::error::Error::config("REPORTS_ROOT", format!("{}: {e}", dir.display()))
+    })?;
     for i in 0..n {
         let (format, body) = if i % 3 == 0 {
             ("pdf", format!("%PDF-1.4\n% demo report {i}\n").repeat(200))

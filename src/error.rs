@@ -76,6 +76,14 @@ pub enum Error {
     /// Work stopped because the process is shutting down.
     #[error("shutting down")]
     ShuttingDown,
+    /// The object store failed in a way worth retrying (5xx, throttling,
+    /// connection or I/O trouble, a file that changed while it was read).
+    #[error("object store: {0}")]
+    Storage(String),
+    /// The object store or its input said no for good: checksum mismatch,
+    /// corrupt object, missing or unreadable file, invalid key or request.
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 /// Shorthand for the library's results.
@@ -86,7 +94,9 @@ impl Error {
     pub fn class(&self) -> Class {
         match self {
             Error::Db(e) => db_class(e),
-            Error::Broker(_) | Error::Timeout(_) | Error::ShuttingDown => Class::Transient,
+            Error::Broker(_) | Error::Timeout(_) | Error::ShuttingDown | Error::Storage(_) => {
+                Class::Transient
+            }
             Error::Migrate(_)
             | Error::Config { .. }
             | Error::BadMessage(_)
@@ -95,7 +105,8 @@ impl Error {
             | Error::BadBatch { .. }
             | Error::Schema(_)
             | Error::Locked(_)
-            | Error::JobFailed(_) => Class::Permanent,
+            | Error::JobFailed(_)
+            | Error::Refused(_) => Class::Permanent,
         }
     }
 

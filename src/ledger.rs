@@ -253,18 +253,29 @@ pub async fn abandoned_inline_batches(pool: &PgPool, kind: Kind) -> Result<Vec<U
     Ok(ids)
 }
 
+const BATCH_SQL: &str =
+    "SELECT b.job_id, b.kind, b.lo_ts, b.lo_id, b.hi_ts, b.hi_id, b.status, j.cutoff
+     FROM archive_batches b JOIN archive_jobs j ON j.id = b.job_id WHERE b.id = $1";
+
 /// Loads and locks a batch with its job's cut-off. Concurrent deliveries of
 /// the same batch queue up here; the second sees the first's result.
 pub async fn lock_batch(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Result<Batch> {
-    let row = sqlx::query(
-        "SELECT b.job_id, b.kind, b.lo_ts, b.lo_id, b.hi_ts, b.hi_id, b.status, j.cutoff
-         FROM archive_batches b JOIN archive_jobs j ON j.id = b.job_id
-         WHERE b.id = $1 FOR UPDATE OF b",
-    )
-    .bind(id)
-    .fetch_optional(&mut **tx)
-    .await?
-    .ok_or(Error::UnknownBatch(id))?;
+    let sql = format!("{BATCH_SQL} FOR UPDATE OF b");
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    batch_from(id, row)
+}
+
+/// Loads a batch without locking it (for work done before its transaction).
+pub async fn peek_batch(pool: &PgPool, id: Uuid) -> Result<Batch> {
+    let row = sqlx::query(BATCH_SQL).bind(id).fetch_optional(pool).await?;
+    batch_from(id, row)
+}
+
+fn batch_from(id: Uuid, row: Option<sqlx::postgres::PgRow>) -> Result<Batch> {
+    let row = row.ok_or(Error::UnknownBatch(id))?;
     let bad = |reason: &str| Error::BadBatch {
         id,
         reason: reason.into(),
@@ -408,6 +419,8 @@ pub struct JobRow {
     pub records_archived: Option<i64>,
     /// Rows deleted from the hot table so far.
     pub records_deleted: Option<i64>,
+    /// Rows examined so far.
+    pub records_processed: Option<i64>,
     /// Bytes archived so far.
     pub bytes_archived: Option<i64>,
     /// Batches recorded.
@@ -425,7 +438,7 @@ pub struct JobRow {
 /// Loads a job.
 pub async fn job(pool: &PgPool, id: Uuid) -> Result<JobRow> {
     Ok(sqlx::query_as(
-        "SELECT id, job_type, status, records_archived, records_deleted, bytes_archived, batches_planned, batches_done,
+        "SELECT id, job_type, status, records_archived, records_deleted, records_processed, bytes_archived, batches_planned, batches_done,
                 error_message, started_at, completed_at
          FROM archive_jobs WHERE id = $1",
     )

@@ -9,6 +9,7 @@
 //! - [`partitions`]: monthly archive partitions, created ahead of batches.
 //! - [`plan`]: eligible rows → batches → ledger → messages; the dry run.
 //! - [`execute`]: one batch, one transaction, per kind.
+//! - [`objects`]: the object store for report files: S3 or a local directory.
 //! - [`transport`]: the queue seam: inline (no broker) and RabbitMQ.
 //! - [`worker`]: the unit of work and the consuming loop.
 //! - [`query`]: a scenario's logs, live or with the archive (R10).
@@ -27,6 +28,7 @@ pub mod demo;
 pub mod error;
 pub mod execute;
 pub mod ledger;
+pub mod objects;
 pub mod partitions;
 pub mod plan;
 pub mod query;

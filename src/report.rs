@@ -50,7 +50,8 @@ pub fn not_built(kind: Kind) -> String {
 pub fn eligible(e: &Eligible, batch_size: i64) -> String {
     let what = match e.kind {
         Kind::Metrics => "samples",
-        _ => "rows",
+        Kind::Reports => "reports",
+        Kind::Logs => "rows",
     };
     let mut size = Vec::new();
     if let Some(b) = e.bytes {
@@ -58,6 +59,9 @@ pub fn eligible(e: &Eligible, batch_size: i64) -> String {
     }
     if let Some(g) = e.groups {
         size.push(format!("{} daily groups", count(g)));
+    }
+    if let Some(m) = e.missing {
+        size.push(format!("{} with a missing or refused file", count(m)));
     }
     let mut s = format!(
         "{}: {} eligible {what}{}, oldest {}, newest {}; {} batch(es) of up to {} (cut-off {})",
@@ -98,7 +102,14 @@ pub fn published(p: &Planned, queue: &str) -> String {
 pub fn finished(job: &JobRow, elapsed: Duration) -> String {
     let moved = job.records_deleted.unwrap_or(0);
     let secs = elapsed.as_secs_f64().max(0.001);
-    let what = if job.job_type == "metrics" {
+    let what = if job.job_type == "reports" {
+        format!(
+            "{} of {} reports archived ({})",
+            count(job.records_archived.unwrap_or(0)),
+            count(job.records_processed.unwrap_or(0)),
+            bytes(job.bytes_archived.unwrap_or(0))
+        )
+    } else if job.job_type == "metrics" {
         format!(
             "{} samples reduced to {} daily aggregates",
             count(moved),

@@ -4,11 +4,10 @@
 //! cancellation no new delivery is taken and in-flight batches finish.
 
 use crate::error::{Class, Error, Result};
-use crate::execute::{self, Outcome};
+use crate::execute::{self, Executor, Outcome};
 use crate::ledger;
 use crate::transport::{BatchMessage, Consumer, Delivery};
 use backon::{BackoffBuilder, ExponentialBuilder};
-use sqlx::PgPool;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -58,11 +57,12 @@ pub enum Disposition {
 /// Decodes a payload and executes its batch, retrying transient failures in
 /// place and waiting out an unreachable database until `shutdown`.
 pub async fn process(
-    pool: &PgPool,
+    exec: impl Into<Executor>,
     payload: &[u8],
     opts: WorkerOptions,
     shutdown: &CancellationToken,
 ) -> Disposition {
+    let exec: Executor = exec.into();
     let msg = match BatchMessage::decode(payload) {
         Ok(m) => m,
         Err(e) => {
@@ -70,7 +70,7 @@ pub async fn process(
             return Disposition::DeadLetter(e.to_string());
         }
     };
-    let err = match execute_with_retry(pool, msg, opts, shutdown).await {
+    let err = match execute_with_retry(&exec, msg, opts, shutdown).await {
         Ok(outcome) => return Disposition::Ack(outcome),
         Err(Error::ShuttingDown) => return Disposition::HandBack,
         Err(e) => e,
@@ -82,7 +82,7 @@ pub async fn process(
     }
     let permanent = err.class() == Class::Permanent;
     let limit = i32::try_from(opts.delivery_limit).unwrap_or(i32::MAX);
-    match ledger::record_failure(pool, msg.batch_id, &reason, permanent, limit).await {
+    match ledger::record_failure(&exec.pool, msg.batch_id, &reason, permanent, limit).await {
         Ok(Some(true)) if permanent => {
             tracing::error!(archive_batch_id = %msg.batch_id, "dead-lettering: {reason}");
             Disposition::DeadLetter(reason)
@@ -105,7 +105,7 @@ pub async fn process(
 }
 
 async fn execute_with_retry(
-    pool: &PgPool,
+    exec: &Executor,
     msg: BatchMessage,
     opts: WorkerOptions,
     shutdown: &CancellationToken,
@@ -118,7 +118,7 @@ async fn execute_with_retry(
         .build();
     let mut transient = 0;
     loop {
-        let err = match execute::execute_batch(pool, msg.batch_id, msg.kind).await {
+        let err = match execute::execute_batch(exec, msg.batch_id, msg.kind).await {
             Ok(o) => return Ok(o),
             Err(e) => e,
         };
@@ -156,11 +156,12 @@ pub struct WorkerStats {
 /// Consumes until `shutdown` (or until the consumer has no more), executing
 /// at most `opts.concurrency` batches at once; then waits for in-flight ones.
 pub async fn run<C: Consumer>(
-    pool: &PgPool,
+    exec: impl Into<Executor>,
     consumer: &mut C,
     opts: WorkerOptions,
     shutdown: CancellationToken,
 ) -> Result<Arc<WorkerStats>> {
+    let exec: Executor = exec.into();
     let permits = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let tracker = TaskTracker::new();
     let stats = Arc::new(WorkerStats::default());
@@ -182,10 +183,10 @@ pub async fn run<C: Consumer>(
                 break;
             }
         };
-        let (pool, stats, token) = (pool.clone(), stats.clone(), shutdown.clone());
+        let (exec, stats, token) = (exec.clone(), stats.clone(), shutdown.clone());
         tracker.spawn(async move {
             let started = std::time::Instant::now();
-            handle(&pool, delivery, opts, &stats, &token).await;
+            handle(&exec, delivery, opts, &stats, &token).await;
             rest(started.elapsed(), opts.rest_ratio, &token).await;
             drop(permit);
         });
@@ -212,13 +213,13 @@ async fn rest(took: Duration, ratio: f64, shutdown: &CancellationToken) {
 }
 
 async fn handle(
-    pool: &PgPool,
+    exec: &Executor,
     d: Delivery,
     opts: WorkerOptions,
     stats: &WorkerStats,
     shutdown: &CancellationToken,
 ) {
-    let disposition = process(pool, &d.payload, opts, shutdown).await;
+    let disposition = process(exec, &d.payload, opts, shutdown).await;
     let settled = match disposition {
         Disposition::Ack(Outcome::Done { counts, .. }) => {
             stats.done.fetch_add(1, Ordering::Relaxed);

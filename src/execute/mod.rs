@@ -4,11 +4,39 @@
 
 pub mod logs;
 pub mod metrics;
+pub mod reports;
 
 use crate::error::{Error, Result};
 use crate::ledger::{self, Kind};
+use reports::ReportsContext;
 use sqlx::PgPool;
+use std::sync::Arc;
 use uuid::Uuid;
+
+/// What executing batches needs: the database, and for reports the object
+/// store and the reports root.
+#[derive(Debug, Clone)]
+pub struct Executor {
+    /// The database.
+    pub pool: PgPool,
+    /// Set when this process archives reports.
+    pub reports: Option<Arc<ReportsContext>>,
+}
+
+impl From<&PgPool> for Executor {
+    fn from(pool: &PgPool) -> Self {
+        Executor {
+            pool: pool.clone(),
+            reports: None,
+        }
+    }
+}
+
+impl From<&Executor> for Executor {
+    fn from(e: &Executor) -> Self {
+        e.clone()
+    }
+}
 
 /// What executing a batch did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,16 +54,21 @@ pub enum Outcome {
 
 /// Executes batch `id`, which a message says is of `kind`.
 #[tracing::instrument(skip_all, fields(archive_batch_id = %id, kind = %kind))]
-pub async fn execute_batch(pool: &PgPool, id: Uuid, kind: Kind) -> Result<Outcome> {
-    let mut tx = pool.begin().await?;
-    let batch = ledger::lock_batch(&mut tx, id).await?;
-    if batch.kind != kind {
-        return Err(Error::WrongKind {
-            id,
-            message: kind.to_string(),
-            ledger: batch.kind.to_string(),
-        });
+pub async fn execute_batch(exec: &Executor, id: Uuid, kind: Kind) -> Result<Outcome> {
+    if kind == Kind::Reports {
+        let ctx = exec.reports.as_ref().ok_or_else(|| {
+            Error::config(
+                "REPORTS_ROOT",
+                "this process is not set up to archive reports (REPORTS_ROOT unset)",
+            )
+        })?;
+        let batch = ledger::peek_batch(&exec.pool, id).await?;
+        check_kind(&batch, kind)?;
+        return reports::execute(exec, ctx, id).await;
     }
+    let mut tx = exec.pool.begin().await?;
+    let batch = ledger::lock_batch(&mut tx, id).await?;
+    check_kind(&batch, kind)?;
     if batch.status == "done" {
         tx.rollback().await?;
         tracing::debug!("already done; acknowledging without effect");
@@ -44,12 +77,7 @@ pub async fn execute_batch(pool: &PgPool, id: Uuid, kind: Kind) -> Result<Outcom
     let counts = match batch.kind {
         Kind::Logs => logs::archive(&mut tx, &batch).await?,
         Kind::Metrics => metrics::archive(&mut tx, &batch).await?,
-        other => {
-            return Err(Error::BadBatch {
-                id,
-                reason: format!("{other} batches are not supported by this worker version"),
-            });
-        }
+        Kind::Reports => unreachable!("reports are executed above"),
     };
     let job_completed = ledger::complete_batch(&mut tx, &batch, counts).await?;
     tx.commit().await?;
@@ -62,5 +90,16 @@ pub async fn execute_batch(pool: &PgPool, id: Uuid, kind: Kind) -> Result<Outcom
     Ok(Outcome::Done {
         counts,
         job_completed,
+    })
+}
+
+fn check_kind(batch: &ledger::Batch, kind: Kind) -> Result<()> {
+    if batch.kind == kind {
+        return Ok(());
+    }
+    Err(Error::WrongKind {
+        id: batch.id,
+        message: kind.to_string(),
+        ledger: batch.kind.to_string(),
     })
 }

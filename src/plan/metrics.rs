@@ -93,6 +93,7 @@ pub(super) async fn eligible(
         rows: row.get("n"),
         bytes: None,
         groups: Some(row.get("groups")),
+        missing: None,
         oldest: row.get("oldest"),
         newest: row.get("newest"),
         batches,

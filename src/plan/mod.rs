@@ -3,7 +3,7 @@
 //! publish one message per batch. Also the dry run, which only reads.
 //! One submodule per kind does the cutting; [`Sink`] records and publishes.
 
-mod logs;
+mod keyset;
 mod metrics;
 
 use crate::config::Policy;
@@ -27,6 +27,10 @@ const CHUNK: usize = 200;
 pub struct PlanOptions {
     /// Rows (samples) per batch.
     pub batch_size: i64,
+    /// Reports per batch (each report is a file).
+    pub reports_batch_size: i64,
+    /// Where report files must live; needed to plan or preview reports.
+    pub reports_root: Option<std::path::PathBuf>,
     /// Policy ages.
     pub policy: Policy,
     /// Recorded in `archive_jobs.transport`.
@@ -35,7 +39,7 @@ pub struct PlanOptions {
 
 /// Which kinds this version can plan.
 pub fn is_built(kind: Kind) -> bool {
-    matches!(kind, Kind::Logs | Kind::Metrics)
+    matches!(kind, Kind::Logs | Kind::Metrics | Kind::Reports)
 }
 
 /// What a dry run found for one kind.
@@ -51,6 +55,8 @@ pub struct Eligible {
     pub bytes: Option<i64>,
     /// Aggregate groups they make (metrics only).
     pub groups: Option<i64>,
+    /// Eligible reports whose file is missing or outside the reports root.
+    pub missing: Option<i64>,
     /// Oldest eligible time.
     pub oldest: Option<DateTime<Utc>>,
     /// Newest eligible time.
@@ -88,12 +94,59 @@ pub async fn dry_run(pool: &PgPool, kind: Kind, opts: &PlanOptions) -> Result<El
     let pending = ledger::open_high_water(pool, kind).await?;
     let after = pending.map(|(k, _)| k);
     let mut e = match kind {
-        Kind::Logs => logs::eligible(pool, after, cutoff, opts.batch_size).await?,
+        Kind::Logs => keyset::eligible(pool, keyset::LOGS, after, cutoff, opts.batch_size).await?,
         Kind::Metrics => metrics::eligible(pool, after, cutoff, opts.batch_size).await?,
-        Kind::Reports => return Err(not_built(kind)),
+        Kind::Reports => {
+            let mut e = keyset::eligible(
+                pool,
+                keyset::REPORTS,
+                after,
+                cutoff,
+                opts.reports_batch_size,
+            )
+            .await?;
+            e.missing = Some(missing_reports(pool, after, cutoff, reports_root(opts)?).await?);
+            e
+        }
     };
     e.pending = pending.map(|(k, n)| (n, k));
     Ok(e)
+}
+
+fn reports_root(opts: &PlanOptions) -> Result<&std::path::Path> {
+    opts.reports_root.as_deref().ok_or_else(|| {
+        Error::config(
+            "REPORTS_ROOT",
+            "not set: the directory report files must live under",
+        )
+    })
+}
+
+/// Eligible reports whose file is missing, unreadable or outside `root`.
+async fn missing_reports(
+    pool: &PgPool,
+    after: Option<Key>,
+    cutoff: DateTime<Utc>,
+    root: &std::path::Path,
+) -> Result<i64> {
+    let paths: Vec<String> = sqlx::query_scalar(
+        "SELECT file_path FROM reports
+         WHERE (created_at, id) > (COALESCE($1, '-infinity'::timestamptz),
+                                   COALESCE($2, '00000000-0000-0000-0000-000000000000'::uuid))
+           AND created_at < $3",
+    )
+    .bind(after.map(|k| k.ts))
+    .bind(after.map(|k| k.id))
+    .bind(cutoff)
+    .fetch_all(pool)
+    .await?;
+    let mut missing = 0;
+    for p in paths {
+        if crate::execute::reports::resolve_under(root, &p).is_err() {
+            missing += 1;
+        }
+    }
+    Ok(missing)
 }
 
 fn not_built(kind: Kind) -> Error {
@@ -128,6 +181,9 @@ pub async fn plan(
     if !is_built(kind) {
         return Err(not_built(kind));
     }
+    if kind == Kind::Reports {
+        reports_root(opts)?;
+    }
     let cutoff = cutoff(pool, kind, &opts.policy).await?;
     let pending = ledger::open_high_water(pool, kind).await?;
     let job = ledger::create_job(pool, kind, cutoff, opts.batch_size, opts.transport).await?;
@@ -143,9 +199,29 @@ pub async fn plan(
     };
     let after = pending.map(|(k, _)| k);
     let cut = match kind {
-        Kind::Logs => logs::cut(pool, after, cutoff, opts.batch_size, &mut sink).await,
+        Kind::Logs => {
+            keyset::cut(
+                pool,
+                keyset::LOGS,
+                after,
+                cutoff,
+                opts.batch_size,
+                &mut sink,
+            )
+            .await
+        }
         Kind::Metrics => metrics::cut(pool, after, cutoff, opts.batch_size, &mut sink).await,
-        Kind::Reports => Err(not_built(kind)),
+        Kind::Reports => {
+            keyset::cut(
+                pool,
+                keyset::REPORTS,
+                after,
+                cutoff,
+                opts.reports_batch_size,
+                &mut sink,
+            )
+            .await
+        }
     };
     let cut = match cut {
         Ok(()) => sink.flush().await,

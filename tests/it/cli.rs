@@ -12,6 +12,7 @@ fn planner(db_url: &str, args: &[&str]) -> Command {
     c.args(args)
         .env("DATABASE_URL", db_url)
         .env_remove("QUEUE_URL")
+        .env_remove("REPORTS_ROOT")
         .env_remove("RUST_LOG");
     c
 }
@@ -64,8 +65,12 @@ async fn a_dry_run_changes_nothing_and_publishes_nothing() {
     let publisher = AmqpPublisher::connect(cfg.clone()).await.unwrap();
     let before = everything(&db).await;
     let mut c = planner(&db.url, &["--logs", "--metrics", "--reports", "--dry-run"]);
+    let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("dry-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&root).unwrap();
     c.env("QUEUE_URL", &cfg.url)
-        .env("ARCHIVER_QUEUE", &cfg.queue);
+        .env("ARCHIVER_QUEUE", &cfg.queue)
+        .env("REPORTS_ROOT", &root);
     let o = output(c).await;
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
@@ -97,7 +102,11 @@ async fn a_dry_run_changes_nothing_and_publishes_nothing() {
         )),
         "{out}"
     );
-    assert!(out.contains("reports: not built yet"), "{out}");
+    assert!(out.contains("reports: 0 eligible reports"), "{out}");
+    // --reports without REPORTS_ROOT is a setting error that names it.
+    let o = output(planner(&db.url, &["--reports", "--dry-run"])).await;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("REPORTS_ROOT"), "{}", stderr(&o));
     assert_eq!(everything(&db).await, before);
     assert_eq!(queue_depth(&cfg, &cfg.queue).await, Some(0));
     publisher.close().await.unwrap();

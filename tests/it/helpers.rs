@@ -33,6 +33,8 @@ pub fn amqp_config() -> AmqpConfig {
 pub fn plan_options(batch_size: i64, transport: &'static str) -> PlanOptions {
     PlanOptions {
         batch_size,
+        reports_batch_size: 20,
+        reports_root: None,
         policy: Policy::default(),
         transport,
     }

@@ -6,4 +6,6 @@ mod fleet;
 mod helpers;
 mod logs;
 mod metrics;
+mod objects;
+mod reports;
 mod spec_queries;

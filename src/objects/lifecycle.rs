@@ -1,0 +1,179 @@
+//! The bucket lifecycle rule for archived objects, built and compared
+//! without a server: the S3 backend reads the bucket's rules, replaces only
+//! the archiver's own (found by its ID), and checks what it reads back.
+
+use crate::{Error, Result};
+use aws_sdk_s3::types::{
+    AbortIncompleteMultipartUpload, ExpirationStatus, LifecycleExpiration, LifecycleRule,
+    LifecycleRuleFilter, Transition, TransitionStorageClass,
+};
+
+/// Multipart uploads abandoned by a crash are cleaned up after this many days.
+const ABORT_INCOMPLETE_DAYS: i32 = 7;
+
+/// The rule the archiver wants on one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Wanted {
+    /// Key prefix, ending in `/`.
+    pub(crate) prefix: String,
+    /// Days after creation when objects move to GLACIER.
+    pub(crate) glacier_days: i32,
+    /// Days after creation when objects are deleted.
+    pub(crate) expire_days: i32,
+}
+
+impl Wanted {
+    /// Validates the days (S3 wants expiry after the transition) and
+    /// normalises the prefix to end in `/`.
+    pub(crate) fn new(prefix: &str, glacier_days: i32, expire_days: i32) -> Result<Self> {
+        if glacier_days < 0 || expire_days <= glacier_days {
+            return Err(Error::Refused(format!(
+                "lifecycle: need 0 <= glacier days < expiry days, got {glacier_days} and {expire_days}"
+            )));
+        }
+        let mut prefix = prefix.trim_start_matches('/').to_string();
+        if !prefix.is_empty() && !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        Ok(Wanted {
+            prefix,
+            glacier_days,
+            expire_days,
+        })
+    }
+
+    /// The rule's ID: one per prefix, so reapplying replaces rather than adds.
+    pub(crate) fn id(&self) -> String {
+        format!("archiver:{}", self.prefix)
+    }
+
+    /// The rule as the SDK sends it.
+    pub(crate) fn rule(&self) -> Result<LifecycleRule> {
+        LifecycleRule::builder()
+            .id(self.id())
+            .filter(LifecycleRuleFilter::builder().prefix(&self.prefix).build())
+            .status(ExpirationStatus::Enabled)
+            .transitions(
+                Transition::builder()
+                    .days(self.glacier_days)
+                    .storage_class(TransitionStorageClass::Glacier)
+                    .build(),
+            )
+            .expiration(
+                LifecycleExpiration::builder()
+                    .days(self.expire_days)
+                    .build(),
+            )
+            .abort_incomplete_multipart_upload(
+                AbortIncompleteMultipartUpload::builder()
+                    .days_after_initiation(ABORT_INCOMPLETE_DAYS)
+                    .build(),
+            )
+            .build()
+            .map_err(|e| Error::Refused(format!("lifecycle rule: {e}")))
+    }
+
+    /// The archiver's rule among `rules`, if there.
+    pub(crate) fn find<'a>(&self, rules: &'a [LifecycleRule]) -> Option<&'a LifecycleRule> {
+        let id = self.id();
+        rules.iter().find(|r| r.id() == Some(id.as_str()))
+    }
+}
+
+/// A one-line, order-independent description of a rule: two rules with the
+/// same description have the same effect, whichever way the server spells
+/// them (filter prefix or the legacy top-level prefix, which older servers
+/// still return).
+#[allow(deprecated)]
+pub(crate) fn describe(rule: &LifecycleRule) -> String {
+    let prefix = rule
+        .filter()
+        .and_then(|f| f.prefix())
+        .or(rule.prefix())
+        .unwrap_or("");
+    let other_filter = rule.filter().is_some_and(|f| {
+        f.tag().is_some() || f.and().is_some() || f.object_size_greater_than().is_some()
+    });
+    let mut transitions: Vec<String> = rule
+        .transitions()
+        .iter()
+        .map(|t| {
+            let class = t.storage_class().map(|c| c.as_str()).unwrap_or("?");
+            format!("{class} after {}d", t.days().unwrap_or(-1))
+        })
+        .collect();
+    transitions.sort();
+    let expire = rule.expiration().and_then(|e| e.days());
+    let abort = rule
+        .abort_incomplete_multipart_upload()
+        .and_then(|a| a.days_after_initiation());
+    let mut text = format!(
+        "prefix {prefix:?} {}, transition [{}], expire after {}, abort incomplete uploads after {}",
+        rule.status().as_str(),
+        transitions.join(", "),
+        days(expire),
+        days(abort),
+    );
+    if other_filter
+        || !rule.noncurrent_version_transitions().is_empty()
+        || rule.noncurrent_version_expiration().is_some()
+    {
+        text.push_str(" (plus other conditions)");
+    }
+    text
+}
+
+fn days(d: Option<i32>) -> String {
+    d.map_or_else(|| "never".into(), |d| format!("{d}d"))
+}
+
+/// The bucket's rules with the archiver's replaced by (or extended with) `rule`.
+pub(crate) fn merged(current: &[LifecycleRule], wanted: &Wanted) -> Result<Vec<LifecycleRule>> {
+    let id = wanted.id();
+    let mut rules: Vec<LifecycleRule> = current
+        .iter()
+        .filter(|r| r.id() != Some(id.as_str()))
+        .cloned()
+        .collect();
+    rules.push(wanted.rule()?);
+    Ok(rules)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_are_validated_and_described() {
+        assert!(Wanted::new("archived-reports/", 90, 90).is_err());
+        assert!(Wanted::new("archived-reports/", -1, 90).is_err());
+        let wanted = Wanted::new("archived-reports", 90, 1095).unwrap();
+        assert_eq!(wanted.prefix, "archived-reports/");
+        assert_eq!(wanted.id(), "archiver:archived-reports/");
+        assert_eq!(
+            describe(&wanted.rule().unwrap()),
+            "prefix \"archived-reports/\" Enabled, transition [GLACIER after 90d], \
+             expire after 1095d, abort incomplete uploads after 7d"
+        );
+    }
+
+    #[test]
+    fn merging_keeps_other_rules_and_replaces_ours() {
+        let other = LifecycleRule::builder()
+            .id("someone-else")
+            .filter(LifecycleRuleFilter::builder().prefix("tmp/").build())
+            .status(ExpirationStatus::Enabled)
+            .expiration(LifecycleExpiration::builder().days(1).build())
+            .build()
+            .unwrap();
+        let old = Wanted::new("archived-reports/", 30, 60).unwrap();
+        let new = Wanted::new("archived-reports/", 90, 1095).unwrap();
+        let rules = merged(&[other.clone(), old.rule().unwrap()], &new).unwrap();
+        assert_eq!(rules.len(), 2);
+        assert_eq!(rules[0], other);
+        assert_eq!(
+            describe(new.find(&rules).unwrap()),
+            describe(&new.rule().unwrap())
+        );
+    }
+}

@@ -1,0 +1,244 @@
+//! Streaming a file into an S3 multipart upload with bounded memory: the
+//! encoder fills one part buffer while the previous part uploads, so at most
+//! two parts are in memory (2 × 8 MiB for any file up to ~70 GiB stored).
+//! A failed upload is aborted, so no parts are left behind to pay for (the
+//! lifecycle rule also aborts any a crash leaves).
+
+use super::ObjectMeta;
+use super::compress::{self, FileEncoder};
+use super::s3::{S3Store, check_unchanged, sdk_error};
+use crate::{Error, Result};
+use aws_sdk_s3::Client;
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
+use bytes::Bytes;
+use std::path::Path;
+use tokio::io::AsyncReadExt;
+use tokio::task::JoinHandle;
+
+/// The part size for ordinary files.
+pub(crate) const PART_SIZE: usize = 8 << 20;
+/// S3 allows at most 10,000 parts; leave headroom for compressed data that
+/// came out slightly larger than its original.
+const MAX_PARTS: u64 = 10_000;
+const PLANNED_PARTS: u64 = 9_000;
+
+/// The part size for a file of `original_size` bytes: 8 MiB, or larger
+/// (whole MiB) when the file would otherwise need more than 9,000 parts.
+pub(crate) fn part_size(original_size: u64) -> usize {
+    const MIB: u64 = 1 << 20;
+    let needed = original_size.div_ceil(PLANNED_PARTS).div_ceil(MIB) * MIB;
+    needed.max(PART_SIZE as u64) as usize
+}
+
+/// Reads up to `part_size` encoded bytes; fewer only at the end of the file.
+pub(crate) async fn read_part(
+    source: &mut FileEncoder,
+    path: &Path,
+    part_size: usize,
+) -> Result<Bytes> {
+    // Zeroed allocation comes from fresh (lazily mapped) pages: a short last
+    // part only costs the pages it touches.
+    let mut buf = vec![0; part_size];
+    let mut filled = 0;
+    while filled < part_size {
+        let n = source
+            .read(&mut buf[filled..])
+            .await
+            .map_err(|e| compress::source_error(path, e))?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    buf.truncate(filled);
+    Ok(Bytes::from(buf))
+}
+
+/// Uploads `first` and the rest of `source` as one multipart upload to
+/// `key`; returns the bytes sent. Aborts the upload on any failure.
+pub(crate) async fn upload(
+    store: &S3Store,
+    key: &str,
+    first: Bytes,
+    source: &mut FileEncoder,
+    path: &Path,
+    meta: &ObjectMeta,
+) -> Result<u64> {
+    let upload = Upload::create(store, key, meta).await?;
+    let result = async {
+        let (parts, sent) = upload.send_parts(first, source, path).await?;
+        check_unchanged(source, path, meta)?;
+        upload.complete(parts).await?;
+        Ok(sent)
+    }
+    .await;
+    if result.is_err() {
+        upload.abort().await;
+    }
+    result
+}
+
+/// One multipart upload in progress.
+struct Upload {
+    client: Client,
+    bucket: String,
+    key: String,
+    id: String,
+    part_size: usize,
+}
+
+impl Upload {
+    async fn create(store: &S3Store, key: &str, meta: &ObjectMeta) -> Result<Self> {
+        let out = store
+            .client
+            .create_multipart_upload()
+            .bucket(&store.bucket)
+            .key(key)
+            .set_metadata(Some(super::s3::to_metadata(meta)))
+            .set_content_encoding(meta.encoding.content_encoding().map(str::to_owned))
+            .checksum_algorithm(ChecksumAlgorithm::Crc32)
+            .send()
+            .await
+            .map_err(|e| sdk_error("CreateMultipartUpload", key, e))?;
+        let id = out
+            .upload_id
+            .ok_or_else(|| Error::Storage(format!("CreateMultipartUpload {key}: no upload id")))?;
+        Ok(Upload {
+            client: store.client.clone(),
+            bucket: store.bucket.clone(),
+            key: key.to_owned(),
+            id,
+            part_size: part_size(meta.original_size),
+        })
+    }
+
+    /// Sends part after part, reading the next while the last one uploads.
+    async fn send_parts(
+        &self,
+        first: Bytes,
+        source: &mut FileEncoder,
+        path: &Path,
+    ) -> Result<(Vec<CompletedPart>, u64)> {
+        let mut parts = Vec::new();
+        let mut sent = 0;
+        let mut in_flight: Option<InFlight> = None;
+        let mut next = first;
+        for number in 1.. {
+            if number > MAX_PARTS {
+                return Err(Error::Refused(format!(
+                    "{}: more than {MAX_PARTS} parts",
+                    self.key
+                )));
+            }
+            sent += next.len() as u64;
+            let task = InFlight(tokio::spawn(self.part(number as i32, next)));
+            if let Some(previous) = in_flight.replace(task) {
+                parts.push(previous.join().await?);
+            }
+            next = read_part(source, path, self.part_size).await?;
+            if next.is_empty() {
+                break;
+            }
+        }
+        if let Some(last) = in_flight {
+            parts.push(last.join().await?);
+        }
+        Ok((parts, sent))
+    }
+
+    /// The upload of one part, as a task of its own.
+    fn part(
+        &self,
+        number: i32,
+        body: Bytes,
+    ) -> impl Future<Output = Result<CompletedPart>> + Send + 'static {
+        let request = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .upload_id(&self.id)
+            .part_number(number)
+            .checksum_algorithm(ChecksumAlgorithm::Crc32)
+            .body(ByteStream::from(body));
+        let key = self.key.clone();
+        async move {
+            let out = request
+                .send()
+                .await
+                .map_err(|e| sdk_error("UploadPart", &key, e))?;
+            Ok(CompletedPart::builder()
+                .part_number(number)
+                .set_e_tag(out.e_tag)
+                .set_checksum_crc32(out.checksum_crc32)
+                .build())
+        }
+    }
+
+    async fn complete(&self, parts: Vec<CompletedPart>) -> Result<()> {
+        self.client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .upload_id(&self.id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| sdk_error("CompleteMultipartUpload", &self.key, e))?;
+        Ok(())
+    }
+
+    /// Best effort: a failure here only leaves parts for the lifecycle rule.
+    async fn abort(&self) {
+        let aborted = self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .upload_id(&self.id)
+            .send()
+            .await;
+        if let Err(e) = aborted {
+            tracing::warn!(key = %self.key, error = %sdk_error("AbortMultipartUpload", &self.key, e), "could not abort a multipart upload");
+        }
+    }
+}
+
+/// A part upload running as its own task; cancelled if dropped unjoined
+/// (an error elsewhere), so that no part lands after the abort.
+struct InFlight(JoinHandle<Result<CompletedPart>>);
+
+impl InFlight {
+    async fn join(mut self) -> Result<CompletedPart> {
+        (&mut self.0)
+            .await
+            .map_err(|e| Error::Storage(format!("part upload task: {e}")))?
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_grow_only_for_huge_files() {
+        assert_eq!(part_size(0), PART_SIZE);
+        assert_eq!(part_size(2 << 30), PART_SIZE);
+        assert_eq!(part_size(70 << 30), PART_SIZE);
+        let huge = 200u64 << 30;
+        let size = part_size(huge) as u64;
+        assert!(size > PART_SIZE as u64 && size.is_multiple_of(1 << 20));
+        assert!(huge.div_ceil(size) <= PLANNED_PARTS);
+    }
+}

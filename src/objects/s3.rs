@@ -1,0 +1,369 @@
+//! The S3 backend (aws-sdk-s3; any S3-protocol server). Metadata travels as
+//! user metadata (`x-amz-meta-original-size`, `-original-sha256`,
+//! `-encoding`), so the file is hashed in a first pass before its bytes are
+//! streamed. Credentials come from the SDK's provider chain and are never
+//! logged.
+
+use super::compress::{self, FileEncoder};
+use super::lifecycle::{self, Wanted};
+use super::multipart;
+use super::{Compression, Encoding, ObjectMeta, ObjectStore, Stored, check_key, verify};
+use crate::{Error, Result};
+use async_trait::async_trait;
+use aws_config::meta::region::RegionProviderChain;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{BehaviorVersion, Region};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{BucketLifecycleConfiguration, LifecycleRule};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+const META_SIZE: &str = "original-size";
+const META_SHA256: &str = "original-sha256";
+const META_ENCODING: &str = "encoding";
+
+/// Objects in one S3 bucket.
+#[derive(Clone)]
+pub struct S3Store {
+    pub(super) client: Client,
+    pub(super) bucket: String,
+}
+
+impl std::fmt::Debug for S3Store {
+    // The client's configuration holds credentials: show the bucket only.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Store")
+            .field("bucket", &self.bucket)
+            .finish_non_exhaustive()
+    }
+}
+
+impl S3Store {
+    /// A store over `bucket` through an already configured client.
+    pub fn new(client: Client, bucket: impl Into<String>) -> Self {
+        S3Store {
+            client,
+            bucket: bucket.into(),
+        }
+    }
+
+    /// A store over `bucket` configured from the standard AWS environment and
+    /// credential chain. An endpoint override (`AWS_ENDPOINT_URL`,
+    /// `AWS_ENDPOINT_URL_S3` or a profile's `endpoint_url`) turns on
+    /// path-style addressing; the region defaults to `us-east-1`.
+    pub async fn from_env(bucket: &str) -> Result<Self> {
+        if bucket.is_empty() {
+            return Err(Error::config("REPORTS_ARCHIVE_BUCKET", "is empty"));
+        }
+        let region = RegionProviderChain::default_provider().or_else(Region::new("us-east-1"));
+        let shared = aws_config::defaults(BehaviorVersion::latest())
+            .region(region)
+            .load()
+            .await;
+        let endpoint = shared.endpoint_url().map(str::to_owned).or_else(|| {
+            std::env::var("AWS_ENDPOINT_URL_S3")
+                .ok()
+                .filter(|s| !s.is_empty())
+        });
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .operation_attempt_timeout(Duration::from_secs(300))
+            .build();
+        let config = aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(endpoint.is_some())
+            .timeout_config(timeouts)
+            .build();
+        tracing::info!(
+            bucket,
+            region = ?config.region().map(Region::as_ref),
+            endpoint = endpoint.as_deref().unwrap_or("default"),
+            "object store: S3"
+        );
+        Ok(S3Store::new(Client::from_conf(config), bucket))
+    }
+
+    async fn put_single(&self, key: &str, body: Bytes, meta: &ObjectMeta) -> Result<u64> {
+        let sent = body.len() as u64;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_metadata(Some(to_metadata(meta)))
+            .set_content_encoding(meta.encoding.content_encoding().map(str::to_owned))
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| sdk_error("PutObject", key, e))?;
+        Ok(sent)
+    }
+
+    async fn lifecycle_rules(&self) -> Result<Vec<LifecycleRule>> {
+        match self
+            .client
+            .get_bucket_lifecycle_configuration()
+            .bucket(&self.bucket)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(out.rules.unwrap_or_default()),
+            Err(e) if e.code() == Some("NoSuchLifecycleConfiguration") => Ok(Vec::new()),
+            Err(e) => Err(sdk_error(
+                "GetBucketLifecycleConfiguration",
+                &self.bucket,
+                e,
+            )),
+        }
+    }
+
+    async fn put_lifecycle_rules(&self, rules: Vec<LifecycleRule>) -> Result<()> {
+        let config = BucketLifecycleConfiguration::builder()
+            .set_rules(Some(rules))
+            .build()
+            .map_err(|e| Error::Refused(format!("lifecycle configuration: {e}")))?;
+        self.client
+            .put_bucket_lifecycle_configuration()
+            .bucket(&self.bucket)
+            .lifecycle_configuration(config)
+            .send()
+            .await
+            .map_err(|e| sdk_error("PutBucketLifecycleConfiguration", &self.bucket, e))?;
+        Ok(())
+    }
+}
+
+/// Fails unless the encoder read exactly the bytes the first pass hashed.
+pub(super) fn check_unchanged(source: &FileEncoder, path: &Path, meta: &ObjectMeta) -> Result<()> {
+    let (size, sha256) = compress::digest(source);
+    if size == meta.original_size && sha256 == meta.original_sha256 {
+        return Ok(());
+    }
+    Err(Error::Storage(format!(
+        "{} changed while it was archived ({} bytes became {size}); nothing was stored",
+        path.display(),
+        meta.original_size
+    )))
+}
+
+#[async_trait]
+impl ObjectStore for S3Store {
+    async fn put_file(
+        &self,
+        path: &Path,
+        key_base: &str,
+        compression: Compression,
+    ) -> Result<Stored> {
+        let inspection = compress::inspect(path, compression, true).await?;
+        let meta = ObjectMeta {
+            original_size: inspection.size,
+            original_sha256: inspection.sha256.unwrap_or_default(),
+            encoding: inspection.encoding,
+        };
+        let key = format!("{key_base}{}", meta.encoding.suffix());
+        check_key(&key)?;
+        let mut source = compress::encode_file(path, meta.encoding).await?;
+        let part_size = multipart::part_size(meta.original_size);
+        let first = multipart::read_part(&mut source, path, part_size).await?;
+        let sent = if first.len() < part_size {
+            check_unchanged(&source, path, &meta)?;
+            self.put_single(&key, first, &meta).await?
+        } else {
+            multipart::upload(self, &key, first, &mut source, path, &meta).await?
+        };
+        verify(self.head(&key).await?, &key, sent, &meta)?;
+        Ok(Stored {
+            location: self.location(&key),
+            key,
+            stored_size: sent,
+            meta,
+        })
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<(u64, ObjectMeta)>> {
+        check_key(key)?;
+        let out = match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => return Ok(None),
+            Err(e) => return Err(sdk_error("HeadObject", key, e)),
+        };
+        let size = out.content_length().unwrap_or(0).max(0) as u64;
+        Ok(out
+            .metadata()
+            .and_then(from_metadata)
+            .map(|meta| (size, meta)))
+    }
+
+    async fn restore(&self, key: &str, dest: &Path) -> Result<u64> {
+        check_key(key)?;
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
+                return Err(Error::Refused(format!("no object {}", self.location(key))));
+            }
+            Err(e) => return Err(sdk_error("GetObject", key, e)),
+        };
+        let meta = out.metadata().and_then(from_metadata).ok_or_else(|| {
+            Error::Refused(format!("{} has no archiver metadata", self.location(key)))
+        })?;
+        let body = Box::pin(out.body.into_async_read());
+        compress::restore_verified(body, key, &meta, dest).await
+    }
+
+    async fn apply_lifecycle(
+        &self,
+        prefix: &str,
+        glacier_days: i32,
+        expire_days: i32,
+        dry_run: bool,
+    ) -> Result<String> {
+        let wanted = Wanted::new(prefix, glacier_days, expire_days)?;
+        let desired = lifecycle::describe(&wanted.rule()?);
+        let current = self.lifecycle_rules().await?;
+        let before = wanted.find(&current).map(lifecycle::describe);
+        let target = format!("lifecycle rule {} on s3://{}", wanted.id(), self.bucket);
+        if before.as_deref() == Some(desired.as_str()) {
+            return Ok(format!(
+                "{target}: already in place ({desired}); nothing to change"
+            ));
+        }
+        let before = before.unwrap_or_else(|| "none".into());
+        if dry_run {
+            return Ok(format!(
+                "dry run: {target}: would change [{before}] to [{desired}]"
+            ));
+        }
+        self.put_lifecycle_rules(lifecycle::merged(&current, &wanted)?)
+            .await?;
+        let read_back = self.lifecycle_rules().await?;
+        match wanted.find(&read_back).map(lifecycle::describe) {
+            Some(after) if after == desired => {
+                Ok(format!("{target}: applied [{desired}] (was [{before}])"))
+            }
+            after => Err(Error::Storage(format!(
+                "{target}: read back [{}] after applying [{desired}]",
+                after.unwrap_or_else(|| "none".into())
+            ))),
+        }
+    }
+
+    fn location(&self, key: &str) -> String {
+        format!("s3://{}/{key}", self.bucket)
+    }
+}
+
+pub(super) fn to_metadata(meta: &ObjectMeta) -> HashMap<String, String> {
+    HashMap::from([
+        (META_SIZE.to_owned(), meta.original_size.to_string()),
+        (META_SHA256.to_owned(), meta.original_sha256.clone()),
+        (META_ENCODING.to_owned(), meta.encoding.as_str().to_owned()),
+    ])
+}
+
+/// The archiver's metadata, if all of it is there and well-formed.
+fn from_metadata(map: &HashMap<String, String>) -> Option<ObjectMeta> {
+    Some(ObjectMeta {
+        original_size: map.get(META_SIZE)?.parse().ok()?,
+        original_sha256: map.get(META_SHA256)?.clone(),
+        encoding: map.get(META_ENCODING)?.parse::<Encoding>().ok()?,
+    })
+}
+
+/// Error codes worth retrying whatever their HTTP status.
+const RETRYABLE_CODES: &[&str] = &[
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+    "OperationAborted",
+    "InternalError",
+    "ServiceUnavailable",
+    "ExpiredToken",
+    "NoSuchUpload",
+];
+
+/// Maps an SDK failure to the archiver's error: connection trouble,
+/// timeouts, 5xx and throttling are [`Error::Storage`] (retry); a missing
+/// bucket or denied access is a configuration error; any other refusal is
+/// [`Error::Refused`].
+pub(super) fn sdk_error<E>(op: &str, key: &str, e: SdkError<E, HttpResponse>) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let status = match &e {
+        SdkError::ServiceError(service) => service.raw().status().as_u16(),
+        SdkError::ConstructionFailure(_) => {
+            return Error::Refused(format!("{op} {key}: {}", DisplayErrorContext(&e)));
+        }
+        _ => return Error::Storage(format!("{op} {key}: {}", DisplayErrorContext(&e))),
+    };
+    let code = e.code().map(str::to_owned);
+    let what = format!("{op} {key}: {}", DisplayErrorContext(&e));
+    classify(code.as_deref(), status, what)
+}
+
+fn classify(code: Option<&str>, status: u16, what: String) -> Error {
+    if status >= 500
+        || status == 429
+        || status == 408
+        || code.is_some_and(|c| RETRYABLE_CODES.contains(&c))
+    {
+        return Error::Storage(what);
+    }
+    match code {
+        Some("NoSuchBucket") => Error::config("REPORTS_ARCHIVE_BUCKET", what),
+        _ if status == 403 => Error::config(
+            "REPORTS_ARCHIVE_BUCKET",
+            format!("access denied (check the AWS credentials and the bucket policy): {what}"),
+        ),
+        _ => Error::Refused(what),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Class;
+
+    #[test]
+    fn metadata_round_trips() {
+        let meta = ObjectMeta {
+            original_size: 42,
+            original_sha256: "ab".repeat(32),
+            encoding: Encoding::Gzip,
+        };
+        assert_eq!(from_metadata(&to_metadata(&meta)), Some(meta));
+        assert_eq!(from_metadata(&HashMap::new()), None);
+    }
+
+    #[test]
+    fn failures_are_classified() {
+        let class = |code, status| classify(code, status, String::new()).class();
+        assert_eq!(class(Some("SlowDown"), 503), Class::Transient);
+        assert_eq!(class(Some("InternalError"), 500), Class::Transient);
+        assert_eq!(class(Some("RequestTimeout"), 400), Class::Transient);
+        assert_eq!(class(Some("AccessDenied"), 403), Class::Permanent);
+        assert_eq!(class(Some("NoSuchBucket"), 404), Class::Permanent);
+        assert_eq!(class(Some("InvalidArgument"), 400), Class::Permanent);
+    }
+}

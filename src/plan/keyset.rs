@@ -1,0 +1,190 @@
+//! Keyset kinds (logs, reports): one index-only walk of `(time, id)` in
+//! steps of `batch_size` rows.
+
+use super::{Eligible, Sink};
+use crate::error::Result;
+use crate::ledger::{Key, Kind};
+use crate::partitions;
+use chrono::{DateTime, Duration, Utc};
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+/// A hot table walked by (time column, id).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Table {
+    kind: Kind,
+    name: &'static str,
+    ts: &'static str,
+    /// Column summed as "bytes" in a dry run.
+    bytes: &'static str,
+    /// Month-partitioned archive whose partitions the batches need.
+    archive: Option<&'static str>,
+}
+
+pub(super) const LOGS: Table = Table {
+    kind: Kind::Logs,
+    name: "scenario_logs",
+    ts: "received_at",
+    bytes: "size_bytes",
+    archive: Some("scenario_logs_archive"),
+};
+
+pub(super) const REPORTS: Table = Table {
+    kind: Kind::Reports,
+    name: "reports",
+    ts: "created_at",
+    bytes: "file_size_bytes",
+    archive: None,
+};
+
+/// Lower bound used when there is none: below every key.
+const FROM_START: &str = "(COALESCE($1, '-infinity'::timestamptz), COALESCE($2, '00000000-0000-0000-0000-000000000000'::uuid))";
+
+pub(super) async fn eligible(
+    pool: &PgPool,
+    t: Table,
+    after: Option<Key>,
+    cutoff: DateTime<Utc>,
+    batch_size: i64,
+) -> Result<Eligible> {
+    let (name, ts, bytes) = (t.name, t.ts, t.bytes);
+    let sql = format!(
+        "SELECT count(*) AS n, COALESCE(sum({bytes}), 0)::bigint AS bytes,
+                min({ts}) AS oldest, max({ts}) AS newest
+         FROM {name} WHERE ({ts}, id) > {FROM_START} AND {ts} < $3"
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(after.map(|k| k.ts))
+        .bind(after.map(|k| k.id))
+        .bind(cutoff)
+        .fetch_one(pool)
+        .await?;
+    let rows: i64 = row.get("n");
+    Ok(Eligible {
+        kind: t.kind,
+        cutoff,
+        rows,
+        bytes: Some(row.get("bytes")),
+        groups: None,
+        missing: None,
+        oldest: row.get("oldest"),
+        newest: row.get("newest"),
+        batches: (rows + batch_size - 1) / batch_size,
+        pending: None,
+    })
+}
+
+pub(super) async fn cut(
+    pool: &PgPool,
+    t: Table,
+    after: Option<Key>,
+    cutoff: DateTime<Utc>,
+    batch_size: i64,
+    sink: &mut Sink<'_>,
+) -> Result<()> {
+    let Some(first) = first(pool, t, after, cutoff).await? else {
+        return Ok(());
+    };
+    if let Some(archive) = t.archive {
+        partitions::ensure_months(pool, archive, first.ts, cutoff).await?;
+    }
+    // The first batch starts just below the oldest eligible row, so a late
+    // row older than every partition can never fall into it.
+    let mut lo = after.unwrap_or(Key {
+        ts: first.ts - Duration::microseconds(1),
+        id: Uuid::max(),
+    });
+    loop {
+        if let Some(hi) = boundary(pool, t, lo, cutoff, batch_size).await? {
+            sink.push(lo, hi, batch_size).await?;
+            lo = hi;
+            continue;
+        }
+        if let Some((hi, n)) = tail(pool, t, lo, cutoff).await? {
+            sink.push(lo, hi, n).await?;
+        }
+        return Ok(());
+    }
+}
+
+/// The oldest eligible key above `after`.
+async fn first(
+    pool: &PgPool,
+    t: Table,
+    after: Option<Key>,
+    cutoff: DateTime<Utc>,
+) -> Result<Option<Key>> {
+    let (name, ts) = (t.name, t.ts);
+    let sql = format!(
+        "SELECT {ts}, id FROM {name}
+         WHERE ({ts}, id) > {FROM_START} AND {ts} < $3
+         ORDER BY {ts}, id LIMIT 1"
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(after.map(|k| k.ts))
+        .bind(after.map(|k| k.id))
+        .bind(cutoff)
+        .fetch_optional(pool)
+        .await?;
+    Ok(row.map(|r| Key {
+        ts: r.get(0),
+        id: r.get(1),
+    }))
+}
+
+/// The key of the `batch_size`-th eligible row above `lo`, if there is one.
+async fn boundary(
+    pool: &PgPool,
+    t: Table,
+    lo: Key,
+    cutoff: DateTime<Utc>,
+    batch_size: i64,
+) -> Result<Option<Key>> {
+    let (name, ts) = (t.name, t.ts);
+    let sql = format!(
+        "SELECT {ts}, id FROM {name}
+         WHERE ({ts}, id) > ($1, $2) AND {ts} < $3
+         ORDER BY {ts}, id OFFSET $4 LIMIT 1"
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(lo.ts)
+        .bind(lo.id)
+        .bind(cutoff)
+        .bind(batch_size - 1)
+        .fetch_optional(pool)
+        .await?;
+    Ok(row.map(|r| Key {
+        ts: r.get(0),
+        id: r.get(1),
+    }))
+}
+
+/// The last eligible key above `lo` and the rows up to it (fewer than a batch).
+async fn tail(
+    pool: &PgPool,
+    t: Table,
+    lo: Key,
+    cutoff: DateTime<Utc>,
+) -> Result<Option<(Key, i64)>> {
+    let (name, ts) = (t.name, t.ts);
+    let sql = format!(
+        "SELECT {ts}, id, count(*) OVER () AS n FROM {name}
+         WHERE ({ts}, id) > ($1, $2) AND {ts} < $3
+         ORDER BY {ts} DESC, id DESC LIMIT 1"
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(lo.ts)
+        .bind(lo.id)
+        .bind(cutoff)
+        .fetch_optional(pool)
+        .await?;
+    Ok(row.map(|r| {
+        (
+            Key {
+                ts: r.get(0),
+                id: r.get(1),
+            },
+            r.get(2),
+        )
+    }))
+}

@@ -1,0 +1,395 @@
+//! The reports policy end to end through the planner binary: files are
+//! compressed into the object store, metadata moves, local files go only
+//! after the commit; refused and missing files fail alone; restore returns
+//! the original bytes; a crash at any step is repaired by redelivery.
+
+use crate::helpers::TestDb;
+use archiver::ledger::Kind;
+use archiver::objects::{self, Compression};
+use archiver::transport::{BatchMessage, Publisher, inline};
+use archiver::worker::{self, WorkerOptions};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+struct Dirs {
+    root: PathBuf,
+    archive: PathBuf,
+    outside: PathBuf,
+}
+
+fn dirs() -> Dirs {
+    let base =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("reports-{}", Uuid::new_v4().simple()));
+    let d = Dirs {
+        root: base.join("root"),
+        archive: base.join("archive"),
+        outside: base.join("outside"),
+    };
+    for p in [&d.root, &d.archive, &d.outside] {
+        std::fs::create_dir_all(p).unwrap();
+    }
+    d
+}
+
+fn sha(path: &Path) -> String {
+    hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+/// Writes a file and its `reports` row, 200 days old.
+async fn report(db: &TestDb, path: &Path, body: &[u8], format: &str) -> Uuid {
+    if !body.is_empty() || !path.exists() {
+        std::fs::write(path, body).unwrap();
+    }
+    sqlx::query_scalar(
+        "INSERT INTO reports (scenario_id, format, file_path, file_size_bytes, generated_by, created_at)
+         VALUES (gen_random_uuid(), $1, $2, $3, 'test', now() - interval '200 days') RETURNING id",
+    )
+    .bind(format)
+    .bind(path.to_string_lossy().to_string())
+    .bind(body.len() as i64)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+fn csv(rows: usize) -> Vec<u8> {
+    (0..rows)
+        .map(|i| format!("{i},scenario-{},{}.25,ok\n", i % 7, i * 3))
+        .collect::<String>()
+        .into_bytes()
+}
+
+/// Incompressible bytes (xorshift).
+fn noise(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn planner(db: &TestDb, d: &Dirs, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_planner"))
+        .args(args)
+        .env("DATABASE_URL", &db.url)
+        .env("REPORTS_ROOT", &d.root)
+        .env("REPORTS_ARCHIVE_DIR", &d.archive)
+        .env_remove("REPORTS_ARCHIVE_BUCKET")
+        .env_remove("QUEUE_URL")
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+#[tokio::test]
+async fn reports_round_trip_through_the_local_store_and_restore_byte_for_byte() {
+    let db = TestDb::new().await;
+    let d = dirs();
+    let files = [
+        (d.root.join("big.csv"), csv(400_000), "csv"), // ~10 MB, larger than a part
+        (d.root.join("small.csv"), csv(50), "csv"),
+        (d.root.join("random.pdf"), noise(300_000), "pdf"),
+    ];
+    let mut ids = Vec::new();
+    for (p, body, f) in &files {
+        ids.push((report(&db, p, body, f).await, sha(p), body.len()));
+    }
+    let young = report(&db, &d.root.join("young.csv"), &csv(10), "csv").await;
+    sqlx::query("UPDATE reports SET created_at = now() - interval '10 days' WHERE id = $1")
+        .bind(young)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let out = ok(&planner(&db, &d, &["--reports"]));
+    assert!(out.contains("3 of 3 reports archived"), "{out}");
+    for (p, _, _) in &files {
+        assert!(!p.exists(), "{} deleted after the commit", p.display());
+    }
+    assert!(
+        d.root.join("young.csv").exists(),
+        "younger report untouched"
+    );
+    let rows: Vec<(Uuid, String, i64, i64, bool, String)> = sqlx::query_as(
+        "SELECT id, encoding, file_size_bytes, stored_size_bytes, deleted_locally, sha256 FROM reports_archive",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 3);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM reports")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 1);
+    for (id, want_sha, len) in &ids {
+        let r = rows.iter().find(|r| r.0 == *id).unwrap();
+        assert!(r.4, "deleted_locally");
+        assert_eq!((r.2, &r.5), (*len as i64, want_sha));
+        let to = d.outside.join(format!("{id}.restored"));
+        let out = ok(&planner(
+            &db,
+            &d,
+            &[
+                "restore-report",
+                &id.to_string(),
+                "--to",
+                to.to_str().unwrap(),
+            ],
+        ));
+        assert!(out.contains("SHA-256 verified"), "{out}");
+        assert_eq!(&sha(&to), want_sha, "restored byte for byte");
+    }
+    let enc = |n: &str| {
+        rows.iter()
+            .find(|r| {
+                r.0 == ids[match n {
+                    "big" => 0,
+                    "small" => 1,
+                    _ => 2,
+                }]
+                .0
+            })
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(enc("big").1, "zstd");
+    assert!(enc("big").3 < enc("big").2 / 3, "a CSV shrinks");
+    assert_eq!(
+        enc("random").1,
+        "identity",
+        "an incompressible file is stored as it is"
+    );
+    // Restoring over an existing file is refused.
+    let o = planner(
+        &db,
+        &d,
+        &[
+            "restore-report",
+            &ids[0].0.to_string(),
+            "--to",
+            d.outside.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn refused_and_missing_files_fail_alone_and_are_left_untouched() {
+    let db = TestDb::new().await;
+    let d = dirs();
+    let good = report(&db, &d.root.join("good.csv"), &csv(100), "csv").await;
+    let secret = d.outside.join("secret.csv");
+    let outside = report(&db, &secret, b"outside the root\n", "csv").await;
+    std::os::unix::fs::symlink(&secret, d.root.join("link.csv")).unwrap();
+    let link = report(&db, &d.root.join("link.csv"), b"", "csv").await;
+    let missing = report(&db, &d.root.join("gone.csv"), b"x", "csv").await;
+    std::fs::remove_file(d.root.join("gone.csv")).unwrap();
+
+    let dry = ok(&planner(&db, &d, &["--reports", "--dry-run"]));
+    assert!(
+        dry.contains("4 eligible reports") && dry.contains("3 with a missing or refused file"),
+        "{dry}"
+    );
+    let out = ok(&planner(&db, &d, &["--reports"]));
+    assert!(out.contains("1 of 4 reports archived"), "{out}");
+    assert!(
+        secret.exists() && d.root.join("link.csv").exists(),
+        "refused files are never deleted"
+    );
+    let reasons: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT item_id, reason FROM archive_item_failures")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let reason = |id: Uuid| {
+        reasons
+            .iter()
+            .find(|r| r.0 == id)
+            .map(|r| r.1.clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        reason(outside).contains("outside REPORTS_ROOT"),
+        "{reasons:?}"
+    );
+    assert!(reason(link).contains("outside REPORTS_ROOT"), "{reasons:?}");
+    assert!(reason(missing).contains("No such file"), "{reasons:?}");
+    let stayed: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM reports ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    let mut want = vec![outside, link, missing];
+    want.sort();
+    assert_eq!(stayed, want, "their reports rows stay");
+    let archived: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM reports_archive")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(archived, vec![good]);
+    db.cleanup().await;
+}
+
+/// Runs one planned batch through the real executor, inline.
+async fn run_batch(db: &TestDb, d: &Dirs, batch: Uuid) {
+    let store = objects::open(None, &d.archive).await.unwrap();
+    let ctx = archiver::execute::reports::ReportsContext {
+        root: d.root.clone(),
+        store,
+        compression: Compression::Zstd,
+    };
+    let exec = archiver::execute::Executor {
+        pool: db.pool.clone(),
+        reports: Some(std::sync::Arc::new(ctx)),
+    };
+    let (publisher, mut consumer) = inline::queue();
+    publisher
+        .publish(&[BatchMessage::new(batch, Kind::Reports)])
+        .await
+        .unwrap();
+    publisher.close().await.unwrap();
+    worker::run(
+        &exec,
+        &mut consumer,
+        WorkerOptions::default(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert!(publisher.dead_letters().await.is_empty());
+}
+
+fn objects_in(dir: &Path) -> usize {
+    fn walk(p: &Path, n: &mut usize) {
+        for e in std::fs::read_dir(p).unwrap().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                walk(&path, n);
+            } else if !path.to_string_lossy().ends_with(".meta.json") {
+                *n += 1;
+            }
+        }
+    }
+    let mut n = 0;
+    walk(dir, &mut n);
+    n
+}
+
+#[tokio::test]
+async fn a_crash_at_any_step_is_repaired_by_redelivery() {
+    let db = TestDb::new().await;
+    let d = dirs();
+    let mut files = Vec::new();
+    for i in 0..3 {
+        let p = d.root.join(format!("r{i}.csv"));
+        report(&db, &p, &csv(1000 + i), "csv").await;
+        files.push((p.clone(), sha(&p)));
+    }
+    // Plan only, as a planner whose executors died before running anything.
+    let (publisher, consumer) = inline::queue();
+    let opts = archiver::plan::PlanOptions {
+        reports_root: Some(d.root.clone()),
+        ..crate::helpers::plan_options(5000, "inline")
+    };
+    let planned = archiver::plan::plan(&db.pool, Kind::Reports, &opts, &publisher)
+        .await
+        .unwrap();
+    drop((publisher, consumer));
+    let batch: Uuid = sqlx::query_scalar("SELECT id FROM archive_batches WHERE job_id = $1")
+        .bind(planned.job)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+
+    // Crash after upload, before commit: the objects exist, nothing else.
+    let store = objects::open(None, &d.archive).await.unwrap();
+    let rows: Vec<(Uuid, chrono::DateTime<chrono::Utc>, String)> =
+        sqlx::query_as("SELECT id, created_at, file_path FROM reports")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    for (id, created, path) in &rows {
+        store
+            .put_file(
+                Path::new(path),
+                &objects::report_key_base(*created, *id, "csv"),
+                Compression::Zstd,
+            )
+            .await
+            .unwrap();
+    }
+    run_batch(&db, &d, batch).await;
+    let pool = db.pool.clone();
+    let count = move |sql: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        count("SELECT count(*) FROM reports_archive").await,
+        3,
+        "one row each"
+    );
+    assert_eq!(objects_in(&d.archive), 3, "one object each");
+    assert!(files.iter().all(|(p, _)| !p.exists()), "no local file");
+
+    // Crash after commit, before the local delete: files back, flag unset.
+    for (p, _) in &files {
+        std::fs::write(p, b"still here").unwrap();
+    }
+    sqlx::query("UPDATE reports_archive SET deleted_locally = false")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    run_batch(&db, &d, batch).await;
+    assert!(
+        files.iter().all(|(p, _)| !p.exists()),
+        "redelivery finishes the delete"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM reports_archive WHERE deleted_locally").await,
+        3
+    );
+    assert_eq!(count("SELECT count(*) FROM reports_archive").await, 3);
+    assert_eq!(objects_in(&d.archive), 3);
+    assert_eq!(
+        count("SELECT records_archived FROM archive_jobs").await,
+        3,
+        "counted once"
+    );
+    let (id, _, _) = &rows[0];
+    let to = d.outside.join("restored");
+    let key: String = sqlx::query_scalar("SELECT object_key FROM reports_archive WHERE id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    store.restore(&key, &to).await.unwrap();
+    let original = files
+        .iter()
+        .find(|(p, _)| p.to_string_lossy() == rows[0].2)
+        .unwrap();
+    assert_eq!(sha(&to), original.1);
+    db.cleanup().await;
+}
