@@ -1,19 +1,31 @@
-//! Benchmark (issue 2, item 9): the archiver's logs throughput against the
-//! in-database limit, and its impact on live inserts, in one run.
+//! Benchmark (issue 2, item 9; issue 3): the archiver's throughput against
+//! the in-database limit, and its impact on live inserts, in one run.
 //!
-//! Run it with `scripts/bench [--rows N]` (brings up the services first), or
-//! `cargo run --release --example bench -- --help` with
-//! `ARCHIVER_PG_ADMIN_URL` and `ARCHIVER_AMQP_URL` set.
+//! Run it with `scripts/bench [--kind logs|metrics] [--rows N]` (brings up
+//! the services first), or `cargo run --release --example bench -- --help`
+//! with `ARCHIVER_PG_ADMIN_URL` and `ARCHIVER_AMQP_URL` set.
 //!
-//! It (re)creates a scratch database, loads N log rows over 912 days, keeps a
-//! pristine copy, and before every measurement resets to identical state
-//! (`bench/reset.sql`). It measures the one-statement move, a server-side
-//! loop of keyset batches, then the archiver inline and with 1 and 2 workers
-//! over RabbitMQ (in-process: each worker its own pool, consumer and
-//! `worker::run` task, concurrency 1). A paced inserter on its own thread and
-//! pool records insert latency, idle and during each run. Every run is
-//! checked: the archive holds exactly the eligible rows, column for column,
-//! and the hot table the rest.
+//! It (re)creates a scratch database, loads the data, keeps a pristine copy,
+//! and before every measurement resets to identical state.
+//!
+//! - `--kind logs` (default): N log rows over 912 days (`bench/reset.sql`).
+//!   It measures the one-statement move, a server-side loop of keyset
+//!   batches, then the archiver inline and with 1 and 2 workers. Every run
+//!   is checked: the archive holds exactly the eligible rows, column for
+//!   column, and the hot table the rest.
+//! - `--kind metrics`: N samples over 1095 days, 1,000 scenarios x 5 metric
+//!   names (`bench/metrics_reset.sql`; random times as
+//!   `demo::load_metrics`, or `--ordered`). It measures the one-statement
+//!   `DELETE … RETURNING` + `INSERT … GROUP BY`
+//!   (`bench/metrics_one_statement.sql`), then the archiver inline and with
+//!   2 workers. Every run is checked: the archive equals one `GROUP BY` over
+//!   the pristine samples older than the cut-off (`EXCEPT ALL` both ways),
+//!   no eligible sample remains, and the younger ones are untouched.
+//!
+//! The workers run over RabbitMQ in-process: each its own pool, consumer and
+//! `worker::run` task, concurrency 1. A paced inserter on its own thread and
+//! pool records insert latency into the hot table of the kind, idle and
+//! during each run.
 
 use anyhow::{Context, Result, bail, ensure};
 use archiver::config::Policy;
@@ -42,24 +54,120 @@ const ONE_STATEMENT: &str = include_str!("../bench/move_one_statement.sql");
 const BATCHED_PROC: &str = include_str!("../bench/move_batched.sql");
 const RESET: &str = include_str!("../bench/reset.sql");
 const LIVE_INSERT: &str = include_str!("../bench/live_insert.sql");
-/// The scenario of live rows (`bench/live_insert.sql`).
+const METRICS_ONE_STATEMENT: &str = include_str!("../bench/metrics_one_statement.sql");
+const METRICS_RESET: &str = include_str!("../bench/metrics_reset.sql");
+const METRICS_LIVE_INSERT: &str = include_str!("../bench/metrics_live_insert.sql");
+const METRICS_LOAD_ORDERED: &str = include_str!("../bench/metrics_load_ordered.sql");
+/// The scenario of live rows (`bench/live_insert.sql`,
+/// `bench/metrics_live_insert.sql`).
 const LIVE_SCENARIO: &str = "00000000-0000-0000-0000-00000000ffff";
 const SCENARIOS: i64 = 1000;
-const SPAN_DAYS: i64 = 912;
 /// A job that finishes no batch for this long is stuck.
 const STALL: Duration = Duration::from_secs(120);
+
+/// What is archived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Target {
+    /// `scenario_logs`: rows moved as they are.
+    Logs,
+    /// `scenario_metrics`: samples aggregated per group and UTC day.
+    Metrics,
+}
+
+impl Target {
+    fn kind(self) -> Kind {
+        match self {
+            Target::Logs => Kind::Logs,
+            Target::Metrics => Kind::Metrics,
+        }
+    }
+
+    fn default_rows(self) -> i64 {
+        match self {
+            Target::Logs => 1_000_000,
+            Target::Metrics => 500_000,
+        }
+    }
+
+    fn default_span_days(self) -> i64 {
+        match self {
+            Target::Logs => 912,
+            Target::Metrics => 1095,
+        }
+    }
+
+    fn methods(self) -> &'static [Method] {
+        match self {
+            Target::Logs => &[
+                Method::OneStatement,
+                Method::Batched,
+                Method::Inline,
+                Method::Workers(1),
+                Method::Workers(2),
+            ],
+            Target::Metrics => &[Method::OneStatement, Method::Inline, Method::Workers(2)],
+        }
+    }
+
+    fn reset_sql(self) -> &'static str {
+        match self {
+            Target::Logs => RESET,
+            Target::Metrics => METRICS_RESET,
+        }
+    }
+
+    /// Live inserts go to the hot table being archived.
+    fn live_insert(self) -> &'static str {
+        match self {
+            Target::Logs => LIVE_INSERT,
+            Target::Metrics => METRICS_LIVE_INSERT,
+        }
+    }
+
+    fn hot_table(self) -> &'static str {
+        match self {
+            Target::Logs => "scenario_logs",
+            Target::Metrics => "scenario_metrics",
+        }
+    }
+
+    fn archive_table(self) -> &'static str {
+        match self {
+            Target::Logs => "scenario_logs_archive",
+            Target::Metrics => "scenario_metrics_archive",
+        }
+    }
+
+    /// What one unit moved is called in the table.
+    fn unit(self) -> &'static str {
+        match self {
+            Target::Logs => "rows",
+            Target::Metrics => "samples",
+        }
+    }
+}
 
 /// Archiver throughput vs the in-database limit, with live-insert latency.
 #[derive(Debug, Parser)]
 #[command(name = "bench")]
 struct Args {
-    /// Log rows to load.
-    #[arg(long, default_value_t = 1_000_000)]
-    rows: i64,
+    /// What to archive.
+    #[arg(long, value_enum, default_value_t = Target::Logs)]
+    kind: Target,
+    /// Log rows or metric samples to load [default: 1000000 logs, 500000 metrics].
+    #[arg(long)]
+    rows: Option<i64>,
+    /// Days back from now the data spans [default: 912 logs, 1095 metrics].
+    #[arg(long)]
+    span_days: Option<i64>,
+    /// Metrics: load samples in time order (as an append-only table's heap
+    /// is) instead of random times (`demo::load_metrics`).
+    #[arg(long)]
+    ordered: bool,
     /// Rows per batch (archiver and server-side loop alike).
     #[arg(long, default_value_t = 5000)]
     batch_size: i64,
-    /// Rounds of all five measurements.
+    /// Rounds of all the measurements.
     #[arg(long, default_value_t = 1)]
     repeat: u32,
     /// Live inserts per second.
@@ -118,7 +226,7 @@ struct Inserter {
 }
 
 impl Inserter {
-    async fn start(opts: PgConnectOptions, rate: u32) -> Result<Inserter> {
+    async fn start(opts: PgConnectOptions, rate: u32, sql: &'static str) -> Result<Inserter> {
         let stop = CancellationToken::new();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let token = stop.clone();
@@ -126,7 +234,7 @@ impl Inserter {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(insert_loop(opts, rate, token, ready_tx))
+                .block_on(insert_loop(opts, rate, sql, token, ready_tx))
         });
         if ready_rx.await.is_err() {
             let e = thread
@@ -150,6 +258,7 @@ impl Inserter {
 async fn insert_loop(
     opts: PgConnectOptions,
     rate: u32,
+    sql: &'static str,
     stop: CancellationToken,
     ready: tokio::sync::oneshot::Sender<()>,
 ) -> Result<Vec<f64>> {
@@ -160,8 +269,8 @@ async fn insert_loop(
         .await?;
     // Open both connections and prepare the statement on each.
     let (a, b) = tokio::join!(
-        sqlx::query(LIVE_INSERT).execute(&pool),
-        sqlx::query(LIVE_INSERT).execute(&pool)
+        sqlx::query(sql).execute(&pool),
+        sqlx::query(sql).execute(&pool)
     );
     a?;
     b?;
@@ -177,7 +286,7 @@ async fn insert_loop(
         };
         let (pool, samples, failures) = (pool.clone(), samples.clone(), failures.clone());
         tracker.spawn(async move {
-            match sqlx::query(LIVE_INSERT).execute(&pool).await {
+            match sqlx::query(sql).execute(&pool).await {
                 Ok(_) => lock(&samples).push(at.elapsed().as_secs_f64() * 1e3),
                 Err(e) => lock(&failures).push(e.to_string()),
             }
@@ -211,15 +320,17 @@ fn loadavg() -> f64 {
 struct Probe {
     opts: PgConnectOptions,
     rate: u32,
+    sql: &'static str,
     live: Option<(Inserter, Instant, f64)>,
     done: Option<(Duration, Latency, f64, f64)>,
 }
 
 impl Probe {
-    fn new(opts: PgConnectOptions, rate: u32) -> Probe {
+    fn new(opts: PgConnectOptions, rate: u32, sql: &'static str) -> Probe {
         Probe {
             opts,
             rate,
+            sql,
             live: None,
             done: None,
         }
@@ -227,7 +338,7 @@ impl Probe {
 
     async fn start(&mut self) -> Result<()> {
         let load = loadavg();
-        let inserter = Inserter::start(self.opts.clone(), self.rate).await?;
+        let inserter = Inserter::start(self.opts.clone(), self.rate, self.sql).await?;
         self.live = Some((inserter, Instant::now(), load));
         Ok(())
     }
@@ -248,6 +359,8 @@ struct Line {
     round: u32,
     method: Method,
     moved: i64,
+    /// Metrics: archive rows (groups) written.
+    groups: Option<i64>,
     secs: f64,
     lat: Latency,
     load: (f64, f64),
@@ -275,14 +388,6 @@ enum Method {
 }
 
 impl Method {
-    const ALL: [Method; 5] = [
-        Method::OneStatement,
-        Method::Batched,
-        Method::Inline,
-        Method::Workers(1),
-        Method::Workers(2),
-    ];
-
     fn name(self) -> &'static str {
         match self {
             Method::OneStatement => "limit-one-statement",
@@ -300,8 +405,11 @@ impl Method {
 
 struct Bench {
     args: Args,
+    target: Target,
+    span_days: i64,
     opts: PgConnectOptions,
     pool: PgPool,
+    /// Rows (samples) loaded.
     total: i64,
 }
 
@@ -313,13 +421,15 @@ impl Bench {
     fn plan_options(&self, transport: &'static str) -> PlanOptions {
         PlanOptions {
             batch_size: self.args.batch_size,
+            reports_batch_size: 20,
+            reports_root: None,
             policy: Policy::default(),
             transport,
         }
     }
 
     async fn cutoff(&self) -> Result<DateTime<Utc>> {
-        Ok(plan::cutoff(&self.pool, Kind::Logs, &Policy::default()).await?)
+        Ok(plan::cutoff(&self.pool, self.target.kind(), &Policy::default()).await?)
     }
 
     async fn checkpoints(&self) -> Result<i64> {
@@ -331,7 +441,7 @@ impl Bench {
     }
 
     async fn reset(&self) -> Result<()> {
-        for stmt in statements(RESET) {
+        for stmt in statements(self.target.reset_sql()) {
             sqlx::raw_sql(AssertSqlSafe(stmt.to_string()))
                 .execute(&self.pool)
                 .await
@@ -343,7 +453,11 @@ impl Bench {
     async fn measure(&self, round: u32, method: Method) -> Result<Line> {
         self.reset().await?;
         let checkpoints = self.checkpoints().await?;
-        let mut probe = Probe::new(self.opts.clone(), self.args.insert_rate);
+        let mut probe = Probe::new(
+            self.opts.clone(),
+            self.args.insert_rate,
+            self.target.live_insert(),
+        );
         let moved = match method {
             Method::OneStatement => self.one_statement(&mut probe).await?,
             Method::Batched => self.batched(&mut probe).await?,
@@ -352,18 +466,26 @@ impl Bench {
         };
         let (secs, lat, load0, load1) = probe.done.context("run did not finish its probe")?;
         let checkpoints = self.checkpoints().await? - checkpoints;
-        let moved = self.verify(method, moved.cutoff).await?;
+        let (moved, groups) = match self.target {
+            Target::Logs => (self.verify(method, moved.cutoff).await?, None),
+            Target::Metrics => {
+                let (samples, groups) = self.verify_metrics(method, moved.cutoff).await?;
+                (samples, Some(groups))
+            }
+        };
         let line = Line {
             round,
             method,
             moved,
+            groups,
             secs: secs.as_secs_f64(),
             lat,
             load: (load0, load1),
             checkpoints,
         };
+        let unit = self.target.unit();
         eprintln!(
-            "bench: {} moved {} rows in {:.2} s ({:.0} rows/s); insert p99 {:.1} ms",
+            "bench: {} moved {} {unit} in {:.2} s ({:.0} {unit}/s); insert p99 {:.1} ms",
             method.name(),
             line.moved,
             line.secs,
@@ -375,9 +497,13 @@ impl Bench {
 
     async fn one_statement(&self, probe: &mut Probe) -> Result<Moved> {
         let cutoff = self.cutoff().await?;
+        let sql = match self.target {
+            Target::Logs => ONE_STATEMENT,
+            Target::Metrics => METRICS_ONE_STATEMENT,
+        };
         let mut conn = self.pool.acquire().await?;
         probe.start().await?;
-        sqlx::query(ONE_STATEMENT)
+        sqlx::query(sql)
             .bind(cutoff)
             .bind(Uuid::new_v4())
             .execute(&mut *conn)
@@ -387,6 +513,10 @@ impl Bench {
     }
 
     async fn batched(&self, probe: &mut Probe) -> Result<Moved> {
+        ensure!(
+            self.target == Target::Logs,
+            "the server-side batched loop is for logs only"
+        );
         let cutoff = self.cutoff().await?;
         // Simple protocol: the procedure commits, so no implicit transaction.
         let call = format!(
@@ -419,9 +549,14 @@ impl Bench {
                 worker::run(&pool, &mut consumer, wopts, CancellationToken::new()).await
             })
         };
-        let planned = plan::plan(&pool, Kind::Logs, &self.plan_options("inline"), &publisher)
-            .await
-            .context("planning")?;
+        let planned = plan::plan(
+            &pool,
+            self.target.kind(),
+            &self.plan_options("inline"),
+            &publisher,
+        )
+        .await
+        .context("planning")?;
         publisher.close().await?;
         self.wait_job(planned.job).await?;
         probe.finish()?;
@@ -456,9 +591,14 @@ impl Bench {
         let pool = self.connect(3).await?;
         probe.start().await?;
         let publisher = AmqpPublisher::connect(cfg.clone()).await?;
-        let planned = plan::plan(&pool, Kind::Logs, &self.plan_options("amqp"), &publisher)
-            .await
-            .context("planning")?;
+        let planned = plan::plan(
+            &pool,
+            self.target.kind(),
+            &self.plan_options("amqp"),
+            &publisher,
+        )
+        .await
+        .context("planning")?;
         publisher.close().await?;
         self.wait_job(planned.job).await?;
         probe.finish()?;
@@ -613,6 +753,106 @@ impl Bench {
         }
         Ok(archived)
     }
+
+    /// Checks the archive equals one `GROUP BY` over the pristine samples
+    /// older than `cutoff` (deterministic id, average rounded to 6 places,
+    /// count, sum, min, max), compared with `EXCEPT ALL` both ways; that
+    /// every archive row is a stamped daily aggregate; that no eligible
+    /// sample is left; and that the younger samples are exactly the pristine
+    /// ones. Returns the samples moved and the groups (archive rows).
+    async fn verify_metrics(&self, method: Method, cutoff: DateTime<Utc>) -> Result<(i64, i64)> {
+        let r = sqlx::query(
+            "WITH expected AS (
+                 SELECT md5(concat_ws('|', scenario_id, metric_type, metric_name, unit,
+                                      to_char(day, 'YYYY-MM-DD')))::uuid AS id,
+                        scenario_id, day AT TIME ZONE 'UTC' AS ts, metric_type, metric_name, unit,
+                        round(avg(value), 6) AS value, count(*) AS n, sum(value) AS s,
+                        min(value) AS mn, max(value) AS mx
+                 FROM (SELECT *, date_trunc('day', \"timestamp\" AT TIME ZONE 'UTC') AS day
+                       FROM metrics_pristine WHERE \"timestamp\" < $1) p
+                 GROUP BY scenario_id, metric_type, metric_name, unit, day
+             ), actual AS (
+                 SELECT id, scenario_id, \"timestamp\" AS ts, metric_type, metric_name, unit,
+                        value, sample_count::bigint AS n, value_sum AS s,
+                        value_min AS mn, value_max AS mx
+                 FROM scenario_metrics_archive
+             )
+             SELECT
+               (SELECT count(*) FROM metrics_pristine WHERE \"timestamp\" < $1) AS eligible,
+               (SELECT count(*) FROM expected) AS groups,
+               (SELECT count(*) FROM actual) AS archived,
+               (SELECT COALESCE(sum(n), 0)::bigint FROM actual) AS archived_samples,
+               (SELECT count(*) FROM (SELECT * FROM expected EXCEPT ALL SELECT * FROM actual) x) AS missing,
+               (SELECT count(*) FROM (SELECT * FROM actual EXCEPT ALL SELECT * FROM expected) x) AS extra,
+               (SELECT count(*) FROM scenario_metrics_archive
+                 WHERE \"timestamp\" >= $1 OR NOT is_aggregated
+                    OR aggregation_period IS DISTINCT FROM 'day'
+                    OR archived_at IS NULL OR archive_batch_id IS NULL) AS bad,
+               (SELECT count(*) FROM scenario_metrics WHERE \"timestamp\" < $1) AS hot_old,
+               (SELECT count(*) FROM scenario_metrics WHERE scenario_id <> $2::uuid) AS hot,
+               (SELECT count(*) FROM (
+                   SELECT * FROM metrics_pristine WHERE \"timestamp\" >= $1
+                   EXCEPT ALL
+                   SELECT * FROM scenario_metrics WHERE scenario_id <> $2::uuid) x) AS young_changed",
+        )
+        .bind(cutoff)
+        .bind(LIVE_SCENARIO)
+        .fetch_one(&self.pool)
+        .await?;
+        let get = |c: &str| r.get::<i64, _>(c);
+        let (eligible, groups, archived) = (get("eligible"), get("groups"), get("archived"));
+        let problems = [
+            (eligible == 0, "no eligible samples: nothing was measured"),
+            (archived != groups, "archive rows != groups"),
+            (
+                get("archived_samples") != eligible,
+                "samples in the archive != eligible samples",
+            ),
+            (
+                get("missing") != 0,
+                "GROUP BY rows missing from the archive",
+            ),
+            (
+                get("extra") != 0,
+                "archive rows differing from the GROUP BY",
+            ),
+            (
+                get("bad") != 0,
+                "archive rows too young, unstamped or not daily aggregates",
+            ),
+            (
+                get("hot_old") != 0,
+                "eligible samples left in the hot table",
+            ),
+            (
+                get("hot") != self.total - eligible,
+                "hot samples != total - eligible",
+            ),
+            (
+                get("young_changed") != 0,
+                "younger samples changed or missing",
+            ),
+        ];
+        for (failed, what) in problems {
+            if failed {
+                bail!(
+                    "{}: CHECK FAILED: {what} (eligible {eligible}, groups {groups}, archived {archived}, \
+                     archived samples {}, missing {}, extra {}, bad {}, hot_old {}, hot {}, \
+                     young_changed {}, total {})",
+                    method.name(),
+                    get("archived_samples"),
+                    get("missing"),
+                    get("extra"),
+                    get("bad"),
+                    get("hot_old"),
+                    get("hot"),
+                    get("young_changed"),
+                    self.total
+                );
+            }
+        }
+        Ok((eligible, groups))
+    }
 }
 
 /// Splits a file of statements that each end in `;` at the end of a line.
@@ -708,38 +948,69 @@ async fn create_database(args: &Args) -> Result<PgConnectOptions> {
     Ok(admin.database(&args.database))
 }
 
-/// Schema, data, pristine copy, the procedure, every archive partition.
+/// Schema, data, pristine copy, the procedure (logs), every archive
+/// partition (so no run pays for DDL).
 async fn prepare(args: Args) -> Result<Bench> {
     let t = Instant::now();
+    let target = args.kind;
+    let rows = args.rows.unwrap_or(target.default_rows());
+    let span_days = args.span_days.unwrap_or(target.default_span_days());
     let opts = create_database(&args).await?;
     let pool = db::connect(&opts, 4, Duration::from_secs(30)).await?;
     db::migrate(&pool).await?;
-    demo::load_logs(&pool, args.rows, SCENARIOS, SPAN_DAYS).await?;
-    for sql in [
-        "CREATE UNLOGGED TABLE logs_pristine AS SELECT * FROM scenario_logs",
-        "ANALYZE logs_pristine",
-        BATCHED_PROC,
-    ] {
-        sqlx::raw_sql(AssertSqlSafe(sql)).execute(&pool).await?;
+    let setup: &[&str] = match target {
+        Target::Logs => {
+            demo::load_logs(&pool, rows, SCENARIOS, span_days).await?;
+            &[
+                "CREATE UNLOGGED TABLE logs_pristine AS SELECT * FROM scenario_logs",
+                "ANALYZE logs_pristine",
+                BATCHED_PROC,
+            ]
+        }
+        Target::Metrics => {
+            if args.ordered {
+                sqlx::query(METRICS_LOAD_ORDERED)
+                    .bind(rows)
+                    .bind(SCENARIOS)
+                    .bind(span_days)
+                    .execute(&pool)
+                    .await?;
+            } else {
+                demo::load_metrics(&pool, rows, SCENARIOS, span_days).await?;
+            }
+            &[
+                "CREATE UNLOGGED TABLE metrics_pristine AS SELECT * FROM scenario_metrics",
+                "ANALYZE metrics_pristine",
+            ]
+        }
+    };
+    for sql in setup {
+        sqlx::raw_sql(AssertSqlSafe(*sql)).execute(&pool).await?;
     }
     let now = Utc::now();
     partitions::ensure_months(
         &pool,
-        "scenario_logs_archive",
-        now - chrono::Duration::days(SPAN_DAYS + 1),
+        target.archive_table(),
+        now - chrono::Duration::days(span_days + 1),
         now,
     )
     .await?;
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM logs_pristine")
-        .fetch_one(&pool)
-        .await?;
+    let total: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM {}",
+        target.hot_table()
+    )))
+    .fetch_one(&pool)
+    .await?;
     eprintln!(
-        "bench: loaded {total} rows into {} in {:.1} s",
+        "bench: loaded {total} {} into {} in {:.1} s",
+        target.unit(),
         args.database,
         t.elapsed().as_secs_f64()
     );
     Ok(Bench {
         args,
+        target,
+        span_days,
         opts,
         pool,
         total,
@@ -748,7 +1019,12 @@ async fn prepare(args: Args) -> Result<Bench> {
 
 async fn idle_latency(bench: &Bench) -> Result<Latency> {
     bench.reset().await?;
-    let inserter = Inserter::start(bench.opts.clone(), bench.args.insert_rate).await?;
+    let inserter = Inserter::start(
+        bench.opts.clone(),
+        bench.args.insert_rate,
+        bench.target.live_insert(),
+    )
+    .await?;
     tokio::time::sleep(Duration::from_secs(bench.args.idle_secs)).await;
     inserter.stop()
 }
@@ -761,10 +1037,25 @@ async fn print_header(bench: &Bench, idle: &Latency) -> Result<()> {
         .await?;
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
     let a = &bench.args;
-    println!(
-        "nproc {nproc} · PostgreSQL {version} · {} rows over {SPAN_DAYS} days, {SCENARIOS} scenarios · batch {} · inline concurrency {} · live inserts {}/s",
-        bench.total, a.batch_size, a.inline_concurrency, a.insert_rate
-    );
+    match bench.target {
+        Target::Logs => println!(
+            "nproc {nproc} · PostgreSQL {version} · {} rows over {} days, {SCENARIOS} scenarios · batch {} · inline concurrency {} · live inserts {}/s",
+            bench.total, bench.span_days, a.batch_size, a.inline_concurrency, a.insert_rate
+        ),
+        Target::Metrics => println!(
+            "nproc {nproc} · PostgreSQL {version} · metrics: {} samples over {} days ({}), {SCENARIOS} scenarios x 5 metric names · cut-off 730 days (whole UTC days) · batch {} · inline concurrency {} · live inserts {}/s into scenario_metrics",
+            bench.total,
+            bench.span_days,
+            if a.ordered {
+                "time order"
+            } else {
+                "random times"
+            },
+            a.batch_size,
+            a.inline_concurrency,
+            a.insert_rate
+        ),
+    }
     println!(
         "idle insert latency ({} inserts over {} s): p50 {:.2} ms · p99 {:.2} ms · max {:.2} ms",
         idle.n, a.idle_secs, idle.p50, idle.p99, idle.max
@@ -772,7 +1063,10 @@ async fn print_header(bench: &Bench, idle: &Latency) -> Result<()> {
     Ok(())
 }
 
-fn print_table(lines: &[Line], idle: &Latency) {
+fn print_table(target: Target, lines: &[Line], idle: &Latency) {
+    if target == Target::Metrics {
+        return print_metrics_table(lines, idle);
+    }
     println!(
         "{:<3} {:<20} {:>10} {:>8} {:>9} {:>8} {:>22} {:>10} {:>14} {:>5}",
         "#",
@@ -808,6 +1102,45 @@ fn print_table(lines: &[Line], idle: &Latency) {
     }
 }
 
+/// As [`print_table`], in samples, with the archive rows (groups) written.
+fn print_metrics_table(lines: &[Line], idle: &Latency) {
+    println!(
+        "{:<3} {:<20} {:>9} {:>8} {:>8} {:>10} {:>8} {:>22} {:>10} {:>14} {:>5}",
+        "#",
+        "run",
+        "samples",
+        "groups",
+        "seconds",
+        "samples/s",
+        "x limit",
+        "insert p50/p99/max ms",
+        "p99 x idle",
+        "load1m start>end",
+        "ckpts"
+    );
+    for l in lines {
+        let limit = lines
+            .iter()
+            .filter(|o| o.round == l.round && o.method.is_limit())
+            .map(Line::rate)
+            .fold(f64::NAN, f64::max);
+        println!(
+            "{:<3} {:<20} {:>9} {:>8} {:>8.2} {:>10.0} {:>8.2} {:>22} {:>10.2} {:>14} {:>5}",
+            l.round,
+            l.method.name(),
+            l.moved,
+            l.groups.unwrap_or(0),
+            l.secs,
+            l.rate(),
+            l.rate() / limit,
+            format!("{:.1}/{:.1}/{:.1}", l.lat.p50, l.lat.p99, l.lat.max),
+            l.lat.p99 / idle.p99,
+            format!("{:.2}>{:.2}", l.load.0, l.load.1),
+            l.checkpoints,
+        );
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -818,18 +1151,25 @@ async fn main() -> Result<()> {
         .init();
     let args = Args::parse();
     ensure!(
-        args.rows > 0 && args.batch_size > 0 && args.repeat > 0,
-        "--rows, --batch-size and --repeat must be positive"
+        args.rows.is_none_or(|n| n > 0)
+            && args.span_days.is_none_or(|n| n > 0)
+            && args.batch_size > 0
+            && args.repeat > 0,
+        "--rows, --span-days, --batch-size and --repeat must be positive"
+    );
+    ensure!(
+        !args.ordered || args.kind == Target::Metrics,
+        "--ordered is for --kind metrics"
     );
     let bench = prepare(args).await?;
     let idle = idle_latency(&bench).await?;
     let mut lines = Vec::new();
     for round in 1..=bench.args.repeat {
-        for method in Method::ALL {
+        for &method in bench.target.methods() {
             lines.push(bench.measure(round, method).await?);
         }
     }
     print_header(&bench, &idle).await?;
-    print_table(&lines, &idle);
+    print_table(bench.target, &lines, &idle);
     Ok(())
 }
