@@ -1,5 +1,6 @@
-//! Integration tests against real PostgreSQL and RabbitMQ (see
-//! `scripts/services.sh`). Each test has its own database and queue names.
+//! Integration tests against real PostgreSQL, RabbitMQ and an S3-protocol
+//! server (moto), brought up by
+//! `scripts/services.sh`. Each test has its own database, queues and bucket.
 
 mod cli;
 mod fleet;

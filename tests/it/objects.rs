@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 const MIB: usize = 1 << 20;
 
-fn s3_client() -> Client {
+pub(crate) fn s3_client() -> Client {
     let endpoint =
         std::env::var("ARCHIVER_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
     let config = aws_sdk_s3::Config::builder()

@@ -393,3 +393,133 @@ async fn a_crash_at_any_step_is_repaired_by_redelivery() {
     assert_eq!(sha(&to), original.1);
     db.cleanup().await;
 }
+
+/// The planner process configured only by the environment, as in production:
+/// bucket, endpoint override, static credentials, region.
+fn planner_s3(db: &TestDb, d: &Dirs, bucket: &str, args: &[&str]) -> Output {
+    let endpoint =
+        std::env::var("ARCHIVER_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
+    Command::new(env!("CARGO_BIN_EXE_planner"))
+        .args(args)
+        .env("DATABASE_URL", &db.url)
+        .env("REPORTS_ROOT", &d.root)
+        .env("REPORTS_ARCHIVE_BUCKET", bucket)
+        .env("AWS_ENDPOINT_URL", endpoint)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test-secret-never-logged")
+        .env("AWS_REGION", "us-east-1")
+        .env_remove("QUEUE_URL")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn reports_round_trip_through_s3_configured_from_the_environment() {
+    let db = TestDb::new().await;
+    let d = dirs();
+    let client = crate::objects::s3_client();
+    let bucket = format!("test-{}", Uuid::new_v4().simple());
+    client.create_bucket().bucket(&bucket).send().await.unwrap();
+    let big = d.root.join("big.csv");
+    let id = report(&db, &big, &csv(500_000), "csv").await; // > one 8 MiB part
+    let want = sha(&big);
+    let pdf = report(&db, &d.root.join("r.pdf"), &noise(100_000), "pdf").await;
+
+    let o = planner_s3(&db, &d, &bucket, &["--reports", "--verbose"]);
+    let out = ok(&o);
+    assert!(out.contains("2 of 2 reports archived"), "{out}");
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("test-secret-never-logged"));
+    assert!(!big.exists());
+    let (location, key): (String, String) =
+        sqlx::query_as("SELECT s3_location, object_key FROM reports_archive WHERE id = $1")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let created: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT created_at FROM reports_archive WHERE id = $1")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        key,
+        format!("archived-reports/{}/{id}.csv.zst", created.format("%Y/%m"))
+    );
+    assert_eq!(location, format!("s3://{bucket}/{key}"));
+    let head = client
+        .head_object()
+        .bucket(&bucket)
+        .key(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.content_encoding(), Some("zstd"));
+    let listed = client
+        .list_objects_v2()
+        .bucket(&bucket)
+        .prefix("archived-reports/")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.contents().len(), 2, "one object per report");
+
+    let to = d.outside.join("big.restored.csv");
+    ok(&planner_s3(
+        &db,
+        &d,
+        &bucket,
+        &[
+            "restore-report",
+            &id.to_string(),
+            "--to",
+            to.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(sha(&to), want);
+    let to = d.outside.join("r.restored.pdf");
+    ok(&planner_s3(
+        &db,
+        &d,
+        &bucket,
+        &[
+            "restore-report",
+            &pdf.to_string(),
+            "--to",
+            to.to_str().unwrap(),
+        ],
+    ));
+
+    // The bucket lifecycle: a dry run changes nothing; applying is idempotent.
+    let dry = ok(&planner_s3(&db, &d, &bucket, &["lifecycle", "--dry-run"]));
+    let rules = client
+        .get_bucket_lifecycle_configuration()
+        .bucket(&bucket)
+        .send()
+        .await;
+    assert!(
+        rules.is_err() || rules.unwrap().rules().is_empty(),
+        "dry run applied nothing: {dry}"
+    );
+    ok(&planner_s3(&db, &d, &bucket, &["lifecycle"]));
+    let again = ok(&planner_s3(&db, &d, &bucket, &["lifecycle"]));
+    let rules = client
+        .get_bucket_lifecycle_configuration()
+        .bucket(&bucket)
+        .send()
+        .await
+        .unwrap();
+    let rule = rules
+        .rules()
+        .iter()
+        .find(|r| r.id().unwrap_or_default().starts_with("archiver"))
+        .expect("our rule");
+    assert_eq!(rule.expiration().and_then(|e| e.days()), Some(1095));
+    assert!(
+        rule.transitions()
+            .iter()
+            .any(|t| t.storage_class().map(|c| c.as_str()) == Some("GLACIER"))
+    );
+    assert_eq!(rules.rules().len(), 1, "applied once: {again}");
+    db.cleanup().await;
+}
