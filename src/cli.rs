@@ -352,7 +352,12 @@ async fn dry_run(pool: &PgPool, kinds: &[Kind], opts: &PlanOptions) -> Result<bo
     println!("DRY RUN: nothing is changed and nothing is published");
     for &kind in kinds {
         let e: Eligible = plan::dry_run(pool, kind, opts).await?;
-        println!("{}", report::eligible(&e, opts.batch_size));
+        let size = if kind == Kind::Reports {
+            opts.reports_batch_size
+        } else {
+            opts.batch_size
+        };
+        println!("{}", report::eligible(&e, size));
     }
     Ok(true)
 }
