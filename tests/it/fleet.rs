@@ -105,12 +105,7 @@ async fn every_batch_delivered_twice_has_its_effect_once() {
     let w = spawn_worker(&db, &cfg, &stop);
     assert_eq!(db.wait_job(planned.job).await, "completed");
     // Let the duplicates drain too.
-    for _ in 0..200 {
-        if queue_depth(&cfg, &cfg.queue).await == Some(0) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    crate::helpers::wait_queue_empty(&cfg).await;
     stop.cancel();
     let stats = w.await.unwrap();
     assert_eq!(stats.done.load(Ordering::Relaxed), ids.len() as u64);

@@ -226,6 +226,53 @@ impl TestDb {
     }
 }
 
+/// Plans `kind` and runs its batches inline, as `planner` does with no
+/// broker; asserts nothing was dead-lettered and the job completed.
+pub async fn run_inline(
+    db: &TestDb,
+    kind: archiver::ledger::Kind,
+    batch_size: i64,
+) -> archiver::plan::Planned {
+    use archiver::transport::Publisher;
+    let (publisher, mut consumer) = archiver::transport::inline::queue();
+    let pool = db.pool.clone();
+    let executors = tokio::spawn(async move {
+        let opts = archiver::worker::WorkerOptions::default();
+        archiver::worker::run(
+            &pool,
+            &mut consumer,
+            opts,
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+    });
+    let planned = archiver::plan::plan(
+        &db.pool,
+        kind,
+        &plan_options(batch_size, "inline"),
+        &publisher,
+    )
+    .await
+    .unwrap();
+    publisher.close().await.unwrap();
+    executors.await.unwrap().unwrap();
+    let dead = publisher.dead_letters().await;
+    assert!(dead.is_empty(), "{dead:?}");
+    assert_eq!(db.wait_job(planned.job).await, "completed");
+    planned
+}
+
+/// Waits (bounded) until no message is ready in the work queue.
+pub async fn wait_queue_empty(cfg: &AmqpConfig) {
+    for _ in 0..200 {
+        if queue_depth(cfg, &cfg.queue).await == Some(0) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("queue {} never drained", cfg.queue);
+}
+
 /// Messages ready in a queue (declares nothing if it does not exist: returns None).
 pub async fn queue_depth(cfg: &AmqpConfig, queue: &str) -> Option<u32> {
     let conn = lapin::Connection::connect(&cfg.url, lapin::ConnectionProperties::default())

@@ -1,41 +1,12 @@
 //! The logs policy end to end, inline: every old row archived exactly once
 //! with every column equal; the dry run; the query API.
 
-use crate::helpers::{TestDb, plan_options};
+use crate::helpers::{TestDb, plan_options, run_inline};
 use archiver::plan;
 use archiver::query::{self, Scope};
-use archiver::transport::{Publisher, inline};
-use archiver::worker::{self, WorkerOptions};
+use archiver::transport::inline;
 use sqlx::Row;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-/// Plans logs and runs the batches inline, as `planner --logs` does.
-async fn run_inline(db: &TestDb, batch_size: i64) -> Uuid {
-    let (publisher, mut consumer) = inline::queue();
-    let pool = db.pool.clone();
-    let executors = tokio::spawn(async move {
-        worker::run(
-            &pool,
-            &mut consumer,
-            WorkerOptions::default(),
-            CancellationToken::new(),
-        )
-        .await
-    });
-    let planned = plan::plan(
-        &db.pool,
-        archiver::ledger::Kind::Logs,
-        &plan_options(batch_size, "inline"),
-        &publisher,
-    )
-    .await
-    .unwrap();
-    publisher.close().await.unwrap();
-    executors.await.unwrap().unwrap();
-    assert!(publisher.dead_letters().await.is_empty());
-    planned.job
-}
 
 #[tokio::test]
 async fn every_old_row_is_archived_once_with_every_column_equal() {
@@ -43,7 +14,7 @@ async fn every_old_row_is_archived_once_with_every_column_equal() {
     db.load_logs(20_000).await;
     let (old, young) = db.split_hashes().await;
     // Odd batch sizes, so batch edges fall everywhere.
-    let job = run_inline(&db, 997).await;
+    let job = run_inline(&db, archiver::ledger::Kind::Logs, 997).await.job;
     db.assert_logs_invariant(&old, &young).await;
     db.assert_job_counted_once(job, old.0).await;
     let batches: i64 = sqlx::query_scalar("SELECT count(*) FROM archive_batches WHERE job_id = $1")
@@ -54,7 +25,7 @@ async fn every_old_row_is_archived_once_with_every_column_equal() {
     assert_eq!(batches, (old.0 + 996) / 997);
 
     // A second run finds nothing left and still records a completed job.
-    let again = run_inline(&db, 997).await;
+    let again = run_inline(&db, archiver::ledger::Kind::Logs, 997).await.job;
     db.assert_logs_invariant(&old, &young).await;
     let r = sqlx::query(
         "SELECT status, records_archived, batches_planned FROM archive_jobs WHERE id = $1",
@@ -73,7 +44,7 @@ async fn every_old_row_is_archived_once_with_every_column_equal() {
 async fn rows_arriving_late_in_an_archived_range_are_archived_by_the_next_run() {
     let db = TestDb::new().await;
     db.load_logs(3_000).await;
-    run_inline(&db, 500).await;
+    run_inline(&db, archiver::ledger::Kind::Logs, 500).await;
     // A late row, older than the cut-off, lands inside a finished range.
     sqlx::query(
         "INSERT INTO scenario_logs (scenario_id, received_at, message_hash, source, size_bytes, has_pii, token_count, sqs_blocks)
@@ -86,7 +57,7 @@ async fn rows_arriving_late_in_an_archived_range_are_archived_by_the_next_run() 
     let (old, young) = db.split_hashes().await;
     assert_eq!(old.0, 1);
     let before = db.hash("FROM scenario_logs_archive").await;
-    let job = run_inline(&db, 500).await;
+    let job = run_inline(&db, archiver::ledger::Kind::Logs, 500).await.job;
     db.assert_job_counted_once(job, 1).await;
     assert_eq!(db.hash("FROM scenario_logs_archive").await.0, before.0 + 1);
     assert_eq!(db.hash("FROM scenario_logs").await, young);
@@ -104,7 +75,7 @@ async fn query_api_returns_typed_rows_live_or_with_archive() {
     let all_before = query::get_logs(&db.pool, scenario, Scope::Live, 10_000)
         .await
         .unwrap();
-    run_inline(&db, 1000).await;
+    run_inline(&db, archiver::ledger::Kind::Logs, 1000).await;
     let live = query::get_logs(&db.pool, scenario, Scope::Live, 10_000)
         .await
         .unwrap();

@@ -1,11 +1,11 @@
 //! The metrics policy: exact daily aggregates, whatever the batch size and
 //! however often a batch is delivered; late samples merge exactly.
 
-use crate::helpers::{TestDb, amqp_config, delete_queues, plan_options};
+use crate::helpers::{TestDb, amqp_config, delete_queues, plan_options, run_inline};
 use archiver::ledger::Kind;
 use archiver::plan;
 use archiver::transport::amqp::{AmqpConsumer, AmqpPublisher};
-use archiver::transport::{BatchMessage, Consumer, Publisher, inline};
+use archiver::transport::{BatchMessage, Consumer, Publisher};
 use archiver::worker::{self, WorkerOptions};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -89,37 +89,6 @@ async fn old_left(db: &TestDb) -> i64 {
     .unwrap()
 }
 
-async fn run_inline(db: &TestDb, batch_size: i64) -> plan::Planned {
-    let (publisher, mut consumer) = inline::queue();
-    let pool = db.pool.clone();
-    let executors = tokio::spawn(async move {
-        worker::run(
-            &pool,
-            &mut consumer,
-            WorkerOptions::default(),
-            CancellationToken::new(),
-        )
-        .await
-    });
-    let planned = plan::plan(
-        &db.pool,
-        Kind::Metrics,
-        &plan_options(batch_size, "inline"),
-        &publisher,
-    )
-    .await
-    .unwrap();
-    publisher.close().await.unwrap();
-    executors.await.unwrap().unwrap();
-    assert!(
-        publisher.dead_letters().await.is_empty(),
-        "{:?}",
-        publisher.dead_letters().await
-    );
-    assert_eq!(db.wait_job(planned.job).await, "completed");
-    planned
-}
-
 #[tokio::test]
 async fn aggregates_equal_one_group_by_whatever_the_batch_size() {
     for (i, batch_size) in [1i64, 37, 400, 1_000_000].into_iter().enumerate() {
@@ -127,7 +96,7 @@ async fn aggregates_equal_one_group_by_whatever_the_batch_size() {
         load_samples(&db, 6_000, 0.1 * i as f64).await;
         save_expected(&db, "scenario_metrics").await;
         let young = young_hash(&db).await;
-        let planned = run_inline(&db, batch_size).await;
+        let planned = run_inline(&db, Kind::Metrics, batch_size).await;
         assert_eq!(mismatches(&db).await, 0, "batch size {batch_size}");
         assert_eq!(
             old_left(&db).await,
@@ -168,7 +137,7 @@ async fn late_samples_merge_exactly_and_extra_data_keeps_what_all_share() {
         .execute(&db.pool)
         .await
         .unwrap();
-    run_inline(&db, 250).await;
+    run_inline(&db, Kind::Metrics, 250).await;
     let extra: serde_json::Value = sqlx::query_scalar(
         "SELECT extra_data FROM scenario_metrics_archive WHERE sample_count > 8 LIMIT 1",
     )
@@ -197,7 +166,7 @@ async fn late_samples_merge_exactly_and_extra_data_keeps_what_all_share() {
         .await
         .unwrap();
     save_expected(&db, "originals").await;
-    run_inline(&db, 250).await;
+    run_inline(&db, Kind::Metrics, 250).await;
     assert_eq!(
         mismatches(&db).await,
         0,
@@ -290,12 +259,7 @@ async fn redelivery_a_kill_after_commit_and_replanning_leave_aggregates_unchange
             .unwrap()
     });
     assert_eq!(db.wait_job(planned.job).await, "completed");
-    for _ in 0..200 {
-        if crate::helpers::queue_depth(&cfg, &cfg.queue).await == Some(0) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    crate::helpers::wait_queue_empty(&cfg).await;
     stop.cancel();
     let stats = w.await.unwrap();
     assert!(
@@ -312,7 +276,7 @@ async fn redelivery_a_kill_after_commit_and_replanning_leave_aggregates_unchange
     .await
     .unwrap();
     // Planning again finds nothing and changes nothing.
-    let again = run_inline(&db, 300).await;
+    let again = run_inline(&db, Kind::Metrics, 300).await;
     assert_eq!(again.batches, 0);
     let archive_after: String = sqlx::query_scalar(
         "SELECT md5(string_agg(t::text, '|' ORDER BY t.id)) FROM (SELECT id, value, sample_count, value_sum FROM scenario_metrics_archive) t",
