@@ -155,6 +155,12 @@ pub struct PlannerCli {
     #[arg(long, env = "ARCHIVER_METRICS_AGE_DAYS", default_value_t = 730,
           value_parser = clap::value_parser!(u32).range(1..=36500))]
     pub metrics_age_days: u32,
+    /// Republish pending batches whose message went out longer ago than
+    /// this (minutes) and may have been lost; skipped while the queue holds
+    /// at least as many messages as there are pending batches.
+    #[arg(long, env = "ARCHIVER_RESCUE_AFTER_MINUTES", default_value_t = 1440,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub rescue_after_minutes: u64,
     /// Reports per batch (each is a file to compress and upload).
     #[arg(long, env = "ARCHIVER_REPORTS_BATCH_SIZE", default_value_t = 20,
           value_parser = clap::value_parser!(i64).range(1..=10_000))]
@@ -180,6 +186,25 @@ pub enum PlannerCommand {
         /// Where to write the file (must not exist).
         #[arg(long)]
         to: PathBuf,
+    },
+    /// Jobs, batches by status, and dead batches with their reasons.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead batches back on the work queue (inline: run them here),
+    /// once their cause is fixed. A batch that is not dead is left alone.
+    Redrive {
+        /// One batch.
+        #[arg(long, conflicts_with = "all")]
+        batch: Option<uuid::Uuid>,
+        /// Every dead batch.
+        #[arg(long)]
+        all: bool,
+        /// List what would be redriven; change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Apply and verify the bucket's lifecycle rule for archived reports.
     Lifecycle {
@@ -262,6 +287,24 @@ async fn run_planner(cli: &PlannerCli) -> Result<bool> {
             let pool = db::connect(&opts, 2, Duration::from_secs(30)).await?;
             return restore_report(&pool, &cli.common, *id, to).await;
         }
+        Some(PlannerCommand::Status { json }) => {
+            let pool = db::connect(&opts, 2, Duration::from_secs(30)).await?;
+            return status(&pool, *json).await;
+        }
+        Some(PlannerCommand::Redrive {
+            batch,
+            all,
+            dry_run,
+        }) => {
+            let pool = db::connect(
+                &opts,
+                u32::from(cli.common.concurrency) + 3,
+                Duration::from_secs(30),
+            )
+            .await?;
+            db::check_migrated(&pool).await?;
+            return redrive(&pool, &cli.common, &queue, *batch, *all, *dry_run).await;
+        }
         Some(PlannerCommand::Lifecycle {
             dry_run,
             glacier_after_days,
@@ -322,6 +365,10 @@ async fn run_planner(cli: &PlannerCli) -> Result<bool> {
                 delivery_limit: *delivery_limit,
             };
             let publisher = AmqpPublisher::connect(cfg).await?;
+            let age = Duration::from_secs(cli.rescue_after_minutes * 60);
+            for &kind in &kinds {
+                rescue(&pool, &publisher, kind, age).await?;
+            }
             let (planned, ok) = plan_kinds(&pool, &kinds, &plan_opts, &publisher).await;
             publisher.close().await?;
             for p in &planned {
@@ -411,6 +458,161 @@ async fn restore_report(pool: &PgPool, common: &Common, id: uuid::Uuid, to: &Pat
         n
     );
     Ok(true)
+}
+
+/// Republishes pending batches of `kind` older than `age`, unless the queue
+/// already holds a message for every pending batch (a long backlog draining
+/// must not be duplicated). A republished batch that also arrives the first
+/// way runs once: the ledger makes the second delivery a no-op.
+async fn rescue(pool: &PgPool, publisher: &AmqpPublisher, kind: Kind, age: Duration) -> Result<()> {
+    let stale = ledger::stale_batches(pool, kind, age).await?;
+    if stale.is_empty() {
+        return Ok(());
+    }
+    let (pending, ready) = (
+        ledger::pending_count(pool, kind).await?,
+        publisher.ready().await?,
+    );
+    if i64::from(ready) >= pending {
+        println!(
+            "{kind}: {} pending batch(es) older than the rescue age, but the queue holds {ready} message(s) for {pending} pending: none lost",
+            stale.len()
+        );
+        return Ok(());
+    }
+    let messages: Vec<BatchMessage> = stale
+        .iter()
+        .map(|&id| BatchMessage::new(id, kind))
+        .collect();
+    publisher.publish(&messages).await?;
+    ledger::mark_published(pool, &stale).await?;
+    println!(
+        "{kind}: republished {} batch(es) whose messages may have been lost (pending {pending}, queue holds {ready})",
+        stale.len()
+    );
+    Ok(())
+}
+
+async fn status(pool: &PgPool, json: bool) -> Result<bool> {
+    let jobs = ledger::recent_jobs(pool, 10).await?;
+    let counts = ledger::open_batch_counts(pool).await?;
+    let dead = ledger::dead_batches(pool, None).await?;
+    if json {
+        let v = serde_json::json!({ "jobs": jobs, "open_batches": counts, "dead_batches": dead });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("serializable")
+        );
+    } else {
+        println!("{}", report::status(&jobs, &counts, &dead));
+    }
+    Ok(true)
+}
+
+async fn redrive(
+    pool: &PgPool,
+    common: &Common,
+    queue: &QueueConfig,
+    batch: Option<uuid::Uuid>,
+    all: bool,
+    dry_run: bool,
+) -> Result<bool> {
+    if batch.is_none() && !all {
+        return Err(Error::config(
+            "--all",
+            "say what to redrive: --batch ID or --all",
+        ));
+    }
+    let dead = ledger::dead_batches(pool, batch).await?;
+    if let (Some(id), true) = (batch, dead.is_empty()) {
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM archive_batches WHERE id = $1")
+                .bind(id)
+                .fetch_optional(pool)
+                .await?;
+        match status {
+            Some(s) => println!("batch {id} is {s}, not dead: nothing to redrive"),
+            None => {
+                return Err(Error::config(
+                    "--batch",
+                    format!("batch {id} is not in the ledger"),
+                ));
+            }
+        }
+        return Ok(true);
+    }
+    for d in &dead {
+        println!(
+            "{} {} ({} attempts): {}",
+            d.kind,
+            d.id,
+            d.attempts,
+            d.last_error.as_deref().unwrap_or("-")
+        );
+    }
+    if dry_run || dead.is_empty() {
+        println!(
+            "{} dead batch(es){}",
+            dead.len(),
+            if dry_run {
+                " would be redriven (dry run)"
+            } else {
+                ""
+            }
+        );
+        return Ok(true);
+    }
+    let _lock = take_lock(&config::database_options(
+        common.database_url.as_deref(),
+        "archiver-planner",
+    )?)
+    .await?;
+    let ids: Vec<uuid::Uuid> = dead.iter().map(|d| d.id).collect();
+    let revived = ledger::revive(pool, &ids).await?;
+    let messages: Vec<BatchMessage> = revived
+        .iter()
+        .map(|&(id, kind)| BatchMessage::new(id, kind))
+        .collect();
+    match queue {
+        QueueConfig::Amqp {
+            url,
+            queue,
+            delivery_limit,
+        } => {
+            let cfg = AmqpConfig {
+                url: url.clone(),
+                queue: queue.clone(),
+                delivery_limit: *delivery_limit,
+            };
+            let publisher = AmqpPublisher::connect(cfg).await?;
+            publisher.publish(&messages).await?;
+            ledger::mark_published(pool, &ids).await?;
+            publisher.close().await?;
+            println!("redrove {} batch(es) to {queue}", messages.len());
+            Ok(true)
+        }
+        QueueConfig::Inline => {
+            let exec = common.executor(pool).await?;
+            let (publisher, mut consumer) = inline::queue();
+            publisher.publish(&messages).await?;
+            publisher.close().await?;
+            worker::run(
+                &exec,
+                &mut consumer,
+                common.worker_options(),
+                CancellationToken::new(),
+            )
+            .await?;
+            let still = ledger::dead_batches(pool, None).await?;
+            let again: Vec<_> = still.iter().filter(|d| ids.contains(&d.id)).collect();
+            println!(
+                "ran {} batch(es) here; {} dead again",
+                messages.len(),
+                again.len()
+            );
+            Ok(again.is_empty())
+        }
+    }
 }
 
 /// Plans each kind; a failure of one kind does not stop the others.

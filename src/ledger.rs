@@ -407,7 +407,7 @@ pub async fn record_failure(
 }
 
 /// A job's row as reports show it.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
 pub struct JobRow {
     /// Job id.
     pub id: Uuid,
@@ -444,5 +444,134 @@ pub async fn job(pool: &PgPool, id: Uuid) -> Result<JobRow> {
     )
     .bind(id)
     .fetch_one(pool)
+    .await?)
+}
+
+/// Batches per kind and status, over jobs not yet completed.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct BatchCount {
+    /// Kind.
+    pub kind: String,
+    /// `pending`, `done` or `dead`.
+    pub status: String,
+    /// How many.
+    pub batches: i64,
+}
+
+/// A parked batch and why.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct DeadBatch {
+    /// Batch id.
+    pub id: Uuid,
+    /// Its job.
+    pub job_id: Uuid,
+    /// Kind.
+    pub kind: String,
+    /// Attempts so far.
+    pub attempts: i32,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// Rows it was planned with.
+    pub planned_rows: i64,
+}
+
+/// Batch counts of unfinished jobs.
+pub async fn open_batch_counts(pool: &PgPool) -> Result<Vec<BatchCount>> {
+    Ok(sqlx::query_as(
+        "SELECT b.kind, b.status, count(*) AS batches
+         FROM archive_batches b JOIN archive_jobs j ON j.id = b.job_id
+         WHERE j.status <> 'completed'
+         GROUP BY 1, 2 ORDER BY 1, 2",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Dead batches, or one batch by id (whatever its status, for redrive).
+pub async fn dead_batches(pool: &PgPool, only: Option<Uuid>) -> Result<Vec<DeadBatch>> {
+    Ok(sqlx::query_as(
+        "SELECT id, job_id, kind, attempts, last_error, planned_rows FROM archive_batches
+         WHERE status = 'dead' AND ($1::uuid IS NULL OR id = $1) ORDER BY created_at, seq",
+    )
+    .bind(only)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Puts dead batches back to `pending` (attempts start again) and their jobs
+/// back to `running` when no dead batch is left in them. Returns the batches
+/// actually revived; a batch that is not dead is left alone.
+pub async fn revive(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<(Uuid, Kind)>> {
+    let mut tx = pool.begin().await?;
+    let rows = sqlx::query(
+        "UPDATE archive_batches SET status = 'pending', attempts = 0
+         WHERE id = ANY($1) AND status = 'dead' RETURNING id, kind, job_id",
+    )
+    .bind(ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let jobs: Vec<Uuid> = rows.iter().map(|r| r.get("job_id")).collect();
+    sqlx::query(
+        "UPDATE archive_jobs j SET status = 'running', completed_at = NULL, error_message = NULL
+         WHERE j.id = ANY($1) AND j.status = 'failed'
+           AND NOT EXISTS (SELECT 1 FROM archive_batches b WHERE b.job_id = j.id AND b.status = 'dead')",
+    )
+    .bind(&jobs)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    rows.iter()
+        .map(|r| {
+            let kind: String = r.get("kind");
+            Ok((
+                r.get("id"),
+                kind.parse().map_err(|e: String| Error::BadBatch {
+                    id: r.get("id"),
+                    reason: e,
+                })?,
+            ))
+        })
+        .collect()
+}
+
+/// Pending batches of `kind` whose message was published (or recorded)
+/// longer ago than `age` and that are still not done: their message may
+/// have been lost. Republishing them is safe: a batch runs once.
+pub async fn stale_batches(
+    pool: &PgPool,
+    kind: Kind,
+    age: std::time::Duration,
+) -> Result<Vec<Uuid>> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM archive_batches
+         WHERE kind = $1 AND status = 'pending'
+           AND COALESCE(published_at, created_at) < now() - make_interval(secs => $2)
+         ORDER BY hi_ts, hi_id",
+    )
+    .bind(kind.as_str())
+    .bind(age.as_secs_f64())
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Counts pending batches of a kind.
+pub async fn pending_count(pool: &PgPool, kind: Kind) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM archive_batches WHERE kind = $1 AND status = 'pending'",
+    )
+    .bind(kind.as_str())
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Recent jobs, newest first.
+pub async fn recent_jobs(pool: &PgPool, limit: i64) -> Result<Vec<JobRow>> {
+    Ok(sqlx::query_as(
+        "SELECT id, job_type, status, records_archived, records_deleted, records_processed, bytes_archived,
+                batches_planned, batches_done, error_message, started_at, completed_at
+         FROM archive_jobs ORDER BY created_at DESC LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
     .await?)
 }

@@ -1,6 +1,6 @@
 //! What the planner prints: one line per kind that a person reads at a glance.
 
-use crate::ledger::{JobRow, Kind};
+use crate::ledger::{BatchCount, DeadBatch, JobRow, Kind};
 use crate::plan::{Eligible, Planned};
 use chrono::{DateTime, Utc};
 use std::time::Duration;
@@ -136,6 +136,56 @@ pub fn finished(job: &JobRow, elapsed: Duration) -> String {
         s.push_str(&format!("; error: {err}"));
     }
     s
+}
+
+/// `planner status`: recent jobs, open batches, dead batches and why.
+pub fn status(jobs: &[JobRow], counts: &[BatchCount], dead: &[DeadBatch]) -> String {
+    let mut s = String::from("recent jobs (newest first):\n");
+    if jobs.is_empty() {
+        s.push_str("  none\n");
+    }
+    for j in jobs {
+        s.push_str(&format!(
+            "  {:<8} {:<9} started {}  batches {}/{}  archived {}{}\n",
+            j.job_type,
+            j.status,
+            time(j.started_at),
+            j.batches_done,
+            j.batches_planned,
+            count(j.records_archived.unwrap_or(0)),
+            j.error_message
+                .as_deref()
+                .map(|e| format!("  error: {e}"))
+                .unwrap_or_default(),
+        ));
+    }
+    s.push_str("batches of unfinished jobs:\n");
+    if counts.is_empty() {
+        s.push_str("  none\n");
+    }
+    for c in counts {
+        s.push_str(&format!(
+            "  {:<8} {:<8} {}\n",
+            c.kind,
+            c.status,
+            count(c.batches)
+        ));
+    }
+    s.push_str(&format!("dead batches: {}\n", dead.len()));
+    for d in dead {
+        s.push_str(&format!(
+            "  {} {} job {} ({} attempts): {}\n",
+            d.kind,
+            d.id,
+            d.job_id,
+            d.attempts,
+            d.last_error.as_deref().unwrap_or("-")
+        ));
+    }
+    if !dead.is_empty() {
+        s.push_str("  fix the cause, then: planner redrive --all (or --batch ID)\n");
+    }
+    s.trim_end().to_string()
 }
 
 #[cfg(test)]

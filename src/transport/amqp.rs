@@ -179,6 +179,24 @@ impl AmqpPublisher {
         let (conn, channel) = open(&cfg, "archiver-planner").await?;
         Ok(AmqpPublisher { cfg, conn, channel })
     }
+
+    /// Messages ready in the work queue (not counting those being worked on).
+    pub async fn ready(&self) -> Result<u32> {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let q = timed(
+            "queue.declare (passive)",
+            self.channel.queue_declare(
+                self.cfg.queue.as_str().into(),
+                passive,
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        Ok(q.message_count())
+    }
 }
 
 fn properties(msg_id: &str) -> BasicProperties {

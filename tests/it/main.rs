@@ -3,6 +3,7 @@
 //! `scripts/services.sh`. Each test has its own database, queues and bucket.
 
 mod cli;
+mod failures;
 mod fleet;
 mod helpers;
 mod logs;
