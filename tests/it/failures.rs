@@ -274,3 +274,65 @@ async fn transient_failures_are_retried_and_parked_only_past_the_delivery_limit(
     delete_queues(&cfg).await;
     db.cleanup().await;
 }
+
+#[tokio::test]
+async fn batches_whose_messages_were_lost_are_republished_by_the_next_run() {
+    let db = TestDb::new().await;
+    db.load_logs(3_000).await;
+    let (old, young) = db.split_hashes().await;
+    let cfg = amqp_config();
+    let publisher = AmqpPublisher::connect(cfg.clone()).await.unwrap();
+    let planned = plan::plan(&db.pool, Kind::Logs, &plan_options(400, "amqp"), &publisher)
+        .await
+        .unwrap();
+    // The broker loses every message; an hour and a half passes.
+    let conn = lapin::Connection::connect(&cfg.url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    conn.create_channel()
+        .await
+        .unwrap()
+        .queue_purge(cfg.queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let _ = conn.close(200, "".into()).await;
+    sqlx::query("UPDATE archive_batches SET published_at = now() - interval '90 minutes'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    // Younger than the rescue age: left alone.
+    let mut c = Command::new(env!("CARGO_BIN_EXE_planner"));
+    c.args(["--logs"])
+        .env("DATABASE_URL", &db.url)
+        .env("QUEUE_URL", &cfg.url)
+        .env("ARCHIVER_QUEUE", &cfg.queue);
+    let o = c
+        .env("ARCHIVER_RESCUE_AFTER_MINUTES", "120")
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("republished"));
+    let o = c
+        .env("ARCHIVER_RESCUE_AFTER_MINUTES", "60")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && out.contains(&format!("republished {} batch(es)", planned.batches)),
+        "{out}"
+    );
+    // Running again right away republishes nothing: they were just sent.
+    let o = c.output().unwrap();
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("republished"));
+
+    let stop = CancellationToken::new();
+    let w = spawn_worker(&db, &cfg, WorkerOptions::default(), &stop);
+    assert_eq!(db.wait_job(planned.job).await, "completed");
+    stop.cancel();
+    w.await.unwrap();
+    db.assert_logs_invariant(&old, &young).await;
+    db.assert_job_counted_once(planned.job, old.0).await;
+    publisher.close().await.unwrap();
+    delete_queues(&cfg).await;
+    db.cleanup().await;
+}
