@@ -164,6 +164,10 @@ struct Args {
     /// is) instead of random times (`demo::load_metrics`).
     #[arg(long)]
     ordered: bool,
+    /// Turn PostgreSQL's JIT off in the scratch database (every run, the
+    /// limit included), to see what JIT compilation costs each statement.
+    #[arg(long)]
+    no_jit: bool,
     /// Rows per batch (archiver and server-side loop alike).
     #[arg(long, default_value_t = 5000)]
     batch_size: i64,
@@ -341,6 +345,13 @@ impl Probe {
         let inserter = Inserter::start(self.opts.clone(), self.rate, self.sql).await?;
         self.live = Some((inserter, Instant::now(), load));
         Ok(())
+    }
+
+    /// Seconds since the timed part started.
+    fn elapsed(&self) -> f64 {
+        self.live
+            .as_ref()
+            .map_or(f64::NAN, |(_, t0, _)| t0.elapsed().as_secs_f64())
     }
 
     fn finish(&mut self) -> Result<()> {
@@ -558,9 +569,11 @@ impl Bench {
         .await
         .context("planning")?;
         publisher.close().await?;
+        let plan_returned = probe.elapsed();
         self.wait_job(planned.job).await?;
+        let done_seen = probe.elapsed();
         probe.finish()?;
-        self.timeline(planned.job).await?;
+        self.timeline(planned.job, plan_returned, done_seen).await?;
         executors.await??;
         let dead = publisher.dead_letters().await;
         ensure!(
@@ -600,9 +613,11 @@ impl Bench {
         .await
         .context("planning")?;
         publisher.close().await?;
+        let plan_returned = probe.elapsed();
         self.wait_job(planned.job).await?;
+        let done_seen = probe.elapsed();
         probe.finish()?;
-        self.timeline(planned.job).await?;
+        self.timeline(planned.job, plan_returned, done_seen).await?;
         stop.cancel();
         let mut shares = Vec::new();
         for w in fleet {
@@ -674,13 +689,15 @@ impl Bench {
         }
     }
 
-    /// Where a job's time went, from the ledger (printed to stderr).
-    async fn timeline(&self, job: Uuid) -> Result<()> {
+    /// Where a job's time went, from the ledger, and when the bench saw
+    /// `plan()` return and the job done, by the run's clock (to stderr).
+    async fn timeline(&self, job: Uuid, plan_returned: f64, done_seen: f64) -> Result<()> {
         let r = sqlx::query(
             "SELECT extract(epoch FROM max(b.published_at) - j.started_at)::float8,
                     extract(epoch FROM min(b.completed_at) - j.started_at)::float8,
                     extract(epoch FROM j.completed_at - max(b.published_at))::float8,
-                    count(*)
+                    count(*),
+                    extract(epoch FROM j.completed_at - j.started_at)::float8
              FROM archive_jobs j JOIN archive_batches b ON b.job_id = j.id
              WHERE j.id = $1 GROUP BY j.id",
         )
@@ -690,11 +707,13 @@ impl Bench {
         let secs = |i: usize| r.get::<Option<f64>, _>(i).unwrap_or(f64::NAN);
         eprintln!(
             "bench: {} batches; planning took {:.2} s, first batch done at {:.2} s, \
-             last batch published → job done {:.2} s",
+             last batch published → job done {:.2} s; job start → done {:.2} s; \
+             run clock: plan() returned at {plan_returned:.2} s, job seen done at {done_seen:.2} s",
             r.get::<i64, _>(3),
             secs(0),
             secs(1),
-            secs(2)
+            secs(2),
+            secs(4)
         );
         Ok(())
     }
@@ -944,6 +963,10 @@ async fn create_database(args: &Args) -> Result<PgConnectOptions> {
     ] {
         sqlx::raw_sql(AssertSqlSafe(sql)).execute(&pool).await?;
     }
+    if args.no_jit {
+        let sql = format!("ALTER DATABASE {} SET jit = off", args.database);
+        sqlx::raw_sql(AssertSqlSafe(sql)).execute(&pool).await?;
+    }
     pool.close().await;
     Ok(admin.database(&args.database))
 }
@@ -1055,6 +1078,9 @@ async fn print_header(bench: &Bench, idle: &Latency) -> Result<()> {
             a.inline_concurrency,
             a.insert_rate
         ),
+    }
+    if a.no_jit {
+        println!("--no-jit: jit = off in {} (every run)", a.database);
     }
     println!(
         "idle insert latency ({} inserts over {} s): p50 {:.2} ms · p99 {:.2} ms · max {:.2} ms",

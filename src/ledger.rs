@@ -170,10 +170,16 @@ pub async fn record_batches(
 
 /// Notes that the broker confirmed these batches' messages.
 pub async fn mark_published(pool: &PgPool, ids: &[Uuid]) -> Result<()> {
-    sqlx::query("UPDATE archive_batches SET published_at = now() WHERE id = ANY($1)")
-        .bind(ids)
-        .execute(pool)
-        .await?;
+    // SKIP LOCKED: a batch already running holds its row; planning must
+    // not wait for it (its published_at stays unset, which rescue treats
+    // like its creation time).
+    sqlx::query(
+        "UPDATE archive_batches SET published_at = now() WHERE id IN
+             (SELECT id FROM archive_batches WHERE id = ANY($1) FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(ids)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 

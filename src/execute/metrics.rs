@@ -24,7 +24,9 @@ pub async fn archive(tx: &mut Transaction<'_, Postgres>, batch: &Batch) -> Resul
     let sql = format!(
         "WITH moved AS (
              DELETE FROM scenario_metrics
-             WHERE ($1::timestamptz IS NULL OR ({day}, scenario_id) > ($1 AT TIME ZONE 'UTC', $2))
+             -- COALESCE bounds, not an IS NULL test: generic plans keep the index range.
+             WHERE ({day}, scenario_id) > (COALESCE($1 AT TIME ZONE 'UTC', '-infinity'),
+                                          COALESCE($2, '00000000-0000-0000-0000-000000000000'::uuid))
                AND ({day}, scenario_id) <= ($3 AT TIME ZONE 'UTC', $4)
                AND \"timestamp\" < $5
              RETURNING scenario_id, metric_type, metric_name, unit, {day} AS day, value,

@@ -67,6 +67,9 @@ pub async fn execute_batch(exec: &Executor, id: Uuid, kind: Kind) -> Result<Outc
         return reports::execute(exec, ctx, id).await;
     }
     let mut tx = exec.pool.begin().await?;
+    // A batch statement is costed high (jsonb_each, big ranges) and would be
+    // JIT-compiled on every run, taking longer than the work itself.
+    sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await?;
     let batch = ledger::lock_batch(&mut tx, id).await?;
     check_kind(&batch, kind)?;
     if batch.status == "done" {

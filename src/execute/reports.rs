@@ -133,7 +133,8 @@ pub(super) async fn execute(exec: &Executor, ctx: &ReportsContext, id: Uuid) -> 
 async fn load(exec: &Executor, batch: &Batch) -> Result<Vec<Report>> {
     let rows = sqlx::query(
         "SELECT id, scenario_id, format, file_path, generated_by, extra_data, created_at FROM reports
-         WHERE ($1::timestamptz IS NULL OR (created_at, id) > ($1, $2))
+         WHERE (created_at, id) > (COALESCE($1, '-infinity'::timestamptz),
+                                   COALESCE($2, '00000000-0000-0000-0000-000000000000'::uuid))
            AND (created_at, id) <= ($3, $4) AND created_at < $5
          ORDER BY created_at, id",
     )

@@ -10,7 +10,6 @@ use crate::ledger::{Key, Kind};
 use crate::partitions;
 use chrono::{DateTime, Duration, Utc};
 use sqlx::{PgPool, Row};
-use std::future::Future;
 use uuid::Uuid;
 
 /// The UTC day of a sample: the indexed expression.
@@ -72,7 +71,8 @@ pub(super) async fn eligible(
                 count(DISTINCT (scenario_id, metric_type, metric_name, unit, {DAY})) AS groups,
                 min(\"timestamp\") AS oldest, max(\"timestamp\") AS newest
          FROM scenario_metrics
-         WHERE ($1::timestamptz IS NULL OR ({DAY}, scenario_id) > ($1 AT TIME ZONE 'UTC', $2))
+         WHERE ({DAY}, scenario_id) > (COALESCE($1 AT TIME ZONE 'UTC', '-infinity'),
+                                       COALESCE($2, '00000000-0000-0000-0000-000000000000'::uuid))
            AND {DAY} < ($3 AT TIME ZONE 'UTC')"
     );
     let row = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -81,12 +81,8 @@ pub(super) async fn eligible(
         .bind(cutoff)
         .fetch_one(pool)
         .await?;
-    let mut batches = 0;
-    walk(pool, after, cutoff, batch_size, |_, _, _| {
-        batches += 1;
-        async { Ok(()) }
-    })
-    .await?;
+    let mut batches = Count(0);
+    walk(pool, after, cutoff, batch_size, &mut batches).await?;
     Ok(Eligible {
         kind: Kind::Metrics,
         cutoff,
@@ -96,7 +92,7 @@ pub(super) async fn eligible(
         missing: None,
         oldest: row.get("oldest"),
         newest: row.get("newest"),
-        batches,
+        batches: batches.0,
         pending: None,
     })
 }
@@ -111,31 +107,40 @@ pub(super) async fn cut(
     if let Some(first) = next_day(pool, after.map(|k| k.ts), true, cutoff).await? {
         partitions::ensure_months(pool, "scenario_metrics_archive", first, cutoff).await?;
     }
-    let mut batches = Vec::new();
-    walk(pool, after, cutoff, batch_size, |lo, hi, n| {
-        batches.push((lo, hi, n));
-        async { Ok(()) }
-    })
-    .await?;
-    for (lo, hi, n) in batches {
-        sink.push(lo, hi, n).await?;
-    }
-    Ok(())
+    walk(pool, after, cutoff, batch_size, sink).await
 }
 
-/// Walks eligible (day, scenario) keys above `after` in order and calls `emit`
-/// for each batch the [`Cutter`] closes.
-async fn walk<F, Fut>(
+/// Where the batches a walk cuts go.
+trait Emit {
+    async fn emit(&mut self, lo: Key, hi: Key, samples: i64) -> Result<()>;
+}
+
+/// A dry run only counts them.
+struct Count(i64);
+
+impl Emit for Count {
+    async fn emit(&mut self, _: Key, _: Key, _: i64) -> Result<()> {
+        self.0 += 1;
+        Ok(())
+    }
+}
+
+/// A real run records and publishes them as they are cut.
+impl Emit for Sink<'_> {
+    async fn emit(&mut self, lo: Key, hi: Key, samples: i64) -> Result<()> {
+        self.push(lo, hi, samples).await
+    }
+}
+
+/// Walks eligible (day, scenario) keys above `after` in order and emits
+/// each batch the [`Cutter`] closes.
+async fn walk(
     pool: &PgPool,
     after: Option<Key>,
     cutoff: DateTime<Utc>,
     batch_size: i64,
-    mut emit: F,
-) -> Result<()>
-where
-    F: FnMut(Key, Key, i64) -> Fut,
-    Fut: Future<Output = Result<()>>,
-{
+    out: &mut impl Emit,
+) -> Result<()> {
     let Some(mut day) = next_day(pool, after.map(|k| k.ts), true, cutoff).await? else {
         return Ok(());
     };
@@ -154,7 +159,7 @@ where
                 },
                 n,
             ) {
-                emit(lo, hi, n).await?;
+                out.emit(lo, hi, n).await?;
             }
         }
         match next_day(pool, Some(day), false, cutoff).await? {
@@ -163,7 +168,7 @@ where
         }
     }
     if let Some((lo, hi, n)) = cutter.close() {
-        emit(lo, hi, n).await?;
+        out.emit(lo, hi, n).await?;
     }
     Ok(())
 }
