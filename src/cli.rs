@@ -12,6 +12,7 @@ use crate::ledger::Kind;
 use crate::objects::{self, Compression, ObjectStore};
 use crate::plan::{self, Eligible, PlanOptions, Planned};
 use crate::transport::amqp::{AmqpConfig, AmqpConsumer, AmqpPublisher};
+use crate::transport::sqs::{SqsConfig, SqsConsumer, SqsPublisher};
 use crate::transport::{BatchMessage, Publisher, inline};
 use crate::worker::{self, WorkerOptions};
 use crate::{db, ledger, report, telemetry};
@@ -30,10 +31,14 @@ pub struct Common {
     /// PostgreSQL URL (`postgresql+asyncpg://` accepted).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
-    /// Broker URL: `amqp://…` for RabbitMQ; unset for inline (no broker).
+    /// Broker URL: `amqp://…` for RabbitMQ; an SQS queue URL
+    /// (`https://sqs.<region>.amazonaws.com/<account>/<name>`, or
+    /// `http://host:port/<account>/<name>` for an SQS-compatible server) or
+    /// `sqs://<name>` for SQS; unset for inline (no broker).
     #[arg(long, env = "QUEUE_URL", hide_env_values = true)]
     pub queue_url: Option<String>,
-    /// Work queue name (with `<name>.dlx` and `<name>.dead`).
+    /// RabbitMQ work queue name (with `<name>.dlx` and `<name>.dead`); an
+    /// SQS queue is named by QUEUE_URL (with `<name>-dead`).
     #[arg(long, env = "ARCHIVER_QUEUE", default_value = "archiver.batches")]
     pub queue: String,
     /// Deliveries of a failing batch before it is dead-lettered.
@@ -376,6 +381,23 @@ async fn run_planner(cli: &PlannerCli) -> Result<bool> {
             }
             ok
         }
+        QueueConfig::Sqs {
+            queue_url_or_name,
+            delivery_limit,
+        } => {
+            let cfg = SqsConfig::new(queue_url_or_name, *delivery_limit)?;
+            let publisher = SqsPublisher::connect(&cfg).await?;
+            let age = Duration::from_secs(cli.rescue_after_minutes * 60);
+            for &kind in &kinds {
+                rescue(&pool, &publisher, kind, age).await?;
+            }
+            let (planned, ok) = plan_kinds(&pool, &kinds, &plan_opts, &publisher).await;
+            publisher.close().await?;
+            for p in &planned {
+                println!("{}", report::published(p, &cfg.name));
+            }
+            ok
+        }
     };
     Ok(ok)
 }
@@ -460,11 +482,31 @@ async fn restore_report(pool: &PgPool, common: &Common, id: uuid::Uuid, to: &Pat
     Ok(true)
 }
 
+/// A publisher whose broker can say how many messages wait in its queue.
+#[async_trait::async_trait]
+trait Backlog: Publisher {
+    async fn ready(&self) -> Result<u32>;
+}
+
+#[async_trait::async_trait]
+impl Backlog for AmqpPublisher {
+    async fn ready(&self) -> Result<u32> {
+        AmqpPublisher::ready(self).await
+    }
+}
+
+#[async_trait::async_trait]
+impl Backlog for SqsPublisher {
+    async fn ready(&self) -> Result<u32> {
+        SqsPublisher::ready(self).await
+    }
+}
+
 /// Republishes pending batches of `kind` older than `age`, unless the queue
 /// already holds a message for every pending batch (a long backlog draining
 /// must not be duplicated). A republished batch that also arrives the first
 /// way runs once: the ledger makes the second delivery a no-op.
-async fn rescue(pool: &PgPool, publisher: &AmqpPublisher, kind: Kind, age: Duration) -> Result<()> {
+async fn rescue(pool: &PgPool, publisher: &impl Backlog, kind: Kind, age: Duration) -> Result<()> {
     let stale = ledger::stale_batches(pool, kind, age).await?;
     if stale.is_empty() {
         return Ok(());
@@ -589,6 +631,18 @@ async fn redrive(
             ledger::mark_published(pool, &ids).await?;
             publisher.close().await?;
             println!("redrove {} batch(es) to {queue}", messages.len());
+            Ok(true)
+        }
+        QueueConfig::Sqs {
+            queue_url_or_name,
+            delivery_limit,
+        } => {
+            let cfg = SqsConfig::new(queue_url_or_name, *delivery_limit)?;
+            let publisher = SqsPublisher::connect(&cfg).await?;
+            publisher.publish(&messages).await?;
+            ledger::mark_published(pool, &ids).await?;
+            publisher.close().await?;
+            println!("redrove {} batch(es) to {}", messages.len(), cfg.name);
             Ok(true)
         }
         QueueConfig::Inline => {
@@ -717,19 +771,13 @@ pub async fn worker_main(cli: WorkerCli) -> ExitCode {
 
 async fn run_worker(cli: &WorkerCli, shutdown: CancellationToken) -> Result<()> {
     let opts = config::database_options(cli.common.database_url.as_deref(), "archiver-worker")?;
-    let (url, queue, delivery_limit) = match cli.common.queue()? {
-        QueueConfig::Amqp {
-            url,
-            queue,
-            delivery_limit,
-        } => (url, queue, delivery_limit),
-        QueueConfig::Inline => {
-            return Err(Error::config(
-                "QUEUE_URL",
-                "not set: a worker consumes from a broker (amqp://…); with no broker the planner runs batches itself",
-            ));
-        }
-    };
+    let queue = cli.common.queue()?;
+    if queue == QueueConfig::Inline {
+        return Err(Error::config(
+            "QUEUE_URL",
+            "not set: a worker consumes from a broker (amqp://… or an SQS queue URL); with no broker the planner runs batches itself",
+        ));
+    }
     let pool = db::connect(
         &opts,
         u32::from(cli.common.concurrency) + 2,
@@ -737,15 +785,34 @@ async fn run_worker(cli: &WorkerCli, shutdown: CancellationToken) -> Result<()> 
     )
     .await?;
     db::check_migrated(&pool).await?;
-    let cfg = AmqpConfig {
-        url,
-        queue,
-        delivery_limit,
-    };
-    let mut consumer = AmqpConsumer::new(cfg, cli.common.concurrency);
     let exec = cli.common.executor(&pool).await?;
-    let stats = worker::run(&exec, &mut consumer, cli.common.worker_options(), shutdown).await?;
-    consumer.close().await;
+    let (options, concurrency) = (cli.common.worker_options(), cli.common.concurrency);
+    let stats = match queue {
+        QueueConfig::Amqp {
+            url,
+            queue,
+            delivery_limit,
+        } => {
+            let cfg = AmqpConfig {
+                url,
+                queue,
+                delivery_limit,
+            };
+            let mut consumer = AmqpConsumer::new(cfg, concurrency);
+            let stats = worker::run(&exec, &mut consumer, options, shutdown).await?;
+            consumer.close().await;
+            stats
+        }
+        QueueConfig::Sqs {
+            queue_url_or_name,
+            delivery_limit,
+        } => {
+            let cfg = SqsConfig::new(&queue_url_or_name, delivery_limit)?;
+            let mut consumer = SqsConsumer::from_env(cfg, concurrency).await;
+            worker::run(&exec, &mut consumer, options, shutdown).await?
+        }
+        QueueConfig::Inline => unreachable!("refused above"),
+    };
     tracing::info!(?stats, "worker stopped");
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! checks that turn a bad value into a one-line error naming the setting.
 
 use crate::error::{Error, Result};
+use crate::transport::sqs::SqsConfig;
 use sqlx::postgres::PgConnectOptions;
 use std::str::FromStr;
 use std::time::Duration;
@@ -41,10 +42,24 @@ pub enum QueueConfig {
         /// Deliveries after which the broker dead-letters a message.
         delivery_limit: u32,
     },
+    /// AWS SQS (or an SQS-compatible server), standard queue.
+    Sqs {
+        /// The queue URL, or the queue's name when `QUEUE_URL` was
+        /// `sqs://<name>`; `<name>-dead` is its dead-letter queue. Turn it
+        /// into a [`SqsConfig`] with [`SqsConfig::new`].
+        queue_url_or_name: String,
+        /// Receives after which SQS moves a message to the dead-letter
+        /// queue (the redrive policy's `maxReceiveCount`).
+        delivery_limit: u32,
+    },
 }
 
 impl QueueConfig {
-    /// Reads `QUEUE_URL` (unset or empty: inline).
+    /// Reads `QUEUE_URL` (unset or empty: inline): `amqp(s)://…` for
+    /// RabbitMQ (the queue is `queue`); an SQS queue URL
+    /// (`https://sqs.<region>.amazonaws.com/<account>/<name>`, or
+    /// `http(s)://host:port/<account>/<name>` for an SQS-compatible server)
+    /// or `sqs://<name>` for SQS (the URL names the queue).
     pub fn parse(url: Option<&str>, queue: &str, delivery_limit: u32) -> Result<Self> {
         let Some(url) = url.map(str::trim).filter(|u| !u.is_empty()) else {
             return Ok(QueueConfig::Inline);
@@ -73,10 +88,21 @@ impl QueueConfig {
                     delivery_limit,
                 })
             }
+            "sqs" | "http" | "https" => {
+                let cfg = SqsConfig::new(url, delivery_limit)?;
+                Ok(QueueConfig::Sqs {
+                    queue_url_or_name: if scheme == "sqs" {
+                        cfg.name
+                    } else {
+                        url.to_string()
+                    },
+                    delivery_limit,
+                })
+            }
             _ => Err(Error::config(
                 "QUEUE_URL",
                 format!(
-                    "unsupported scheme {scheme:?}: expected amqp:// or amqps:// (or unset for inline)"
+                    "unsupported scheme {scheme:?}: expected amqp://, amqps://, an SQS queue URL or sqs:// (or unset for inline)"
                 ),
             )),
         }
@@ -87,6 +113,7 @@ impl QueueConfig {
         match self {
             QueueConfig::Inline => "inline",
             QueueConfig::Amqp { .. } => "amqp",
+            QueueConfig::Sqs { .. } => "sqs",
         }
     }
 }
@@ -194,5 +221,68 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("QUEUE_URL: "), "{e}");
+    }
+
+    #[test]
+    fn sqs_queue_urls_and_names_select_sqs() {
+        let aws = "https://sqs.eu-west-1.amazonaws.com/123456789012/archiver-batches";
+        let q = QueueConfig::parse(Some(aws), "archiver.batches", 5).unwrap();
+        assert_eq!(
+            q,
+            QueueConfig::Sqs {
+                queue_url_or_name: aws.into(),
+                delivery_limit: 5
+            }
+        );
+        assert_eq!(q.name(), "sqs");
+        let local = "http://127.0.0.1:5000/123456789012/jobs";
+        let q = QueueConfig::parse(Some(local), "q", 3).unwrap();
+        assert_eq!(
+            q,
+            QueueConfig::Sqs {
+                queue_url_or_name: local.into(),
+                delivery_limit: 3
+            }
+        );
+        let q = QueueConfig::parse(Some("sqs://jobs"), "q", 5).unwrap();
+        assert_eq!(
+            q,
+            QueueConfig::Sqs {
+                queue_url_or_name: "jobs".into(),
+                delivery_limit: 5
+            }
+        );
+        assert_eq!(q.name(), "sqs");
+        // What the variant holds makes the same SqsConfig again.
+        let QueueConfig::Sqs {
+            queue_url_or_name,
+            delivery_limit,
+        } = QueueConfig::parse(Some(local), "q", 3).unwrap()
+        else {
+            unreachable!()
+        };
+        let cfg = SqsConfig::new(&queue_url_or_name, delivery_limit).unwrap();
+        assert_eq!(cfg.name, "jobs");
+        assert_eq!(cfg.endpoint.as_deref(), Some("http://127.0.0.1:5000"));
+        assert_eq!(cfg.delivery_limit, 3);
+    }
+
+    #[test]
+    fn bad_sqs_settings_name_the_setting() {
+        for bad in [
+            "sqs://",
+            "sqs://a.fifo",
+            "https://example.com/not-a-queue",
+            "http://127.0.0.1:5000/1/bad.name",
+        ] {
+            let e = QueueConfig::parse(Some(bad), "q", 5)
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("QUEUE_URL: "), "{bad}: {e}");
+        }
+        let e = QueueConfig::parse(Some("sqs://jobs"), "q", 1001)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("ARCHIVER_DELIVERY_LIMIT: "), "{e}");
     }
 }

@@ -10,7 +10,7 @@
 //! - [`plan`]: eligible rows → batches → ledger → messages; the dry run.
 //! - [`execute`]: one batch, one transaction, per kind.
 //! - [`objects`]: the object store for report files: S3 or a local directory.
-//! - [`transport`]: the queue seam: inline (no broker) and RabbitMQ.
+//! - [`transport`]: the queue seam: inline (no broker), RabbitMQ and SQS.
 //! - [`worker`]: the unit of work and the consuming loop.
 //! - [`query`]: a scenario's logs, live or with the archive (R10).
 //! - [`report`]: what the planner prints.

@@ -9,6 +9,7 @@
 
 pub mod amqp;
 pub mod inline;
+pub mod sqs;
 
 use crate::error::{Error, Result};
 use crate::ledger::Kind;

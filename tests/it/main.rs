@@ -11,3 +11,4 @@ mod metrics;
 mod objects;
 mod reports;
 mod spec_queries;
+mod sqs;

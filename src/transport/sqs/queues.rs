@@ -1,0 +1,182 @@
+//! Creating the work queue and its dead-letter queue, or finding them.
+
+use super::{SqsConfig, is_missing_queue, sqs_error};
+use crate::error::{Error, Result};
+use aws_sdk_sqs::Client;
+use aws_sdk_sqs::error::ProvideErrorMetadata;
+use aws_sdk_sqs::types::QueueAttributeName;
+use std::collections::HashMap;
+
+/// How long a message stays in the work queue (4 days).
+const WORK_RETENTION_SECS: u32 = 4 * 24 * 3600;
+/// How long a parked message stays (14 days, the SQS maximum). It must
+/// exceed the work queue's: a message keeps its first enqueue time.
+const DEAD_RETENTION_SECS: u32 = 14 * 24 * 3600;
+
+/// The URLs of a work queue and its dead-letter queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueUrls {
+    /// The work queue.
+    pub work: String,
+    /// The dead-letter queue.
+    pub dead: String,
+}
+
+/// Creates the dead-letter queue and the work queue with its redrive
+/// policy, or brings existing ones to these settings (idempotent; SQS,
+/// unlike RabbitMQ, lets attributes change).
+pub async fn ensure_queues(client: &Client, cfg: &SqsConfig) -> Result<QueueUrls> {
+    let dead_name = cfg.dead_name();
+    let dead = ensure_queue(
+        client,
+        &dead_name,
+        HashMap::from([(
+            QueueAttributeName::MessageRetentionPeriod,
+            DEAD_RETENTION_SECS.to_string(),
+        )]),
+    )
+    .await?;
+    let dead_arn = client
+        .get_queue_attributes()
+        .queue_url(&dead)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .map_err(|e| sqs_error("GetQueueAttributes", &dead_name, e))?
+        .attributes
+        .and_then(|mut a| a.remove(&QueueAttributeName::QueueArn))
+        .ok_or_else(|| Error::Broker(format!("SQS queue {dead_name} has no ARN")))?;
+    let redrive = serde_json::json!({
+        "deadLetterTargetArn": dead_arn,
+        "maxReceiveCount": cfg.delivery_limit,
+    });
+    let work = ensure_queue(
+        client,
+        &cfg.name,
+        HashMap::from([
+            (
+                QueueAttributeName::MessageRetentionPeriod,
+                WORK_RETENTION_SECS.to_string(),
+            ),
+            (QueueAttributeName::RedrivePolicy, redrive.to_string()),
+        ]),
+    )
+    .await?;
+    Ok(QueueUrls { work, dead })
+}
+
+/// The queues' URLs if both exist (creates nothing: for read-only tools).
+pub async fn lookup_queues(client: &Client, cfg: &SqsConfig) -> Result<Option<QueueUrls>> {
+    let mut urls = Vec::new();
+    for name in [cfg.name.clone(), cfg.dead_name()] {
+        match client.get_queue_url().queue_name(&name).send().await {
+            Ok(out) => urls.extend(out.queue_url),
+            Err(e) if e.code().is_some_and(is_missing_queue) => return Ok(None),
+            Err(e) => return Err(sqs_error("GetQueueUrl", &name, e)),
+        }
+    }
+    match <[String; 2]>::try_from(urls) {
+        Ok([work, dead]) => Ok(Some(QueueUrls { work, dead })),
+        Err(_) => Err(Error::Broker(format!(
+            "SQS GetQueueUrl {}: no queue URL in the reply",
+            cfg.name
+        ))),
+    }
+}
+
+async fn ensure_queue(
+    client: &Client,
+    name: &str,
+    wanted: HashMap<QueueAttributeName, String>,
+) -> Result<String> {
+    let created = client
+        .create_queue()
+        .queue_name(name)
+        .set_attributes(Some(wanted.clone()))
+        .send()
+        .await;
+    match created {
+        Ok(out) => {
+            return out
+                .queue_url
+                .ok_or_else(|| Error::Broker(format!("SQS CreateQueue {name}: no queue URL")));
+        }
+        Err(e) if matches!(e.code(), Some("QueueNameExists" | "QueueAlreadyExists")) => {}
+        Err(e) => return Err(sqs_error("CreateQueue", name, e)),
+    }
+    // It exists with other attributes: converge them.
+    let url = client
+        .get_queue_url()
+        .queue_name(name)
+        .send()
+        .await
+        .map_err(|e| sqs_error("GetQueueUrl", name, e))?
+        .queue_url
+        .ok_or_else(|| Error::Broker(format!("SQS GetQueueUrl {name}: no queue URL")))?;
+    let current = client
+        .get_queue_attributes()
+        .queue_url(&url)
+        .set_attribute_names(Some(wanted.keys().cloned().collect()))
+        .send()
+        .await
+        .map_err(|e| sqs_error("GetQueueAttributes", name, e))?
+        .attributes
+        .unwrap_or_default();
+    let changed: HashMap<_, _> = wanted
+        .into_iter()
+        .filter(|(k, v)| !same_attribute(k, current.get(k).map(String::as_str), v))
+        .collect();
+    if !changed.is_empty() {
+        let names: Vec<&str> = changed.keys().map(QueueAttributeName::as_str).collect();
+        tracing::info!(queue = name, "updating SQS queue attributes {names:?}");
+        client
+            .set_queue_attributes()
+            .queue_url(&url)
+            .set_attributes(Some(changed))
+            .send()
+            .await
+            .map_err(|e| sqs_error("SetQueueAttributes", name, e))?;
+    }
+    Ok(url)
+}
+
+/// Equal attribute values; a redrive policy's `maxReceiveCount` may come
+/// back as a number or a string.
+fn same_attribute(name: &QueueAttributeName, current: Option<&str>, wanted: &str) -> bool {
+    let Some(current) = current else {
+        return false;
+    };
+    if *name != QueueAttributeName::RedrivePolicy {
+        return current == wanted;
+    }
+    let norm = |s: &str| {
+        let v: serde_json::Value = serde_json::from_str(s).ok()?;
+        let count = match &v["maxReceiveCount"] {
+            serde_json::Value::String(s) => s.parse::<u64>().ok()?,
+            n => n.as_u64()?,
+        };
+        Some((v["deadLetterTargetArn"].as_str()?.to_string(), count))
+    };
+    norm(current).is_some_and(|c| Some(c) == norm(wanted))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redrive_policies_compare_by_meaning() {
+        let rp = QueueAttributeName::RedrivePolicy;
+        let wanted =
+            r#"{"deadLetterTargetArn":"arn:aws:sqs:us-east-1:1:q-dead","maxReceiveCount":5}"#;
+        let same =
+            r#"{"maxReceiveCount":"5","deadLetterTargetArn":"arn:aws:sqs:us-east-1:1:q-dead"}"#;
+        let other =
+            r#"{"deadLetterTargetArn":"arn:aws:sqs:us-east-1:1:q-dead","maxReceiveCount":3}"#;
+        assert!(same_attribute(&rp, Some(same), wanted));
+        assert!(!same_attribute(&rp, Some(other), wanted));
+        assert!(!same_attribute(&rp, None, wanted));
+        let ret = QueueAttributeName::MessageRetentionPeriod;
+        assert!(same_attribute(&ret, Some("345600"), "345600"));
+    }
+}
