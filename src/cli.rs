@@ -354,47 +354,20 @@ async fn run_planner(cli: &PlannerCli) -> Result<bool> {
         return dry_run(&pool, &kinds, &plan_opts).await;
     }
     let _lock = take_lock(&opts).await?;
-    let ok = match &queue {
-        QueueConfig::Inline => {
+    let ok = match broker(&queue).await? {
+        None => {
             let exec = cli.common.executor(&pool).await?;
             run_inline(&exec, &kinds, &plan_opts, cli.common.worker_options()).await?
         }
-        QueueConfig::Amqp {
-            url,
-            queue,
-            delivery_limit,
-        } => {
-            let cfg = AmqpConfig {
-                url: url.clone(),
-                queue: queue.clone(),
-                delivery_limit: *delivery_limit,
-            };
-            let publisher = AmqpPublisher::connect(cfg).await?;
+        Some((publisher, name)) => {
             let age = Duration::from_secs(cli.rescue_after_minutes * 60);
             for &kind in &kinds {
-                rescue(&pool, &publisher, kind, age).await?;
+                rescue(&pool, publisher.as_ref(), kind, age).await?;
             }
-            let (planned, ok) = plan_kinds(&pool, &kinds, &plan_opts, &publisher).await;
+            let (planned, ok) = plan_kinds(&pool, &kinds, &plan_opts, publisher.as_ref()).await;
             publisher.close().await?;
             for p in &planned {
-                println!("{}", report::published(p, queue));
-            }
-            ok
-        }
-        QueueConfig::Sqs {
-            queue_url_or_name,
-            delivery_limit,
-        } => {
-            let cfg = SqsConfig::new(queue_url_or_name, *delivery_limit)?;
-            let publisher = SqsPublisher::connect(&cfg).await?;
-            let age = Duration::from_secs(cli.rescue_after_minutes * 60);
-            for &kind in &kinds {
-                rescue(&pool, &publisher, kind, age).await?;
-            }
-            let (planned, ok) = plan_kinds(&pool, &kinds, &plan_opts, &publisher).await;
-            publisher.close().await?;
-            for p in &planned {
-                println!("{}", report::published(p, &cfg.name));
+                println!("{}", report::published(p, &name));
             }
             ok
         }
@@ -482,6 +455,36 @@ async fn restore_report(pool: &PgPool, common: &Common, id: uuid::Uuid, to: &Pat
     Ok(true)
 }
 
+/// Connects a publisher to the configured broker, with the queue's name;
+/// `None` when there is no broker (inline).
+async fn broker(queue: &QueueConfig) -> Result<Option<(Box<dyn Backlog>, String)>> {
+    Ok(match queue {
+        QueueConfig::Inline => None,
+        QueueConfig::Amqp {
+            url,
+            queue,
+            delivery_limit,
+        } => {
+            let cfg = AmqpConfig {
+                url: url.clone(),
+                queue: queue.clone(),
+                delivery_limit: *delivery_limit,
+            };
+            Some((Box::new(AmqpPublisher::connect(cfg).await?), queue.clone()))
+        }
+        QueueConfig::Sqs {
+            queue_url_or_name,
+            delivery_limit,
+        } => {
+            let cfg = SqsConfig::new(queue_url_or_name, *delivery_limit)?;
+            Some((
+                Box::new(SqsPublisher::connect(&cfg).await?),
+                cfg.name.clone(),
+            ))
+        }
+    })
+}
+
 /// A publisher whose broker can say how many messages wait in its queue.
 #[async_trait::async_trait]
 trait Backlog: Publisher {
@@ -506,7 +509,7 @@ impl Backlog for SqsPublisher {
 /// already holds a message for every pending batch (a long backlog draining
 /// must not be duplicated). A republished batch that also arrives the first
 /// way runs once: the ledger makes the second delivery a no-op.
-async fn rescue(pool: &PgPool, publisher: &impl Backlog, kind: Kind, age: Duration) -> Result<()> {
+async fn rescue(pool: &PgPool, publisher: &dyn Backlog, kind: Kind, age: Duration) -> Result<()> {
     let stale = ledger::stale_batches(pool, kind, age).await?;
     if stale.is_empty() {
         return Ok(());
@@ -615,37 +618,15 @@ async fn redrive(
         .iter()
         .map(|&(id, kind)| BatchMessage::new(id, kind))
         .collect();
-    match queue {
-        QueueConfig::Amqp {
-            url,
-            queue,
-            delivery_limit,
-        } => {
-            let cfg = AmqpConfig {
-                url: url.clone(),
-                queue: queue.clone(),
-                delivery_limit: *delivery_limit,
-            };
-            let publisher = AmqpPublisher::connect(cfg).await?;
+    match broker(queue).await? {
+        Some((publisher, name)) => {
             publisher.publish(&messages).await?;
             ledger::mark_published(pool, &ids).await?;
             publisher.close().await?;
-            println!("redrove {} batch(es) to {queue}", messages.len());
+            println!("redrove {} batch(es) to {name}", messages.len());
             Ok(true)
         }
-        QueueConfig::Sqs {
-            queue_url_or_name,
-            delivery_limit,
-        } => {
-            let cfg = SqsConfig::new(queue_url_or_name, *delivery_limit)?;
-            let publisher = SqsPublisher::connect(&cfg).await?;
-            publisher.publish(&messages).await?;
-            ledger::mark_published(pool, &ids).await?;
-            publisher.close().await?;
-            println!("redrove {} batch(es) to {}", messages.len(), cfg.name);
-            Ok(true)
-        }
-        QueueConfig::Inline => {
+        None => {
             let exec = common.executor(pool).await?;
             let (publisher, mut consumer) = inline::queue();
             publisher.publish(&messages).await?;
