@@ -262,11 +262,19 @@ pub async fn run_inline(
     planned
 }
 
-/// Waits (bounded) until no message is ready in the work queue.
+/// Waits (bounded) until no message is ready in the work queue, then long
+/// enough for a worker to settle what it still holds in its prefetch buffer
+/// (ready counts exclude those), so that stopping it loses no delivery.
 pub async fn wait_queue_empty(cfg: &AmqpConfig) {
-    for _ in 0..200 {
+    let mut empty_for = 0;
+    for _ in 0..400 {
         if queue_depth(cfg, &cfg.queue).await == Some(0) {
-            return;
+            empty_for += 1;
+            if empty_for >= 10 {
+                return;
+            }
+        } else {
+            empty_for = 0;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
