@@ -198,8 +198,9 @@ pub async fn finish_planning(pool: &PgPool, job: Uuid) -> Result<()> {
     Ok(())
 }
 
-/// Marks a job `failed` with the reason (the first reason wins).
-pub async fn fail_job(pool: &PgPool, job: Uuid, reason: &str) -> Result<()> {
+/// Marks a job `failed` with the reason (the first reason wins); on its own
+/// or inside a caller's transaction.
+pub async fn fail_job<'e>(db: impl sqlx::PgExecutor<'e>, job: Uuid, reason: &str) -> Result<()> {
     sqlx::query(
         "UPDATE archive_jobs SET status = 'failed', completed_at = now(),
             error_message = COALESCE(error_message, $2)
@@ -207,7 +208,7 @@ pub async fn fail_job(pool: &PgPool, job: Uuid, reason: &str) -> Result<()> {
     )
     .bind(job)
     .bind(reason)
-    .execute(pool)
+    .execute(db)
     .await?;
     Ok(())
 }
@@ -398,15 +399,8 @@ pub async fn record_failure(
     };
     let dead = row.get::<String, _>("status") == "dead";
     if dead {
-        sqlx::query(
-            "UPDATE archive_jobs SET status = 'failed', completed_at = now(),
-                error_message = COALESCE(error_message, $2)
-             WHERE id = $1 AND status <> 'completed'",
-        )
-        .bind(row.get::<Uuid, _>("job_id"))
-        .bind(format!("batch {id} dead: {reason}"))
-        .execute(&mut *tx)
-        .await?;
+        let job = row.get::<Uuid, _>("job_id");
+        fail_job(&mut *tx, job, &format!("batch {id} dead: {reason}")).await?;
     }
     tx.commit().await?;
     Ok(Some(dead))

@@ -64,7 +64,7 @@ pub async fn execute_batch(exec: &Executor, id: Uuid, kind: Kind) -> Result<Outc
         })?;
         let batch = ledger::peek_batch(&exec.pool, id).await?;
         check_kind(&batch, kind)?;
-        return reports::execute(exec, ctx, id).await;
+        return reports::execute(exec, ctx, batch).await;
     }
     let mut tx = exec.pool.begin().await?;
     // A batch statement is costed high (jsonb_each, big ranges) and would be

@@ -67,9 +67,13 @@ struct Report {
     created_at: DateTime<Utc>,
 }
 
-/// Archives the reports of batch `id`.
-pub(super) async fn execute(exec: &Executor, ctx: &ReportsContext, id: Uuid) -> Result<Outcome> {
-    let batch = ledger::peek_batch(&exec.pool, id).await?;
+/// Archives the reports of `batch`, as loaded (unlocked) by the caller.
+pub(super) async fn execute(
+    exec: &Executor,
+    ctx: &ReportsContext,
+    batch: Batch,
+) -> Result<Outcome> {
+    let id = batch.id;
     if batch.status == "done" {
         delete_local(exec, ctx, id).await?;
         return Ok(Outcome::AlreadyDone);
