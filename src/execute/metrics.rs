@@ -32,16 +32,9 @@ pub async fn archive(tx: &mut Transaction<'_, Postgres>, batch: &Batch) -> Resul
              RETURNING scenario_id, metric_type, metric_name, unit, {day} AS day, value,
                        COALESCE(extra_data, '{{}}'::jsonb) AS extra_data
          ), g AS (
-             SELECT {group}, count(*) AS n, sum(value) AS s, min(value) AS mn, max(value) AS mx
+             SELECT {group}, count(*) AS n, sum(value) AS s, min(value) AS mn, max(value) AS mx,
+                    array_agg(extra_data) AS ex
              FROM moved GROUP BY {group}
-         ), kv AS (
-             SELECT {group}, e.key, e.value, count(*) AS c
-             FROM moved, jsonb_each(moved.extra_data) e
-             GROUP BY {group}, e.key, e.value
-         ), common AS (
-             SELECT {group}, jsonb_object_agg(kv.key, kv.value) AS extra
-             FROM kv JOIN g USING ({group}) WHERE kv.c = g.n
-             GROUP BY {group}
          ), ins AS (
              INSERT INTO scenario_metrics_archive AS a
                  (id, scenario_id, \"timestamp\", metric_type, metric_name, value, unit, extra_data,
@@ -49,9 +42,15 @@ pub async fn archive(tx: &mut Transaction<'_, Postgres>, batch: &Batch) -> Resul
                   sample_count, value_sum, value_min, value_max)
              SELECT md5(concat_ws('|', g.scenario_id, g.metric_type, g.metric_name, g.unit, to_char(g.day, 'YYYY-MM-DD')))::uuid,
                     g.scenario_id, g.day AT TIME ZONE 'UTC', g.metric_type, g.metric_name,
-                    round(g.s / g.n, 6), g.unit, COALESCE(c.extra, '{{}}'::jsonb),
+                    round(g.s / g.n, 6), g.unit,
+                    -- One sample, or all alike (the usual case): theirs. Else the pairs all share.
+                    CASE WHEN g.n = 1 OR (SELECT bool_and(x = g.ex[1]) FROM unnest(g.ex) x) THEN g.ex[1]
+                    ELSE COALESCE((SELECT jsonb_object_agg(p.key, p.value)
+                                   FROM (SELECT e.key, e.value, count(*) AS c
+                                         FROM unnest(g.ex) x, jsonb_each(x) e GROUP BY 1, 2) p
+                                   WHERE p.c = g.n), '{{}}'::jsonb) END,
                     now(), $6, true, 'day', g.n, g.s, g.mn, g.mx
-             FROM g LEFT JOIN common c USING ({group})
+             FROM g
              ON CONFLICT (id, \"timestamp\") DO UPDATE SET
                  sample_count = a.sample_count + EXCLUDED.sample_count,
                  value_sum = a.value_sum + EXCLUDED.value_sum,

@@ -132,8 +132,12 @@ impl Emit for Sink<'_> {
     }
 }
 
-/// Walks eligible (day, scenario) keys above `after` in order and emits
-/// each batch the [`Cutter`] closes.
+/// Days one planning query covers: a few queries per year of backlog, each
+/// an index-only walk returning at most WINDOW_DAYS x scenarios rows.
+const WINDOW_DAYS: i64 = 7;
+
+/// Walks eligible (day, scenario) keys above `after` in order, a window of
+/// days at a time, and emits each batch the [`Cutter`] closes.
 async fn walk(
     pool: &PgPool,
     after: Option<Key>,
@@ -144,25 +148,21 @@ async fn walk(
     let Some(mut day) = next_day(pool, after.map(|k| k.ts), true, cutoff).await? else {
         return Ok(());
     };
-    let start = after.unwrap_or(Key {
-        ts: day - Duration::days(1),
-        id: Uuid::max(),
-    });
-    let mut cutter = Cutter::new(batch_size, start);
+    let mut cutter = Cutter::new(
+        batch_size,
+        after.unwrap_or(Key {
+            ts: day - Duration::days(1),
+            id: Uuid::max(),
+        }),
+    );
     loop {
-        let above = after.filter(|k| k.ts == day).map(|k| k.id);
-        for (scenario, n) in day_counts(pool, day, above).await? {
-            for (lo, hi, n) in cutter.feed(
-                Key {
-                    ts: day,
-                    id: scenario,
-                },
-                n,
-            ) {
+        let until = (day + Duration::days(WINDOW_DAYS)).min(cutoff);
+        for (key, n) in key_counts(pool, day, after, until).await? {
+            for (lo, hi, n) in cutter.feed(key, n) {
                 out.emit(lo, hi, n).await?;
             }
         }
-        match next_day(pool, Some(day), false, cutoff).await? {
+        match next_day(pool, Some(until), true, cutoff).await? {
             Some(d) => day = d,
             None => break,
         }
@@ -192,23 +192,38 @@ async fn next_day(
         .await?)
 }
 
-/// Samples per scenario on one day, scenarios above `above` only.
-async fn day_counts(
+/// Samples per (day, scenario) key, in key order, for days in
+/// [`from`, `until`) and keys above `after`.
+async fn key_counts(
     pool: &PgPool,
-    day: DateTime<Utc>,
-    above: Option<Uuid>,
-) -> Result<Vec<(Uuid, i64)>> {
+    from: DateTime<Utc>,
+    after: Option<Key>,
+    until: DateTime<Utc>,
+) -> Result<Vec<(Key, i64)>> {
     let sql = format!(
-        "SELECT scenario_id, count(*) FROM scenario_metrics
-         WHERE {DAY} = ($1 AT TIME ZONE 'UTC') AND ($2::uuid IS NULL OR scenario_id > $2)
-         GROUP BY scenario_id ORDER BY scenario_id"
+        "SELECT {DAY} AT TIME ZONE 'UTC' AS day, scenario_id, count(*) AS n FROM scenario_metrics
+         WHERE {DAY} >= ($1 AT TIME ZONE 'UTC') AND {DAY} < ($4 AT TIME ZONE 'UTC')
+           AND ({DAY}, scenario_id) > (COALESCE($2 AT TIME ZONE 'UTC', '-infinity'),
+                                       COALESCE($3, '00000000-0000-0000-0000-000000000000'::uuid))
+         GROUP BY {DAY}, scenario_id ORDER BY {DAY}, scenario_id"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(day)
-        .bind(above)
+        .bind(from)
+        .bind(after.map(|k| k.ts))
+        .bind(after.map(|k| k.id))
+        .bind(until)
         .fetch_all(pool)
         .await?;
-    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let key = Key {
+                ts: r.get("day"),
+                id: r.get("scenario_id"),
+            };
+            (key, r.get("n"))
+        })
+        .collect())
 }
 
 #[cfg(test)]

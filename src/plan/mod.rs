@@ -270,7 +270,9 @@ impl Sink<'_> {
             planned_rows: rows,
         });
         self.rows += rows;
-        if self.chunk.len() >= CHUNK {
+        // Chunks double from one batch up to CHUNK, so workers start on
+        // the first batch while the planner is still cutting the rest.
+        if self.chunk.len() >= self.recorded.clamp(1, CHUNK) {
             self.flush().await?;
         }
         Ok(())
