@@ -662,7 +662,7 @@ impl Bench {
         }))
     }
 
-    /// Polls the job every 50 ms until it completes; fails if it fails or stalls.
+    /// Polls the job every 10 ms until it completes; fails if it fails or stalls.
     async fn wait_job(&self, job: Uuid) -> Result<()> {
         let (mut last, mut since) = (-1, Instant::now());
         loop {
@@ -685,7 +685,7 @@ impl Bench {
                 since.elapsed() < STALL,
                 "job {job} stalled at {done} batches"
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 

@@ -132,9 +132,13 @@ impl Emit for Sink<'_> {
     }
 }
 
-/// Days one planning query covers: a few queries per year of backlog, each
-/// an index-only walk returning at most WINDOW_DAYS x scenarios rows.
-const WINDOW_DAYS: i64 = 7;
+/// A planning query covers about this many batches' worth of samples (its
+/// days chosen from the density of the window before), and between one and
+/// MAX_WINDOW_DAYS days: a handful of index-only walks per year of backlog,
+/// each returning at most days x scenarios rows.
+const WINDOW_BATCHES: i64 = 20;
+const FIRST_WINDOW_DAYS: i64 = 7;
+const MAX_WINDOW_DAYS: i64 = 92;
 
 /// Walks eligible (day, scenario) keys above `after` in order, a window of
 /// days at a time, and emits each batch the [`Cutter`] closes.
@@ -155,13 +159,21 @@ async fn walk(
             id: Uuid::max(),
         }),
     );
+    let mut days = FIRST_WINDOW_DAYS;
     loop {
-        let until = (day + Duration::days(WINDOW_DAYS)).min(cutoff);
+        let until = (day + Duration::days(days)).min(cutoff);
+        let mut samples = 0;
         for (key, n) in key_counts(pool, day, after, until).await? {
+            samples += n;
             for (lo, hi, n) in cutter.feed(key, n) {
                 out.emit(lo, hi, n).await?;
             }
         }
+        let span = (until - day).num_days().max(1);
+        days = (WINDOW_BATCHES * batch_size * span)
+            .checked_div(samples)
+            .unwrap_or(MAX_WINDOW_DAYS)
+            .clamp(1, MAX_WINDOW_DAYS);
         match next_day(pool, Some(until), true, cutoff).await? {
             Some(d) => day = d,
             None => break,
