@@ -419,9 +419,11 @@ ensure_rabbitmq() {
 
 # Does an S3-protocol server answer on host:port? An anonymous ListBuckets
 # gets either the bucket list (moto) or an S3 XML error (a real store).
+# Patient: moto answers one request at a time, and may be busy streaming a
+# large upload for another client.
 s3_probe() {
   # shellcheck disable=SC2016 # expanded by the inner bash
-  timeout 5 bash -c '
+  timeout 20 bash -c '
     exec 3<>"/dev/tcp/$1/$2" || exit 1
     printf "GET / HTTP/1.0\r\nHost: %s:%s\r\n\r\n" "$1" "$2" >&3
     reply=$(head -c 4096 <&3)
