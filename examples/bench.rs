@@ -14,8 +14,8 @@
 //!   is checked: the archive holds exactly the eligible rows, column for
 //!   column, and the hot table the rest.
 //! - `--kind metrics`: N samples over 1095 days, 1,000 scenarios x 5 metric
-//!   names (`bench/metrics_reset.sql`; random times as
-//!   `demo::load_metrics`, or `--ordered`). It measures the one-statement
+//!   names (`bench/metrics_reset.sql`; `demo::load_metrics`, in arrival
+//!   order, or random times with `--random-order`). It measures the one-statement
 //!   `DELETE … RETURNING` + `INSERT … GROUP BY`
 //!   (`bench/metrics_one_statement.sql`), then the archiver inline and with
 //!   2 workers. Every run is checked: the archive equals one `GROUP BY` over
@@ -57,7 +57,7 @@ const LIVE_INSERT: &str = include_str!("../bench/live_insert.sql");
 const METRICS_ONE_STATEMENT: &str = include_str!("../bench/metrics_one_statement.sql");
 const METRICS_RESET: &str = include_str!("../bench/metrics_reset.sql");
 const METRICS_LIVE_INSERT: &str = include_str!("../bench/metrics_live_insert.sql");
-const METRICS_LOAD_ORDERED: &str = include_str!("../bench/metrics_load_ordered.sql");
+const METRICS_LOAD_RANDOM: &str = include_str!("../bench/metrics_load_random.sql");
 /// The scenario of live rows (`bench/live_insert.sql`,
 /// `bench/metrics_live_insert.sql`).
 const LIVE_SCENARIO: &str = "00000000-0000-0000-0000-00000000ffff";
@@ -160,10 +160,11 @@ struct Args {
     /// Days back from now the data spans [default: 912 logs, 1095 metrics].
     #[arg(long)]
     span_days: Option<i64>,
-    /// Metrics: load samples in time order (as an append-only table's heap
-    /// is) instead of random times (`demo::load_metrics`).
+    /// Metrics: load samples at random times (a heap in no order: every
+    /// batch touches most pages) instead of arrival order
+    /// (`demo::load_metrics`, as an append-only table's heap is).
     #[arg(long)]
-    ordered: bool,
+    random_order: bool,
     /// Turn PostgreSQL's JIT off in the scratch database (every run, the
     /// limit included), to see what JIT compilation costs each statement.
     #[arg(long)]
@@ -991,8 +992,8 @@ async fn prepare(args: Args) -> Result<Bench> {
             ]
         }
         Target::Metrics => {
-            if args.ordered {
-                sqlx::query(METRICS_LOAD_ORDERED)
+            if args.random_order {
+                sqlx::query(METRICS_LOAD_RANDOM)
                     .bind(rows)
                     .bind(SCENARIOS)
                     .bind(span_days)
@@ -1069,10 +1070,10 @@ async fn print_header(bench: &Bench, idle: &Latency) -> Result<()> {
             "nproc {nproc} · PostgreSQL {version} · metrics: {} samples over {} days ({}), {SCENARIOS} scenarios x 5 metric names · cut-off 730 days (whole UTC days) · batch {} · inline concurrency {} · live inserts {}/s into scenario_metrics",
             bench.total,
             bench.span_days,
-            if a.ordered {
-                "time order"
-            } else {
+            if a.random_order {
                 "random times"
+            } else {
+                "arrival order"
             },
             a.batch_size,
             a.inline_concurrency,
@@ -1184,8 +1185,8 @@ async fn main() -> Result<()> {
         "--rows, --span-days, --batch-size and --repeat must be positive"
     );
     ensure!(
-        !args.ordered || args.kind == Target::Metrics,
-        "--ordered is for --kind metrics"
+        !args.random_order || args.kind == Target::Metrics,
+        "--random-order is for --kind metrics"
     );
     let bench = prepare(args).await?;
     let idle = idle_latency(&bench).await?;

@@ -59,18 +59,24 @@ pub async fn load_logs(pool: &PgPool, n: i64, scenarios: i64, span_days: i64) ->
     Ok(())
 }
 
-/// Inserts `n` metric samples: 5 metric names per scenario.
+/// Inserts `n` metric samples: every scenario reports 5 metrics, times
+/// spread evenly over `span_days` in arrival order (so the heap is in time
+/// order, as a real append-only metrics table's is), ±30 min jitter, all at
+/// least half an hour in the past. Sample `g` belongs to scenario
+/// `g % scenarios` and metric `(g / scenarios) % 5`; `extra_data` names the
+/// scenario's region.
 pub async fn load_metrics(pool: &PgPool, n: i64, scenarios: i64, span_days: i64) -> Result<()> {
     sqlx::query(
         "INSERT INTO scenario_metrics (id, scenario_id, \"timestamp\", metric_type, metric_name, value, unit, extra_data)
          SELECT gen_random_uuid(),
                 ('00000000-0000-0000-0000-' || lpad(to_hex(g % $2), 12, '0'))::uuid,
-                now() - random() * make_interval(days => $3::int),
+                now() - make_interval(days => $3::int) * (1 - g::float8 / $1)
+                      + (random() - 0.5) * interval '1 hour' - interval '1 hour',
                 'performance',
-                (ARRAY['cpu', 'mem', 'latency', 'rps', 'errors'])[1 + g % 5],
+                (ARRAY['cpu', 'mem', 'latency', 'rps', 'errors'])[1 + (g / $2) % 5],
                 round((random() * 1000)::numeric, 6),
-                (ARRAY['percent', 'bytes', 'ms', 'count', 'count'])[1 + g % 5],
-                jsonb_build_object('region', (ARRAY['us-east-1', 'eu-west-1'])[1 + g % 2])
+                (ARRAY['percent', 'bytes', 'ms', 'count', 'count'])[1 + (g / $2) % 5],
+                jsonb_build_object('region', (ARRAY['us-east-1', 'eu-west-1'])[1 + g % $2 % 2])
          FROM generate_series(1, $1::bigint) g",
     )
     .bind(n)
