@@ -13,6 +13,10 @@ use sqlx::PgPool;
 use std::sync::Arc;
 use uuid::Uuid;
 
+/// Memory a batch's sorts and hashes may use before spilling to disk (per
+/// executing batch): a 5,000-sample metrics batch's grouping needs ~8 MB.
+const BATCH_WORK_MEM: &str = "64MB";
+
 /// What executing batches needs: the database, and for reports the object
 /// store and the reports root.
 #[derive(Debug, Clone)]
@@ -68,8 +72,12 @@ pub async fn execute_batch(exec: &Executor, id: Uuid, kind: Kind) -> Result<Outc
     }
     let mut tx = exec.pool.begin().await?;
     // A batch statement is costed high (jsonb_each, big ranges) and would be
-    // JIT-compiled on every run, taking longer than the work itself.
-    sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await?;
+    // JIT-compiled on every run, taking longer than the work itself; and a
+    // metrics batch's grouping spills to disk at the default work_mem.
+    sqlx::query("SELECT set_config('jit', 'off', true), set_config('work_mem', $1, true)")
+        .bind(BATCH_WORK_MEM)
+        .execute(&mut *tx)
+        .await?;
     let batch = ledger::lock_batch(&mut tx, id).await?;
     check_kind(&batch, kind)?;
     if batch.status == "done" {

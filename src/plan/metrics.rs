@@ -163,7 +163,7 @@ async fn walk(
     loop {
         let until = (day + Duration::days(days)).min(cutoff);
         let mut samples = 0;
-        for (key, n) in key_counts(pool, day, after, until).await? {
+        for (key, n) in key_counts(pool, day, after, until, batch_size).await? {
             samples += n;
             for (lo, hi, n) in cutter.feed(key, n) {
                 out.emit(lo, hi, n).await?;
@@ -204,26 +204,34 @@ async fn next_day(
         .await?)
 }
 
-/// Samples per (day, scenario) key, in key order, for days in
-/// [`from`, `until`) and keys above `after`.
+/// Cutting keys with their samples, in key order, for days in [`from`,
+/// `until`) and keys above `after`. A day that fits in one batch comes as
+/// one key, (day, the greatest id), which takes in every scenario of it; only
+/// a day with more than `batch_size` samples comes as one key per scenario,
+/// so that it can be split. Sparse days thus cost the planner one row each.
 async fn key_counts(
     pool: &PgPool,
     from: DateTime<Utc>,
     after: Option<Key>,
     until: DateTime<Utc>,
+    batch_size: i64,
 ) -> Result<Vec<(Key, i64)>> {
     let sql = format!(
-        "SELECT {DAY} AT TIME ZONE 'UTC' AS day, scenario_id, count(*) AS n FROM scenario_metrics
-         WHERE {DAY} >= ($1 AT TIME ZONE 'UTC') AND {DAY} < ($4 AT TIME ZONE 'UTC')
-           AND ({DAY}, scenario_id) > (COALESCE($2 AT TIME ZONE 'UTC', '-infinity'),
-                                       COALESCE($3, '00000000-0000-0000-0000-000000000000'::uuid))
-         GROUP BY {DAY}, scenario_id ORDER BY {DAY}, scenario_id"
+        "SELECT day AT TIME ZONE 'UTC' AS day, scenario_id, sum(n)::int8 AS n
+         FROM (SELECT day, CASE WHEN sum(n) OVER (PARTITION BY day) > $5 THEN scenario_id END AS scenario_id, n
+               FROM (SELECT {DAY} AS day, scenario_id, count(*) AS n FROM scenario_metrics
+                     WHERE {DAY} >= ($1 AT TIME ZONE 'UTC') AND {DAY} < ($4 AT TIME ZONE 'UTC')
+                       AND ({DAY}, scenario_id) > (COALESCE($2 AT TIME ZONE 'UTC', '-infinity'),
+                                                   COALESCE($3, '00000000-0000-0000-0000-000000000000'::uuid))
+                     GROUP BY 1, 2) k) s
+         GROUP BY day, scenario_id ORDER BY day, scenario_id"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(from)
         .bind(after.map(|k| k.ts))
         .bind(after.map(|k| k.id))
         .bind(until)
+        .bind(batch_size)
         .fetch_all(pool)
         .await?;
     Ok(rows
@@ -231,7 +239,9 @@ async fn key_counts(
         .map(|r| {
             let key = Key {
                 ts: r.get("day"),
-                id: r.get("scenario_id"),
+                id: r
+                    .get::<Option<Uuid>, _>("scenario_id")
+                    .unwrap_or(Uuid::max()),
             };
             (key, r.get("n"))
         })
