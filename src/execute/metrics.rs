@@ -18,9 +18,40 @@ use sqlx::{Postgres, Row, Transaction};
 
 /// Aggregates and deletes the samples of `batch`'s (day, scenario) range
 /// that are older than its job's cut-off (a whole UTC day).
+///
+/// Most batches meet no archived row for their groups, and a plain INSERT
+/// costs less than one that must be ready to merge (a speculative insertion
+/// per row). So the batch first runs with a plain INSERT under a savepoint;
+/// only if one of its groups already has a row (late samples for a day
+/// archived before: a unique violation) is it rolled back to the savepoint
+/// and run again with the merging INSERT.
 pub async fn archive(tx: &mut Transaction<'_, Postgres>, batch: &Batch) -> Result<Counts> {
+    sqlx::query("SAVEPOINT fresh_groups")
+        .execute(&mut **tx)
+        .await?;
+    match run(tx, batch, false).await {
+        Err(crate::Error::Db(e))
+            if e.as_database_error()
+                .is_some_and(|d| d.code().as_deref() == Some(UNIQUE_VIOLATION)) =>
+        {
+            sqlx::query("ROLLBACK TO SAVEPOINT fresh_groups")
+                .execute(&mut **tx)
+                .await?;
+            tracing::debug!("groups already archived; merging");
+            run(tx, batch, true).await
+        }
+        other => other,
+    }
+}
+
+const UNIQUE_VIOLATION: &str = "23505";
+
+/// One statement: delete the samples, group them, insert (or with `merge`,
+/// insert or merge) one archive row per group.
+async fn run(tx: &mut Transaction<'_, Postgres>, batch: &Batch, merge: bool) -> Result<Counts> {
     let day = day_sql();
     let group = "scenario_id, metric_type, metric_name, unit, day";
+    let on_conflict = if merge { MERGE } else { "" };
     let sql = format!(
         "WITH moved AS (
              DELETE FROM scenario_metrics
@@ -51,17 +82,7 @@ pub async fn archive(tx: &mut Transaction<'_, Postgres>, batch: &Batch) -> Resul
                                    WHERE p.c = g.n), '{{}}'::jsonb) END,
                     now(), $6, true, 'day', g.n, g.s, g.mn, g.mx
              FROM g
-             ON CONFLICT (id, \"timestamp\") DO UPDATE SET
-                 sample_count = a.sample_count + EXCLUDED.sample_count,
-                 value_sum = a.value_sum + EXCLUDED.value_sum,
-                 value_min = LEAST(a.value_min, EXCLUDED.value_min),
-                 value_max = GREATEST(a.value_max, EXCLUDED.value_max),
-                 value = round((a.value_sum + EXCLUDED.value_sum) / (a.sample_count + EXCLUDED.sample_count), 6),
-                 extra_data = COALESCE((SELECT jsonb_object_agg(e.key, e.value)
-                                        FROM jsonb_each(a.extra_data) e
-                                        WHERE EXCLUDED.extra_data -> e.key = e.value), '{{}}'::jsonb),
-                 archived_at = now(),
-                 archive_batch_id = EXCLUDED.archive_batch_id
+             {on_conflict}
              RETURNING 1
          )
          SELECT (SELECT count(*) FROM moved) AS samples, (SELECT count(*) FROM ins) AS groups"
@@ -83,3 +104,18 @@ pub async fn archive(tx: &mut Transaction<'_, Postgres>, batch: &Batch) -> Resul
         bytes: 0,
     })
 }
+
+/// How a group that already has an archive row merges into it: counts and
+/// sums add up, `value` is recomputed from them, `extra_data` keeps the pairs
+/// both sides share.
+const MERGE: &str = r#"ON CONFLICT (id, "timestamp") DO UPDATE SET
+                 sample_count = a.sample_count + EXCLUDED.sample_count,
+                 value_sum = a.value_sum + EXCLUDED.value_sum,
+                 value_min = LEAST(a.value_min, EXCLUDED.value_min),
+                 value_max = GREATEST(a.value_max, EXCLUDED.value_max),
+                 value = round((a.value_sum + EXCLUDED.value_sum) / (a.sample_count + EXCLUDED.sample_count), 6),
+                 extra_data = COALESCE((SELECT jsonb_object_agg(e.key, e.value)
+                                        FROM jsonb_each(a.extra_data) e
+                                        WHERE EXCLUDED.extra_data -> e.key = e.value), '{}'::jsonb),
+                 archived_at = now(),
+                 archive_batch_id = EXCLUDED.archive_batch_id"#;
