@@ -208,7 +208,8 @@ async fn next_day(
 /// `until`) and keys above `after`. A day that fits in one batch comes as
 /// one key, (day, the greatest id), which takes in every scenario of it; only
 /// a day with more than `batch_size` samples comes as one key per scenario,
-/// so that it can be split. Sparse days thus cost the planner one row each.
+/// so that it can be split. Sparse days thus cost the planner one count
+/// each, read off the index in order.
 async fn key_counts(
     pool: &PgPool,
     from: DateTime<Utc>,
@@ -216,36 +217,61 @@ async fn key_counts(
     until: DateTime<Utc>,
     batch_size: i64,
 ) -> Result<Vec<(Key, i64)>> {
-    let sql = format!(
-        "SELECT day AT TIME ZONE 'UTC' AS day, scenario_id, sum(n)::int8 AS n
-         FROM (SELECT day, CASE WHEN sum(n) OVER (PARTITION BY day) > $5 THEN scenario_id END AS scenario_id, n
-               FROM (SELECT {DAY} AS day, scenario_id, count(*) AS n FROM scenario_metrics
-                     WHERE {DAY} >= ($1 AT TIME ZONE 'UTC') AND {DAY} < ($4 AT TIME ZONE 'UTC')
-                       AND ({DAY}, scenario_id) > (COALESCE($2 AT TIME ZONE 'UTC', '-infinity'),
-                                                   COALESCE($3, '00000000-0000-0000-0000-000000000000'::uuid))
-                     GROUP BY 1, 2) k) s
-         GROUP BY day, scenario_id ORDER BY day, scenario_id"
+    let range = format!(
+        "{DAY} >= ($1 AT TIME ZONE 'UTC') AND {DAY} < ($4 AT TIME ZONE 'UTC')
+         AND ({DAY}, scenario_id) > (COALESCE($2 AT TIME ZONE 'UTC', '-infinity'),
+                                     COALESCE($3, '00000000-0000-0000-0000-000000000000'::uuid))"
     );
-    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+    let days = format!(
+        "SELECT {DAY} AT TIME ZONE 'UTC' AS day, count(*) AS n FROM scenario_metrics
+         WHERE {range} GROUP BY {DAY} ORDER BY {DAY}"
+    );
+    let days: Vec<(DateTime<Utc>, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(days))
         .bind(from)
         .bind(after.map(|k| k.ts))
         .bind(after.map(|k| k.id))
         .bind(until)
-        .bind(batch_size)
         .fetch_all(pool)
         .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            let key = Key {
-                ts: r.get("day"),
-                id: r
-                    .get::<Option<Uuid>, _>("scenario_id")
-                    .unwrap_or(Uuid::max()),
-            };
-            (key, r.get("n"))
-        })
-        .collect())
+    let big: Vec<DateTime<Utc>> = days
+        .iter()
+        .filter(|&&(_, n)| n > batch_size)
+        .map(|&(d, _)| d)
+        .collect();
+    let mut split: Vec<(DateTime<Utc>, Uuid, i64)> = Vec::new();
+    if !big.is_empty() {
+        let sql = format!(
+            "SELECT {DAY} AT TIME ZONE 'UTC', scenario_id, count(*) FROM scenario_metrics
+             WHERE {range} AND {DAY} = ANY(SELECT d AT TIME ZONE 'UTC' FROM unnest($5::timestamptz[]) d)
+             GROUP BY {DAY}, scenario_id ORDER BY {DAY}, scenario_id"
+        );
+        split = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(from)
+            .bind(after.map(|k| k.ts))
+            .bind(after.map(|k| k.id))
+            .bind(until)
+            .bind(&big)
+            .fetch_all(pool)
+            .await?;
+    }
+    let mut split = split.into_iter().peekable();
+    let mut keys = Vec::with_capacity(days.len() + split.len());
+    for (day, n) in days {
+        if n <= batch_size {
+            keys.push((
+                Key {
+                    ts: day,
+                    id: Uuid::max(),
+                },
+                n,
+            ));
+            continue;
+        }
+        while let Some((d, id, n)) = split.next_if(|&(d, _, _)| d == day) {
+            keys.push((Key { ts: d, id }, n));
+        }
+    }
+    Ok(keys)
 }
 
 #[cfg(test)]
