@@ -61,7 +61,6 @@ const METRICS_LOAD_RANDOM: &str = include_str!("../bench/metrics_load_random.sql
 /// The scenario of live rows (`bench/live_insert.sql`,
 /// `bench/metrics_live_insert.sql`).
 const LIVE_SCENARIO: &str = "00000000-0000-0000-0000-00000000ffff";
-const SCENARIOS: i64 = 1000;
 /// A job that finishes no batch for this long is stuck.
 const STALL: Duration = Duration::from_secs(120);
 
@@ -165,6 +164,10 @@ struct Args {
     /// (`demo::load_metrics`, as an append-only table's heap is).
     #[arg(long)]
     random_order: bool,
+    /// Scenarios the rows spread over (metrics: each reports 5 metrics, so
+    /// fewer scenarios make denser daily groups).
+    #[arg(long, default_value_t = 1000)]
+    scenarios: i64,
     /// Turn PostgreSQL's JIT off in the scratch database (every run, the
     /// limit included), to see what JIT compilation costs each statement.
     #[arg(long)]
@@ -984,7 +987,7 @@ async fn prepare(args: Args) -> Result<Bench> {
     db::migrate(&pool).await?;
     let setup: &[&str] = match target {
         Target::Logs => {
-            demo::load_logs(&pool, rows, SCENARIOS, span_days).await?;
+            demo::load_logs(&pool, rows, args.scenarios, span_days).await?;
             &[
                 "CREATE UNLOGGED TABLE logs_pristine AS SELECT * FROM scenario_logs",
                 "ANALYZE logs_pristine",
@@ -995,12 +998,12 @@ async fn prepare(args: Args) -> Result<Bench> {
             if args.random_order {
                 sqlx::query(METRICS_LOAD_RANDOM)
                     .bind(rows)
-                    .bind(SCENARIOS)
+                    .bind(args.scenarios)
                     .bind(span_days)
                     .execute(&pool)
                     .await?;
             } else {
-                demo::load_metrics(&pool, rows, SCENARIOS, span_days).await?;
+                demo::load_metrics(&pool, rows, args.scenarios, span_days).await?;
             }
             &[
                 "CREATE UNLOGGED TABLE metrics_pristine AS SELECT * FROM scenario_metrics",
@@ -1063,11 +1066,16 @@ async fn print_header(bench: &Bench, idle: &Latency) -> Result<()> {
     let a = &bench.args;
     match bench.target {
         Target::Logs => println!(
-            "nproc {nproc} · PostgreSQL {version} · {} rows over {} days, {SCENARIOS} scenarios · batch {} · inline concurrency {} · live inserts {}/s",
-            bench.total, bench.span_days, a.batch_size, a.inline_concurrency, a.insert_rate
+            "nproc {nproc} · PostgreSQL {version} · {} rows over {} days, {} scenarios · batch {} · inline concurrency {} · live inserts {}/s",
+            bench.total,
+            bench.span_days,
+            a.scenarios,
+            a.batch_size,
+            a.inline_concurrency,
+            a.insert_rate
         ),
         Target::Metrics => println!(
-            "nproc {nproc} · PostgreSQL {version} · metrics: {} samples over {} days ({}), {SCENARIOS} scenarios x 5 metric names · cut-off 730 days (whole UTC days) · batch {} · inline concurrency {} · live inserts {}/s into scenario_metrics",
+            "nproc {nproc} · PostgreSQL {version} · metrics: {} samples over {} days ({}), {} scenarios x 5 metric names · cut-off 730 days (whole UTC days) · batch {} · inline concurrency {} · live inserts {}/s into scenario_metrics",
             bench.total,
             bench.span_days,
             if a.random_order {
@@ -1075,6 +1083,7 @@ async fn print_header(bench: &Bench, idle: &Latency) -> Result<()> {
             } else {
                 "arrival order"
             },
+            a.scenarios,
             a.batch_size,
             a.inline_concurrency,
             a.insert_rate
@@ -1184,6 +1193,7 @@ async fn main() -> Result<()> {
             && args.repeat > 0,
         "--rows, --span-days, --batch-size and --repeat must be positive"
     );
+    ensure!(args.scenarios > 0, "--scenarios must be positive");
     ensure!(
         !args.random_order || args.kind == Target::Metrics,
         "--random-order is for --kind metrics"
