@@ -80,7 +80,7 @@ pub(super) async fn cut(
     after: Option<Key>,
     cutoff: DateTime<Utc>,
     batch_size: i64,
-    sink: &mut Sink<'_>,
+    sink: &mut Sink,
 ) -> Result<()> {
     let Some(first) = first(pool, t, after, cutoff).await? else {
         return Ok(());

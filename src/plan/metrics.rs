@@ -102,7 +102,7 @@ pub(super) async fn cut(
     after: Option<Key>,
     cutoff: DateTime<Utc>,
     batch_size: i64,
-    sink: &mut Sink<'_>,
+    sink: &mut Sink,
 ) -> Result<()> {
     if let Some(first) = next_day(pool, after.map(|k| k.ts), true, cutoff).await? {
         partitions::ensure_months(pool, "scenario_metrics_archive", first, cutoff).await?;
@@ -126,7 +126,7 @@ impl Emit for Count {
 }
 
 /// A real run records and publishes them as they are cut.
-impl Emit for Sink<'_> {
+impl Emit for Sink {
     async fn emit(&mut self, lo: Key, hi: Key, samples: i64) -> Result<()> {
         self.push(lo, hi, samples).await
     }

@@ -1,7 +1,9 @@
 //! The planner's core: find eligible rows, cut them into keyset batches,
 //! record each batch in the ledger, create the partitions they need, and
 //! publish one message per batch. Also the dry run, which only reads.
-//! One submodule per kind does the cutting; [`Sink`] records and publishes.
+//! One submodule per kind does the cutting into a [`Sink`]; recording and
+//! publishing run beside the cut (a bounded pipeline: cut → record in
+//! order → publish a few chunks at once → mark published).
 
 mod keyset;
 mod metrics;
@@ -11,16 +13,15 @@ use crate::error::{Error, Result};
 use crate::ledger::{self, Key, Kind, NewBatch};
 use crate::transport::{BatchMessage, Publisher};
 use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
 use sqlx::PgPool;
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 /// The SQL expression for a metric sample's UTC day (an indexed expression).
 pub fn metrics_day_sql() -> &'static str {
     metrics::DAY
 }
-
-/// Batches recorded and published together.
-const CHUNK: usize = 200;
 
 /// What a run plans.
 #[derive(Debug, Clone)]
@@ -188,53 +189,29 @@ pub async fn plan(
     let pending = ledger::open_high_water(pool, kind).await?;
     let job = ledger::create_job(pool, kind, cutoff, opts.batch_size, opts.transport).await?;
     ledger::start_job(pool, job).await?;
+    let (tx, rx) = mpsc::channel(CHUNKS_AHEAD);
     let mut sink = Sink {
-        pool,
-        job,
-        kind,
-        publisher,
-        recorded: 0,
+        tx: Some(tx),
+        cut: 0,
         rows: 0,
         chunk: Vec::with_capacity(CHUNK),
     };
     let after = pending.map(|(k, _)| k);
-    let cut = match kind {
-        Kind::Logs => {
-            keyset::cut(
-                pool,
-                keyset::LOGS,
-                after,
-                cutoff,
-                opts.batch_size,
-                &mut sink,
-            )
-            .await
-        }
-        Kind::Metrics => metrics::cut(pool, after, cutoff, opts.batch_size, &mut sink).await,
-        Kind::Reports => {
-            keyset::cut(
-                pool,
-                keyset::REPORTS,
-                after,
-                cutoff,
-                opts.reports_batch_size,
-                &mut sink,
-            )
-            .await
-        }
+    // The cut runs ahead of recording and publishing, bounded by the channel.
+    let cutting = async {
+        cut(pool, kind, opts, after, cutoff, &mut sink).await?;
+        sink.finish().await
     };
-    let cut = match cut {
-        Ok(()) => sink.flush().await,
-        Err(e) => Err(e),
-    };
-    match cut {
-        Ok(()) => {
+    let published = record_and_publish(pool, job, kind, publisher, rx);
+    match tokio::try_join!(cutting, published) {
+        Ok(((), published)) => {
+            debug_assert_eq!(published, sink.cut);
             ledger::finish_planning(pool, job).await?;
             Ok(Planned {
                 kind,
                 job,
                 cutoff,
-                batches: sink.recorded,
+                batches: published,
                 rows: sink.rows,
                 pending_before: pending.map(|(k, n)| (n, k)),
             })
@@ -248,19 +225,78 @@ pub async fn plan(
     }
 }
 
-/// Takes cut batches, records them in the ledger a chunk at a time, then
-/// publishes them: a message never names a batch the ledger does not have.
-struct Sink<'a> {
-    pool: &'a PgPool,
-    job: Uuid,
+/// Cuts `kind`'s eligible rows into batches exactly as [`plan`] does, but
+/// records and publishes nothing (it may create archive partitions, as
+/// planning does): the rate at which the planner alone cuts batches, for
+/// the publishing benchmark. Returns the batches cut.
+pub async fn cut_only(pool: &PgPool, kind: Kind, opts: &PlanOptions) -> Result<usize> {
+    if !is_built(kind) {
+        return Err(not_built(kind));
+    }
+    let cutoff = cutoff(pool, kind, &opts.policy).await?;
+    let after = ledger::open_high_water(pool, kind).await?.map(|(k, _)| k);
+    let mut sink = Sink {
+        tx: None,
+        cut: 0,
+        rows: 0,
+        chunk: Vec::with_capacity(CHUNK),
+    };
+    cut(pool, kind, opts, after, cutoff, &mut sink).await?;
+    sink.finish().await?;
+    Ok(sink.cut)
+}
+
+/// Walks `kind`'s eligible rows above `after` into `sink`.
+async fn cut(
+    pool: &PgPool,
     kind: Kind,
-    publisher: &'a dyn Publisher,
-    recorded: usize,
+    opts: &PlanOptions,
+    after: Option<Key>,
+    cutoff: DateTime<Utc>,
+    sink: &mut Sink,
+) -> Result<()> {
+    match kind {
+        Kind::Logs => keyset::cut(pool, keyset::LOGS, after, cutoff, opts.batch_size, sink).await,
+        Kind::Metrics => metrics::cut(pool, after, cutoff, opts.batch_size, sink).await,
+        Kind::Reports => {
+            keyset::cut(
+                pool,
+                keyset::REPORTS,
+                after,
+                cutoff,
+                opts.reports_batch_size,
+                sink,
+            )
+            .await
+        }
+    }
+}
+
+/// Batches cut and handed on together (at most; the first chunks are smaller).
+const CHUNK: usize = 200;
+/// Chunks cut and waiting to be recorded: how far the cut runs ahead.
+const CHUNKS_AHEAD: usize = 2;
+/// Chunks being published (and then marked published) at once.
+const CHUNKS_PUBLISHING: usize = 4;
+
+/// Consecutive batches, numbered from `first_seq` within their job.
+struct Chunk {
+    first_seq: i32,
+    batches: Vec<NewBatch>,
+}
+
+/// Takes cut batches and hands them on a chunk at a time to
+/// [`record_and_publish`], which runs beside the cut.
+struct Sink {
+    /// `None`: cut only, hand on nothing ([`cut_only`]).
+    tx: Option<mpsc::Sender<Chunk>>,
+    /// Batches cut so far.
+    cut: usize,
     rows: i64,
     chunk: Vec<NewBatch>,
 }
 
-impl Sink<'_> {
+impl Sink {
     /// A batch (lo, hi] holding `rows` rows when counted.
     async fn push(&mut self, lo: Key, hi: Key, rows: i64) -> Result<()> {
         self.chunk.push(NewBatch {
@@ -272,7 +308,7 @@ impl Sink<'_> {
         self.rows += rows;
         // Chunks double from one batch up to CHUNK, so workers start on
         // the first batch while the planner is still cutting the rest.
-        if self.chunk.len() >= self.recorded.clamp(1, CHUNK) {
+        if self.chunk.len() >= self.cut.clamp(1, CHUNK) {
             self.flush().await?;
         }
         Ok(())
@@ -282,25 +318,64 @@ impl Sink<'_> {
         if self.chunk.is_empty() {
             return Ok(());
         }
-        ledger::record_batches(
-            self.pool,
-            self.job,
-            self.kind,
-            self.recorded as i32,
-            &self.chunk,
-        )
-        .await?;
-        let messages: Vec<BatchMessage> = self
-            .chunk
-            .iter()
-            .map(|b| BatchMessage::new(b.id, self.kind))
-            .collect();
-        self.publisher.publish(&messages).await?;
-        let ids: Vec<Uuid> = self.chunk.iter().map(|b| b.id).collect();
-        ledger::mark_published(self.pool, &ids).await?;
-        tracing::debug!(job = %self.job, batches = self.chunk.len(), "published");
-        self.recorded += self.chunk.len();
-        self.chunk.clear();
+        let batches = std::mem::replace(&mut self.chunk, Vec::with_capacity(CHUNK));
+        let chunk = Chunk {
+            first_seq: i32::try_from(self.cut).unwrap_or(i32::MAX),
+            batches,
+        };
+        self.cut += chunk.batches.len();
+        if let Some(tx) = &self.tx {
+            // Closed only when recording or publishing failed: try_join
+            // reports that error, not this one.
+            tx.send(chunk)
+                .await
+                .map_err(|_| Error::Broker("publishing stopped".into()))?;
+        }
         Ok(())
     }
+
+    /// Hands on the last chunk and says there will be no more.
+    async fn finish(&mut self) -> Result<()> {
+        self.flush().await?;
+        self.tx = None;
+        Ok(())
+    }
+}
+
+/// Records chunks in the ledger one after another, in the order they were
+/// cut, and publishes up to [`CHUNKS_PUBLISHING`] recorded chunks at once,
+/// marking each published once the broker has confirmed it. A message never
+/// names a batch the ledger does not have: a chunk is published only after
+/// its recording committed. Returns the batches published.
+async fn record_and_publish(
+    pool: &PgPool,
+    job: Uuid,
+    kind: Kind,
+    publisher: &dyn Publisher,
+    rx: mpsc::Receiver<Chunk>,
+) -> Result<usize> {
+    let chunks = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    });
+    chunks
+        // `then` runs one recording at a time, in order; `try_buffered`
+        // keeps pulling recorded chunks while earlier ones are publishing.
+        .then(|chunk| async move {
+            ledger::record_batches(pool, job, kind, chunk.first_seq, &chunk.batches).await?;
+            Ok::<_, Error>(chunk.batches)
+        })
+        .map_ok(|batches| async move {
+            let messages: Vec<BatchMessage> = batches
+                .iter()
+                .map(|b| BatchMessage::new(b.id, kind))
+                .collect();
+            publisher.publish(&messages).await?;
+            let ids: Vec<Uuid> = batches.iter().map(|b| b.id).collect();
+            ledger::mark_published(pool, &ids).await?;
+            tracing::debug!(%job, batches = ids.len(), "published");
+            Ok(ids.len())
+        })
+        .try_buffered(CHUNKS_PUBLISHING)
+        .try_fold(0, |n, published| async move { Ok(n + published) })
+        .await
 }

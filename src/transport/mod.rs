@@ -64,7 +64,8 @@ impl BatchMessage {
     }
 }
 
-/// Sends batch messages.
+/// Sends batch messages. The planner calls `publish` for several chunks at
+/// once (see `plan`), so an implementation must allow concurrent calls.
 #[async_trait]
 pub trait Publisher: Send + Sync {
     /// Enqueues every message durably. `Ok` means the broker confirmed each

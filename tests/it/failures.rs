@@ -1,7 +1,7 @@
 //! Failure classes, the dead-letter queue, `status` and `redrive`, over
 //! RabbitMQ, with the worker as the binary runs it.
 
-use crate::helpers::{TestDb, amqp_config, delete_queues, drain, plan_options};
+use crate::helpers::{TestDb, amqp_config, delete_queues, drain, hold_a_row_of, plan_options};
 use archiver::ledger::Kind;
 use archiver::plan;
 use archiver::transport::Publisher;
@@ -171,24 +171,6 @@ fn next_month(yyyy_mm: &str) -> String {
     } else {
         format!("{y}-{:02}", m + 1)
     }
-}
-
-/// Holds a row lock on one row of `batch` for `hold`, as the application might.
-async fn hold_a_row_of(db: &TestDb, batch: Uuid, hold: Duration) -> JoinHandle<()> {
-    let mut tx = db.pool.begin().await.unwrap();
-    sqlx::query(
-        "SELECT 1 FROM scenario_logs l, archive_batches b WHERE b.id = $1
-           AND (l.received_at, l.id) > (b.lo_ts, b.lo_id) AND (l.received_at, l.id) <= (b.hi_ts, b.hi_id)
-         LIMIT 1 FOR UPDATE OF l",
-    )
-    .bind(batch)
-    .execute(&mut *tx)
-    .await
-    .unwrap();
-    tokio::spawn(async move {
-        tokio::time::sleep(hold).await;
-        tx.rollback().await.unwrap();
-    })
 }
 
 #[tokio::test]

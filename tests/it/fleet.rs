@@ -315,3 +315,176 @@ async fn a_worker_survives_losing_its_broker_and_database_connections() {
     delete_queues(&cfg).await;
     db.cleanup().await;
 }
+
+/// Runs `rabbitmqctl eval EXPR`; its printed result.
+fn rabbit_eval(expr: &str) -> String {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["eval", expr])
+        .output()
+        .expect("rabbitmqctl");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl eval {expr}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Makes every channel opened from now on check its consumer timeout every
+/// 250 ms (RabbitMQ's default: once a minute); puts the old interval back
+/// when dropped. Harmless to other tests: a tick only checks timeouts.
+struct FastChannelTicks(String);
+
+impl FastChannelTicks {
+    fn new() -> Self {
+        let old = rabbit_eval("application:get_env(rabbit, channel_tick_interval).");
+        let old = old
+            .strip_prefix("{ok,")
+            .and_then(|s| s.strip_suffix('}'))
+            .unwrap_or("60000")
+            .to_string();
+        rabbit_eval("application:set_env(rabbit, channel_tick_interval, 250).");
+        FastChannelTicks(old)
+    }
+}
+
+impl Drop for FastChannelTicks {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args([
+                "eval",
+                &format!(
+                    "application:set_env(rabbit, channel_tick_interval, {}).",
+                    self.0
+                ),
+            ])
+            .output();
+    }
+}
+
+/// Lowers the consumer timeout of the channels of this queue's worker
+/// connections to `ms`, and of no other channel: RabbitMQ 3.10 has no
+/// per-queue or per-consumer timeout, and changing the global one would
+/// reach other tests' channels. Each channel copies the global value into
+/// its state when it opens; this rewrites that copy, after checking the
+/// field holds the global value (so a different broker version fails here
+/// instead of silently testing nothing). Returns the channels changed.
+fn lower_consumer_timeout(queue: &str, ms: u32) -> usize {
+    let expr = format!(
+        r#"Name = <<"archiver-worker {queue}">>,
+        Props = fun(P) -> case catch rabbit_reader:info(P, [client_properties]) of
+                              [{{client_properties, T}}] when is_list(T) -> T;
+                              _ -> []
+                          end end,
+        Conns = [P || P <- rabbit_networking:connections_local(),
+                      lists:keyfind(<<"connection_name">>, 1, Props(P))
+                        =:= {{<<"connection_name">>, longstr, Name}}],
+        ConnOf = fun(C) -> case catch rabbit_channel:info(C, [connection]) of
+                               [{{connection, X}}] -> X;
+                               _ -> none
+                           end end,
+        Chans = [C || C <- rabbit_channel:list_local(), lists:member(ConnOf(C), Conns)],
+        {{ok, Global}} = application:get_env(rabbit, consumer_timeout),
+        Set = fun(G) -> gs2_state = element(1, G),
+                        Ch = element(4, G), ch = element(1, Ch),
+                        Cfg = element(2, Ch), conf = element(1, Cfg),
+                        Global = element(18, Cfg),
+                        setelement(4, G, setelement(2, Ch, setelement(18, Cfg, {ms}))) end,
+        [sys:replace_state(C, Set) || C <- Chans],
+        length(Chans)."#
+    );
+    rabbit_eval(&expr)
+        .parse()
+        .expect("a channel count from rabbitmqctl eval")
+}
+
+#[tokio::test]
+async fn a_batch_outliving_the_consumer_timeout_has_its_effect_once_and_the_worker_goes_on() {
+    let db = TestDb::new().await;
+    db.load_logs(4_000).await;
+    let (old, young) = db.split_hashes().await;
+    let cfg = amqp_config();
+    let publisher = AmqpPublisher::connect(cfg.clone()).await.unwrap();
+    let planned = plan_to(&db, &publisher, 400).await;
+    let first: Uuid =
+        sqlx::query_scalar("SELECT id FROM archive_batches WHERE job_id = $1 ORDER BY seq LIMIT 1")
+            .bind(planned.job)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    // The first batch waits 8 s for a row the application holds.
+    let holder = crate::helpers::hold_a_row_of(&db, first, std::time::Duration::from_secs(8)).await;
+
+    let ticks = FastChannelTicks::new();
+    let stop = CancellationToken::new();
+    let w = {
+        let (url, cfg, stop) = (db.url.clone(), cfg.clone(), stop.clone());
+        tokio::spawn(async move {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(4)
+                .connect(&url)
+                .await
+                .unwrap();
+            let mut consumer = AmqpConsumer::new(cfg, 2);
+            let opts = WorkerOptions {
+                concurrency: 2,
+                ..Default::default()
+            };
+            let stats = worker::run(&pool, &mut consumer, opts, stop).await.unwrap();
+            consumer.close().await;
+            stats
+        })
+    };
+    // Once it consumes, its channel times out deliveries after 2 s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while lower_consumer_timeout(&cfg.queue, 2000) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "worker never connected"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // The broker closes that channel while the first batch is still
+    // blocked; its message returns to the queue and comes back on the
+    // worker's new channel. The batch commits once.
+    assert_eq!(db.wait_job(planned.job).await, "completed");
+    holder.await.unwrap();
+    drop(ticks);
+    let (attempts, status): (i32, String) =
+        sqlx::query_as("SELECT attempts, status FROM archive_batches WHERE id = $1")
+            .bind(first)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (attempts, status.as_str()),
+        (1, "done"),
+        "committed once, no failure recorded"
+    );
+    db.assert_logs_invariant(&old, &young).await;
+    db.assert_job_counted_once(planned.job, old.0).await;
+
+    // The worker is still consuming: a second job completes too.
+    db.load_logs(2_000).await;
+    let second = plan_to(&db, &publisher, 400).await;
+    assert!(second.batches > 0);
+    assert_eq!(db.wait_job(second.job).await, "completed");
+    crate::helpers::wait_queue_empty(&cfg).await;
+    stop.cancel();
+    let stats = w.await.unwrap();
+    assert_eq!(
+        stats.done.load(Ordering::Relaxed),
+        (planned.batches + second.batches) as u64,
+        "every batch executed once"
+    );
+    assert!(
+        stats.already_done.load(Ordering::Relaxed) >= 1,
+        "the timed-out delivery came back and was a no-op"
+    );
+    db.assert_job_counted_once(second.job, second.rows).await;
+    assert_eq!(queue_depth(&cfg, &cfg.dead_queue()).await, Some(0));
+    publisher.close().await.unwrap();
+    delete_queues(&cfg).await;
+    db.cleanup().await;
+}

@@ -226,6 +226,28 @@ impl TestDb {
     }
 }
 
+/// Holds a row lock on one row of `batch` for `hold`, as the application might.
+pub async fn hold_a_row_of(
+    db: &TestDb,
+    batch: Uuid,
+    hold: Duration,
+) -> tokio::task::JoinHandle<()> {
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query(
+        "SELECT 1 FROM scenario_logs l, archive_batches b WHERE b.id = $1
+           AND (l.received_at, l.id) > (b.lo_ts, b.lo_id) AND (l.received_at, l.id) <= (b.hi_ts, b.hi_id)
+         LIMIT 1 FOR UPDATE OF l",
+    )
+    .bind(batch)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tokio::spawn(async move {
+        tokio::time::sleep(hold).await;
+        tx.rollback().await.unwrap();
+    })
+}
+
 /// Plans `kind` and runs its batches inline, as `planner` does with no
 /// broker; asserts nothing was dead-lettered and the job completed.
 pub async fn run_inline(

@@ -9,6 +9,7 @@ mod helpers;
 mod logs;
 mod metrics;
 mod objects;
+mod planning;
 mod reports;
 mod spec_queries;
 mod sqs;
