@@ -2,6 +2,13 @@
 //! sample, streaming a file through an encoder while hashing what was read,
 //! and decoding an object into a file that appears only once its size and
 //! SHA-256 match the object's metadata.
+//!
+//! Encoding runs on two blocking threads, so that reading and hashing
+//! overlap with the codec and none of it runs on the async runtime: one
+//! reads the file in 1 MiB chunks (SHA-256 and size on the way), the other
+//! encodes them (zstd or flate2, single-threaded) and hands 1 MiB chunks of
+//! output to the async side, which writes them to a file or into S3 parts.
+//! Bounded channels of two chunks between the stages keep memory bounded.
 
 use super::{Compression, Encoding, ObjectMeta};
 use crate::{Error, Result};
@@ -650,6 +657,104 @@ mod tests {
             choose(&[], Compression::Zstd).await.unwrap(),
             Encoding::Identity
         );
+    }
+
+    /// A scratch file with `bytes`, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(bytes: &[u8]) -> Self {
+            let path = std::env::temp_dir().join(format!(
+                "archiver-compress-{}",
+                uuid::Uuid::new_v4().simple()
+            ));
+            std::fs::write(&path, bytes).unwrap();
+            Scratch(path)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn pseudo_random(size: usize) -> Vec<u8> {
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        (0..size)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 32) as u8
+            })
+            .collect()
+    }
+
+    /// Reads all of `encoded` in pieces of `limit` bytes; checks that only
+    /// the last piece is short.
+    async fn read_in_pieces(encoded: &mut EncodedFile, limit: usize) -> Vec<u8> {
+        let mut all = Vec::new();
+        let mut short = false;
+        loop {
+            let piece = encoded.read_up_to(limit).await.unwrap();
+            if piece.is_empty() {
+                return all;
+            }
+            assert!(!short, "a short piece before the end");
+            short = piece.len() < limit;
+            all.extend_from_slice(&piece);
+        }
+    }
+
+    #[tokio::test]
+    async fn pipeline_cuts_pieces_across_chunks_and_hashes_the_whole_file() {
+        // Neither a multiple of the chunk size nor of the piece size.
+        let bytes = pseudo_random(2 * CHUNK + 12_345);
+        let file = Scratch::new(&bytes);
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+
+        let mut identity = encode_file(&file.0, Encoding::Identity).await.unwrap();
+        assert!(identity.digest().is_err(), "a digest before the end");
+        assert_eq!(identity.size_hint(), bytes.len() as u64);
+        assert_eq!(read_in_pieces(&mut identity, 700_001).await, bytes);
+        assert_eq!(
+            identity.digest().unwrap(),
+            (bytes.len() as u64, sha256.clone())
+        );
+
+        let text = "2026-01-01T00:00:03Z,scenario-42,cpu,73.25,ok\n".repeat(60_000);
+        let file = Scratch::new(text.as_bytes());
+        let mut zstd = encode_file(&file.0, Encoding::Zstd).await.unwrap();
+        let compressed = read_in_pieces(&mut zstd, 3_000).await;
+        assert!(compressed.len() * 10 < text.len());
+        assert_eq!(zstd::decode_all(&compressed[..]).unwrap(), text.as_bytes());
+        let mut gzip = encode_file(&file.0, Encoding::Gzip).await.unwrap();
+        let compressed = read_in_pieces(&mut gzip, 1 << 20).await;
+        let mut decoded = Vec::new();
+        flate2::read::GzDecoder::new(&compressed[..])
+            .read_to_end(&mut decoded)
+            .unwrap();
+        assert_eq!(decoded, text.as_bytes());
+        assert_eq!(gzip.digest().unwrap().0, text.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn a_read_error_reaches_the_async_side_as_refused() {
+        // A directory opens, but reading it fails (EISDIR): the reader
+        // thread's error must reach the async side, classified as
+        // `source_error` does, and no digest is claimed.
+        let dir = std::env::temp_dir();
+        let mut encoded = encode_file(&dir, Encoding::Zstd).await.unwrap();
+        let err = loop {
+            match encoded.next().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("a directory encoded to the end"),
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(err, Error::Refused(_)), "{err}");
+        assert!(encoded.digest().is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Streaming a file into an S3 multipart upload with bounded memory: the
 //! encoder fills one part buffer while the previous part uploads, so at most
-//! two parts are in memory (2 × 8 MiB for any file up to ~70 GiB stored).
+//! two parts are in memory (2 × 8 MiB for any file up to ~70 GiB stored),
+//! besides the few 1 MiB chunks of the encoding pipeline.
 //! A failed upload is aborted, so no parts are left behind to pay for (the
 //! lifecycle rule also aborts any a crash leaves).
 

@@ -1,7 +1,8 @@
 //! The S3 backend (aws-sdk-s3; any S3-protocol server). Metadata travels as
 //! user metadata (`x-amz-meta-original-size`, `-original-sha256`,
 //! `-encoding`), so the file is hashed in a first pass before its bytes are
-//! streamed. Credentials come from the SDK's provider chain and are never
+//! sent (that pass runs beside the encoder, which fills the first part
+//! meanwhile). Credentials come from the SDK's provider chain and are never
 //! logged.
 
 use super::compress::{self, EncodedFile};
