@@ -724,9 +724,11 @@ async fn measure(
         "- put_file is the whole step the worker runs per report: sample, compress, store, verify."
     );
     println!(
-        "  S3 reads the file twice (SHA-256 first, as metadata must precede the body); the local"
+        "  S3 reads the file twice (a SHA-256 pass beside the encoder, as metadata must precede the"
     );
-    println!("  store hashes while it compresses and fsyncs the object.");
+    println!(
+        "  body); the local store hashes while it compresses (reader and encoder threads) and fsyncs."
+    );
     if s3.is_some() {
         println!(
             "- the S3 server is moto on loopback (Python, a single process): the S3 line is bounded by"

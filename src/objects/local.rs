@@ -4,13 +4,13 @@
 //! directory, is fsynced and renamed into place, so a reader sees a whole
 //! object or none.
 
-use super::compress::{self, IO_BUFFER, local_error};
-use super::{Compression, ObjectMeta, ObjectStore, Stored, check_key, verify};
+use super::compress::{self, local_error};
+use super::{Compression, Encoding, ObjectMeta, ObjectStore, Stored, check_key, verify};
 use crate::{Error, Result};
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
 use tokio::fs::File;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::AsyncWriteExt;
 
 /// Objects as files under a directory.
 #[derive(Debug, Clone)]
@@ -67,33 +67,21 @@ fn meta_path(path: &Path) -> PathBuf {
 /// written and the original's size and SHA-256.
 async fn write_encoded(
     source: &Path,
-    inspection: &compress::Inspection,
+    encoding: Encoding,
     tmp: &Path,
 ) -> Result<(u64, u64, String)> {
-    let mut encoder = compress::encode_file(source, inspection.encoding).await?;
-    let file = File::create(tmp).await.map_err(|e| local_error(tmp, e))?;
-    let mut out = BufWriter::with_capacity(IO_BUFFER, file);
-    let mut buf = vec![0; IO_BUFFER];
+    let mut encoded = compress::encode_file(source, encoding).await?;
+    let mut out = File::create(tmp).await.map_err(|e| local_error(tmp, e))?;
     let mut written = 0;
-    loop {
-        let n = encoder
-            .read(&mut buf)
-            .await
-            .map_err(|e| compress::source_error(source, e))?;
-        if n == 0 {
-            break;
-        }
-        out.write_all(&buf[..n])
+    while let Some(chunk) = encoded.next().await? {
+        out.write_all(&chunk)
             .await
             .map_err(|e| local_error(tmp, e))?;
-        written += n as u64;
+        written += chunk.len() as u64;
     }
     out.flush().await.map_err(|e| local_error(tmp, e))?;
-    out.into_inner()
-        .sync_all()
-        .await
-        .map_err(|e| local_error(tmp, e))?;
-    let (size, sha256) = compress::digest(&encoder);
+    out.sync_all().await.map_err(|e| local_error(tmp, e))?;
+    let (size, sha256) = encoded.digest()?;
     Ok((written, size, sha256))
 }
 
@@ -134,8 +122,8 @@ impl ObjectStore for LocalStore {
         key_base: &str,
         compression: Compression,
     ) -> Result<Stored> {
-        let inspection = compress::inspect(source, compression, false).await?;
-        let key = format!("{key_base}{}", inspection.encoding.suffix());
+        let encoding = compress::choose_encoding(source, compression).await?;
+        let key = format!("{key_base}{}", encoding.suffix());
         let path = self.object_path(&key)?;
         if let Some(dir) = path.parent() {
             tokio::fs::create_dir_all(dir)
@@ -144,7 +132,7 @@ impl ObjectStore for LocalStore {
         }
         let tmp = compress::temp_path(&path)?;
         let (stored_size, original_size, original_sha256) =
-            match write_encoded(source, &inspection, &tmp).await {
+            match write_encoded(source, encoding, &tmp).await {
                 Ok(done) => done,
                 Err(e) => {
                     let _ = tokio::fs::remove_file(&tmp).await;
@@ -154,7 +142,7 @@ impl ObjectStore for LocalStore {
         let meta = ObjectMeta {
             original_size,
             original_sha256,
-            encoding: inspection.encoding,
+            encoding,
         };
         commit(&tmp, &path, &meta).await?;
         verify(self.head(&key).await?, &key, stored_size, &meta)?;

@@ -1,11 +1,12 @@
 //! Streaming a file into an S3 multipart upload with bounded memory: the
 //! encoder fills one part buffer while the previous part uploads, so at most
-//! two parts are in memory (2 × 8 MiB for any file up to ~70 GiB stored).
+//! two parts are in memory (2 × 8 MiB for any file up to ~70 GiB stored),
+//! besides the few 1 MiB chunks of the encoding pipeline.
 //! A failed upload is aborted, so no parts are left behind to pay for (the
 //! lifecycle rule also aborts any a crash leaves).
 
 use super::ObjectMeta;
-use super::compress::{self, FileEncoder};
+use super::compress::EncodedFile;
 use super::s3::{S3Store, check_unchanged, sdk_error};
 use crate::{Error, Result};
 use aws_sdk_s3::Client;
@@ -13,7 +14,6 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
 use std::path::Path;
-use tokio::io::AsyncReadExt;
 use tokio::task::JoinHandle;
 
 /// The part size for ordinary files.
@@ -31,43 +31,19 @@ pub(crate) fn part_size(original_size: u64) -> usize {
     needed.max(PART_SIZE as u64) as usize
 }
 
-/// Reads up to `part_size` encoded bytes; fewer only at the end of the file.
-pub(crate) async fn read_part(
-    source: &mut FileEncoder,
-    path: &Path,
-    part_size: usize,
-) -> Result<Bytes> {
-    // Zeroed allocation comes from fresh (lazily mapped) pages: a short last
-    // part only costs the pages it touches.
-    let mut buf = vec![0; part_size];
-    let mut filled = 0;
-    while filled < part_size {
-        let n = source
-            .read(&mut buf[filled..])
-            .await
-            .map_err(|e| compress::source_error(path, e))?;
-        if n == 0 {
-            break;
-        }
-        filled += n;
-    }
-    buf.truncate(filled);
-    Ok(Bytes::from(buf))
-}
-
 /// Uploads `first` and the rest of `source` as one multipart upload to
 /// `key`; returns the bytes sent. Aborts the upload on any failure.
 pub(crate) async fn upload(
     store: &S3Store,
     key: &str,
     first: Bytes,
-    source: &mut FileEncoder,
+    source: &mut EncodedFile,
     path: &Path,
     meta: &ObjectMeta,
 ) -> Result<u64> {
     let upload = Upload::create(store, key, meta).await?;
     let result = async {
-        let (parts, sent) = upload.send_parts(first, source, path).await?;
+        let (parts, sent) = upload.send_parts(first, source).await?;
         check_unchanged(source, path, meta)?;
         upload.complete(parts).await?;
         Ok(sent)
@@ -117,8 +93,7 @@ impl Upload {
     async fn send_parts(
         &self,
         first: Bytes,
-        source: &mut FileEncoder,
-        path: &Path,
+        source: &mut EncodedFile,
     ) -> Result<(Vec<CompletedPart>, u64)> {
         let mut parts = Vec::new();
         let mut sent = 0;
@@ -136,7 +111,7 @@ impl Upload {
             if let Some(previous) = in_flight.replace(task) {
                 parts.push(previous.join().await?);
             }
-            next = read_part(source, path, self.part_size).await?;
+            next = source.read_up_to(self.part_size).await?;
             if next.is_empty() {
                 break;
             }

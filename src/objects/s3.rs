@@ -1,10 +1,11 @@
 //! The S3 backend (aws-sdk-s3; any S3-protocol server). Metadata travels as
 //! user metadata (`x-amz-meta-original-size`, `-original-sha256`,
 //! `-encoding`), so the file is hashed in a first pass before its bytes are
-//! streamed. Credentials come from the SDK's provider chain and are never
+//! sent (that pass runs beside the encoder, which fills the first part
+//! meanwhile). Credentials come from the SDK's provider chain and are never
 //! logged.
 
-use super::compress::{self, FileEncoder};
+use super::compress::{self, EncodedFile};
 use super::lifecycle::{self, Wanted};
 use super::multipart;
 use super::{Compression, Encoding, ObjectMeta, ObjectStore, Stored, check_key, verify};
@@ -137,8 +138,8 @@ impl S3Store {
 }
 
 /// Fails unless the encoder read exactly the bytes the first pass hashed.
-pub(super) fn check_unchanged(source: &FileEncoder, path: &Path, meta: &ObjectMeta) -> Result<()> {
-    let (size, sha256) = compress::digest(source);
+pub(super) fn check_unchanged(source: &EncodedFile, path: &Path, meta: &ObjectMeta) -> Result<()> {
+    let (size, sha256) = source.digest()?;
     if size == meta.original_size && sha256 == meta.original_sha256 {
         return Ok(());
     }
@@ -157,17 +158,21 @@ impl ObjectStore for S3Store {
         key_base: &str,
         compression: Compression,
     ) -> Result<Stored> {
-        let inspection = compress::inspect(path, compression, true).await?;
-        let meta = ObjectMeta {
-            original_size: inspection.size,
-            original_sha256: inspection.sha256.unwrap_or_default(),
-            encoding: inspection.encoding,
-        };
-        let key = format!("{key_base}{}", meta.encoding.suffix());
+        let encoding = compress::choose_encoding(path, compression).await?;
+        let key = format!("{key_base}{}", encoding.suffix());
         check_key(&key)?;
-        let mut source = compress::encode_file(path, meta.encoding).await?;
-        let part_size = multipart::part_size(meta.original_size);
-        let first = multipart::read_part(&mut source, path, part_size).await?;
+        // The first pass (size and SHA-256, for the metadata) runs beside
+        // the encoder, which fills the first part meanwhile.
+        let hashing = compress::hash_file(path);
+        let mut source = compress::encode_file(path, encoding).await?;
+        let part_size = multipart::part_size(source.size_hint());
+        let first = source.read_up_to(part_size).await?;
+        let (original_size, original_sha256) = hashing.finish().await?;
+        let meta = ObjectMeta {
+            original_size,
+            original_sha256,
+            encoding,
+        };
         let sent = if first.len() < part_size {
             check_unchanged(&source, path, &meta)?;
             self.put_single(&key, first, &meta).await?
