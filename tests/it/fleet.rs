@@ -19,16 +19,26 @@ fn spawn_worker(
     cfg: &AmqpConfig,
     stop: &CancellationToken,
 ) -> JoinHandle<Arc<WorkerStats>> {
+    spawn_worker_with(db, cfg, stop, 1)
+}
+
+/// The same, executing `concurrency` batches at once.
+fn spawn_worker_with(
+    db: &TestDb,
+    cfg: &AmqpConfig,
+    stop: &CancellationToken,
+    concurrency: usize,
+) -> JoinHandle<Arc<WorkerStats>> {
     let (url, cfg, stop) = (db.url.clone(), cfg.clone(), stop.clone());
     tokio::spawn(async move {
         let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(3)
+            .max_connections(concurrency as u32 + 2)
             .connect(&url)
             .await
             .unwrap();
-        let mut consumer = AmqpConsumer::new(cfg, 1);
+        let mut consumer = AmqpConsumer::new(cfg, concurrency as u16);
         let opts = WorkerOptions {
-            concurrency: 1,
+            concurrency,
             ..Default::default()
         };
         let stats = worker::run(&pool, &mut consumer, opts, stop).await.unwrap();
@@ -418,24 +428,7 @@ async fn a_batch_outliving_the_consumer_timeout_has_its_effect_once_and_the_work
 
     let ticks = FastChannelTicks::new();
     let stop = CancellationToken::new();
-    let w = {
-        let (url, cfg, stop) = (db.url.clone(), cfg.clone(), stop.clone());
-        tokio::spawn(async move {
-            let pool = sqlx::postgres::PgPoolOptions::new()
-                .max_connections(4)
-                .connect(&url)
-                .await
-                .unwrap();
-            let mut consumer = AmqpConsumer::new(cfg, 2);
-            let opts = WorkerOptions {
-                concurrency: 2,
-                ..Default::default()
-            };
-            let stats = worker::run(&pool, &mut consumer, opts, stop).await.unwrap();
-            consumer.close().await;
-            stats
-        })
-    };
+    let w = spawn_worker_with(&db, &cfg, &stop, 2);
     // Once it consumes, its channel times out deliveries after 2 s.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while lower_consumer_timeout(&cfg.queue, 2000) == 0 {
