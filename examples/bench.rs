@@ -27,6 +27,8 @@
 //! pool records insert latency into the hot table of the kind, idle and
 //! during each run.
 
+mod common;
+
 use anyhow::{Context, Result, bail, ensure};
 use archiver::config::Policy;
 use archiver::ledger::Kind;
@@ -34,7 +36,7 @@ use archiver::plan::{self, PlanOptions};
 use archiver::transport::amqp::{self, AmqpConfig, AmqpConsumer, AmqpPublisher};
 use archiver::transport::{Publisher, inline};
 use archiver::worker::{self, WorkerOptions};
-use archiver::{config, db, demo, partitions};
+use archiver::{db, demo, partitions};
 use chrono::{DateTime, Utc};
 use clap::Parser;
 use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
@@ -957,28 +959,12 @@ impl Broker {
 // -------------------------------------------------------------------- setup
 
 async fn create_database(args: &Args) -> Result<PgConnectOptions> {
-    ensure!(
-        !args.database.is_empty()
-            && args
-                .database
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
-        "--database: use lowercase letters, digits and _"
-    );
-    let admin = config::database_options(Some(&args.admin_url), "archiver-bench")?;
-    let pool = db::connect(&admin, 1, Duration::from_secs(30)).await?;
-    for sql in [
-        format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", args.database),
-        format!("CREATE DATABASE {}", args.database),
-    ] {
-        sqlx::raw_sql(AssertSqlSafe(sql)).execute(&pool).await?;
-    }
-    if args.no_jit {
-        let sql = format!("ALTER DATABASE {} SET jit = off", args.database);
-        sqlx::raw_sql(AssertSqlSafe(sql)).execute(&pool).await?;
-    }
-    pool.close().await;
-    Ok(admin.database(&args.database))
+    let settings: Vec<String> = if args.no_jit {
+        vec![format!("ALTER DATABASE {} SET jit = off", args.database)]
+    } else {
+        Vec::new()
+    };
+    common::recreate_database(&args.admin_url, &args.database, "archiver-bench", &settings).await
 }
 
 /// Schema, data, pristine copy, the procedure (logs), every archive

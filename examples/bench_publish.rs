@@ -22,6 +22,8 @@
 //! marked published (except `cut-only`, which records none), and the queue
 //! holds exactly one message per batch. Queues are deleted afterwards.
 
+mod common;
+
 use anyhow::{Context, Result, ensure};
 use archiver::config::Policy;
 use archiver::ledger::Kind;
@@ -29,7 +31,7 @@ use archiver::plan::{self, PlanOptions};
 use archiver::transport::amqp::{AmqpConfig, AmqpPublisher};
 use archiver::transport::sqs::{QueueUrls, SqsConfig, SqsPublisher, ensure_queues};
 use archiver::transport::{BatchMessage, Publisher};
-use archiver::{config, db, demo};
+use archiver::{db, demo};
 use async_trait::async_trait;
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
@@ -37,8 +39,8 @@ use aws_sdk_sqs::types::QueueAttributeName;
 use clap::Parser;
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Connection, ConnectionProperties};
+use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{AssertSqlSafe, PgPool};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -351,24 +353,13 @@ fn sqs_client(endpoint: &str) -> Client {
 }
 
 async fn create_database(args: &Args) -> Result<PgConnectOptions> {
-    ensure!(
-        !args.database.is_empty()
-            && args
-                .database
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
-        "--database: use lowercase letters, digits and _"
-    );
-    let admin = config::database_options(Some(&args.admin_url), "archiver-bench-publish")?;
-    let pool = db::connect(&admin, 1, Duration::from_secs(30)).await?;
-    for sql in [
-        format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", args.database),
-        format!("CREATE DATABASE {}", args.database),
-    ] {
-        sqlx::raw_sql(AssertSqlSafe(sql)).execute(&pool).await?;
-    }
-    pool.close().await;
-    Ok(admin.database(&args.database))
+    common::recreate_database(
+        &args.admin_url,
+        &args.database,
+        "archiver-bench-publish",
+        &[],
+    )
+    .await
 }
 
 /// Schema and data: `batches × batch_size` log rows over two years, every
