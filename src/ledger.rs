@@ -337,7 +337,7 @@ pub async fn complete_batch(
 ) -> Result<bool> {
     sqlx::query(
         "UPDATE archive_batches SET status = 'done', attempts = attempts + 1, last_error = NULL,
-            rows_archived = $2, rows_deleted = $3, bytes_archived = $4, completed_at = now()
+            rows_archived = $2, rows_deleted = $3, bytes_archived = $4, completed_at = clock_timestamp()
          WHERE id = $1",
     )
     .bind(batch.id)
@@ -357,7 +357,7 @@ pub async fn complete_batch(
                                                WHERE job_id = $1 AND status = 'dead')
                           THEN 'completed' ELSE status END,
             completed_at = CASE WHEN planning_done AND batches_done + 1 >= batches_planned
-                                THEN now() ELSE completed_at END
+                                THEN clock_timestamp() ELSE completed_at END
          WHERE id = $1 RETURNING status",
     )
     .bind(batch.job_id)
