@@ -1171,12 +1171,7 @@ fn print_metrics_table(lines: &[Line], idle: &Latency) {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sqlx::query=error"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    archiver::telemetry::init_with("warn,sqlx::query=error");
     let args = Args::parse();
     ensure!(
         args.rows.is_none_or(|n| n > 0)

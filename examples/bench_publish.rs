@@ -435,12 +435,7 @@ fn print_table(bench: &Bench, lines: &[Line]) {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sqlx::query=error"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    archiver::telemetry::init_with("warn,sqlx::query=error");
     let args = Args::parse();
     ensure!(
         args.batches > 0

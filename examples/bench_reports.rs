@@ -749,12 +749,7 @@ async fn measure(
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    archiver::telemetry::init_with("warn");
     let args = Args::parse();
     match (&args.child_put, &args.child_store) {
         (Some(file), Some(spec)) => run_child(file, spec, args.s3_endpoint.as_deref()).await,

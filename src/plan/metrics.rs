@@ -1,7 +1,8 @@
 //! Metrics: batches of whole aggregate groups. A group is (scenario, type,
 //! name, unit, UTC day); batch bounds are (day, scenario_id) keys, so every
-//! sample of a group falls in the same batch. Walked one day at a time
-//! through the (UTC day, scenario_id) expression index; a batch may span
+//! sample of a group falls in the same batch. Walked a window of days at a
+//! time through the (UTC day, scenario_id) expression index, counting per
+//! day, and per scenario only on days larger than a batch; a batch may span
 //! several small days, or a slice of the scenarios of a large one.
 
 use super::{Eligible, Sink};
@@ -135,7 +136,7 @@ impl Emit for Sink {
 /// A planning query covers about this many batches' worth of samples (its
 /// days chosen from the density of the window before), and between one and
 /// MAX_WINDOW_DAYS days: a handful of index-only walks per year of backlog,
-/// each returning at most days x scenarios rows.
+/// each returning a row per day (per scenario on days larger than a batch).
 const WINDOW_BATCHES: i64 = 20;
 const FIRST_WINDOW_DAYS: i64 = 7;
 const MAX_WINDOW_DAYS: i64 = 92;
