@@ -45,6 +45,7 @@ pub(crate) async fn upload(
     let result = async {
         let (parts, sent) = upload.send_parts(first, source).await?;
         check_unchanged(source, path, meta)?;
+        tracing::debug!(key, parts = parts.len(), "parts sent; completing");
         upload.complete(parts).await?;
         Ok(sent)
     }
@@ -128,6 +129,7 @@ impl Upload {
         number: i32,
         body: Bytes,
     ) -> impl Future<Output = Result<CompletedPart>> + Send + 'static {
+        let body_len = body.len();
         let request = self
             .client
             .upload_part()
@@ -138,11 +140,20 @@ impl Upload {
             .checksum_algorithm(ChecksumAlgorithm::Crc32)
             .body(ByteStream::from(body));
         let key = self.key.clone();
+        let bytes = body_len;
         async move {
+            let start = std::time::Instant::now();
             let out = request
                 .send()
                 .await
                 .map_err(|e| sdk_error("UploadPart", &key, e))?;
+            tracing::debug!(
+                key,
+                number,
+                bytes,
+                elapsed_ms = start.elapsed().as_millis(),
+                "part uploaded"
+            );
             Ok(CompletedPart::builder()
                 .part_number(number)
                 .set_e_tag(out.e_tag)

@@ -158,6 +158,7 @@ impl ObjectStore for S3Store {
         key_base: &str,
         compression: Compression,
     ) -> Result<Stored> {
+        let start = std::time::Instant::now();
         let encoding = compress::choose_encoding(path, compression).await?;
         let key = format!("{key_base}{}", encoding.suffix());
         check_key(&key)?;
@@ -167,7 +168,9 @@ impl ObjectStore for S3Store {
         let mut source = compress::encode_file(path, encoding).await?;
         let part_size = multipart::part_size(source.size_hint());
         let first = source.read_up_to(part_size).await?;
+        tracing::debug!(%key, elapsed_ms = start.elapsed().as_millis(), "first part encoded");
         let (original_size, original_sha256) = hashing.finish().await?;
+        tracing::debug!(%key, elapsed_ms = start.elapsed().as_millis(), "first pass hashed");
         let meta = ObjectMeta {
             original_size,
             original_sha256,
@@ -179,7 +182,9 @@ impl ObjectStore for S3Store {
         } else {
             multipart::upload(self, &key, first, &mut source, path, &meta).await?
         };
+        tracing::debug!(%key, elapsed_ms = start.elapsed().as_millis(), "uploaded");
         verify(self.head(&key).await?, &key, sent, &meta)?;
+        tracing::debug!(%key, elapsed_ms = start.elapsed().as_millis(), "verified");
         Ok(Stored {
             location: self.location(&key),
             key,
