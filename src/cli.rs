@@ -15,7 +15,7 @@ use crate::transport::amqp::{AmqpConfig, AmqpConsumer, AmqpPublisher};
 use crate::transport::sqs::{SqsConfig, SqsConsumer, SqsPublisher};
 use crate::transport::{BatchMessage, Publisher, inline};
 use crate::worker::{self, WorkerOptions};
-use crate::{db, ledger, report, telemetry};
+use crate::{db, ledger, report, retention, telemetry};
 use clap::{Args, Parser, Subcommand};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -211,6 +211,26 @@ pub enum PlannerCommand {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Drop what is past its retention period: whole monthly partitions of
+    /// the logs and metrics archives, and archived reports' metadata rows
+    /// whose local file is gone. Run it from cron (monthly is enough).
+    Retention {
+        /// Say what would be dropped; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Years `scenario_logs_archive` keeps.
+        #[arg(long, env = "ARCHIVER_LOGS_RETENTION_YEARS", default_value_t = 7,
+              value_parser = clap::value_parser!(u32).range(1..=100))]
+        logs_years: u32,
+        /// Years `scenario_metrics_archive` keeps.
+        #[arg(long, env = "ARCHIVER_METRICS_RETENTION_YEARS", default_value_t = 5,
+              value_parser = clap::value_parser!(u32).range(1..=100))]
+        metrics_years: u32,
+        /// Years `reports_archive` keeps a report's metadata (by `created_at`).
+        #[arg(long, env = "ARCHIVER_REPORTS_METADATA_RETENTION_YEARS", default_value_t = 5,
+              value_parser = clap::value_parser!(u32).range(1..=100))]
+        reports_metadata_years: u32,
+    },
     /// Apply and verify the bucket's lifecycle rule for archived reports.
     Lifecycle {
         /// Show the current rule and what would change; change nothing.
@@ -310,6 +330,29 @@ async fn run_planner(cli: &PlannerCli) -> Result<bool> {
             db::check_migrated(&pool).await?;
             return redrive(&pool, &cli.common, &queue, *batch, *all, *dry_run).await;
         }
+        Some(PlannerCommand::Retention {
+            dry_run,
+            logs_years,
+            metrics_years,
+            reports_metadata_years,
+        }) => {
+            let periods = retention::Periods {
+                logs_years: *logs_years,
+                metrics_years: *metrics_years,
+                reports_metadata_years: *reports_metadata_years,
+            };
+            check_retention(cli, &periods)?;
+            let pool = db::connect(&opts, 2, Duration::from_secs(30)).await?;
+            db::check_migrated(&pool).await?;
+            let _lock = if *dry_run {
+                None
+            } else {
+                Some(take_lock(&opts).await?)
+            };
+            let found = retention::run(&pool, &periods, *dry_run).await?;
+            println!("{}", found.describe(*dry_run));
+            return Ok(true);
+        }
         Some(PlannerCommand::Lifecycle {
             dry_run,
             glacier_after_days,
@@ -373,6 +416,42 @@ async fn run_planner(cli: &PlannerCli) -> Result<bool> {
         }
     };
     Ok(ok)
+}
+
+/// A retention period must outlast the archive age of its kind, or rows
+/// would be dropped as soon as they are archived.
+fn check_retention(cli: &PlannerCli, p: &retention::Periods) -> Result<()> {
+    let checks = [
+        (
+            "--logs-years",
+            p.logs_years,
+            "--logs-age-days",
+            cli.logs_age_days,
+        ),
+        (
+            "--metrics-years",
+            p.metrics_years,
+            "--metrics-age-days",
+            cli.metrics_age_days,
+        ),
+        (
+            "--reports-metadata-years",
+            p.reports_metadata_years,
+            "--reports-age-days",
+            cli.reports_age_days,
+        ),
+    ];
+    for (flag, years, age_flag, age_days) in checks {
+        if u64::from(years) * 365 <= u64::from(age_days) {
+            return Err(Error::config(
+                flag,
+                format!(
+                    "{years} year(s) does not outlast {age_flag} {age_days}: rows would be dropped as soon as they are archived"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Holds the planner lock on a connection of its own for the whole run;

@@ -13,6 +13,7 @@
 //! - [`transport`]: the queue seam: inline (no broker), RabbitMQ and SQS.
 //! - [`worker`]: the unit of work and the consuming loop.
 //! - [`query`]: a scenario's logs, live or with the archive (R10).
+//! - [`retention`]: dropping what is past its retention period (R12).
 //! - [`report`]: what the planner prints.
 //! - [`demo`]: realistic demo data for the README, tests and benchmark.
 //! - [`cli`]: the `planner` and `worker` command lines.
@@ -33,6 +34,7 @@ pub mod partitions;
 pub mod plan;
 pub mod query;
 pub mod report;
+pub mod retention;
 pub mod telemetry;
 pub mod transport;
 pub mod worker;

@@ -145,14 +145,18 @@ pub fn status(jobs: &[JobRow], counts: &[BatchCount], dead: &[DeadBatch]) -> Str
         s.push_str("  none\n");
     }
     for j in jobs {
+        let done = if j.job_type == crate::retention::JOB_TYPE {
+            format!("removed {}", count(j.records_deleted.unwrap_or(0)))
+        } else {
+            format!("archived {}", count(j.records_archived.unwrap_or(0)))
+        };
         s.push_str(&format!(
-            "  {:<8} {:<9} started {}  batches {}/{}  archived {}{}\n",
+            "  {:<9} {:<9} started {}  batches {}/{}  {done}{}\n",
             j.job_type,
             j.status,
             time(j.started_at),
             j.batches_done,
             j.batches_planned,
-            count(j.records_archived.unwrap_or(0)),
             j.error_message
                 .as_deref()
                 .map(|e| format!("  error: {e}"))

@@ -11,5 +11,6 @@ mod metrics;
 mod objects;
 mod planning;
 mod reports;
+mod retention;
 mod spec_queries;
 mod sqs;

@@ -1,0 +1,412 @@
+//! Retention (R12): what is past its retention period leaves the archive.
+//!
+//! - `scenario_logs_archive` (7 years) and `scenario_metrics_archive`
+//!   (5 years) lose whole monthly partitions: a partition goes only when its
+//!   upper bound is at or before the cut-off, so no row younger than the
+//!   retention period is ever dropped. Only partitions the archiver made
+//!   (named `<table>_YYYY_MM`, bounds exactly that UTC month) are touched;
+//!   anything else is reported and left alone.
+//! - `reports_archive` metadata (5 years, by `created_at`) is deleted once
+//!   the report's local file is gone (`deleted_locally`): a row that still
+//!   points at a local file is kept, so the file is never orphaned.
+//!
+//! A table with unfinished batches of its kind (pending, or dead awaiting a
+//! redrive) is held back whole: such a batch may yet write into an old month. The run holds the planner's advisory
+//! lock (no planner creates partitions meanwhile), drops each partition in a
+//! short transaction with a lock timeout (retried, so the application never
+//! queues behind it), and is recorded in `archive_jobs` as job type
+//! `retention`.
+
+use crate::error::{Class, Error, Result};
+use crate::ledger::Kind;
+use crate::partitions::{next_month, partition_name};
+use crate::report::{bytes, count};
+use backon::{ExponentialBuilder, Retryable};
+use chrono::{DateTime, NaiveDate, TimeZone, Utc};
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+/// The `archive_jobs.job_type` of a retention run.
+pub const JOB_TYPE: &str = "retention";
+
+/// Retention periods, in years.
+#[derive(Debug, Clone, Copy)]
+pub struct Periods {
+    /// `scenario_logs_archive` partitions.
+    pub logs_years: u32,
+    /// `scenario_metrics_archive` partitions.
+    pub metrics_years: u32,
+    /// `reports_archive` rows.
+    pub reports_metadata_years: u32,
+}
+
+impl Default for Periods {
+    /// The spec's: logs 7 years, metrics 5 years, report metadata 5 years.
+    fn default() -> Self {
+        Periods {
+            logs_years: 7,
+            metrics_years: 5,
+            reports_metadata_years: 5,
+        }
+    }
+}
+
+/// One monthly partition past retention.
+#[derive(Debug, Clone)]
+pub struct Expired {
+    /// Its parent.
+    pub table: &'static str,
+    /// `<table>_YYYY_MM`.
+    pub name: String,
+    /// Its rows (counted when found, and again as it is dropped).
+    pub rows: i64,
+    /// Its size on disk, indexes included.
+    pub bytes: i64,
+}
+
+/// What a retention run finds (a dry run) or does.
+#[derive(Debug, Default)]
+pub struct Findings {
+    /// Per archive table: (table, retention years, cut-off).
+    pub cutoffs: Vec<(&'static str, u32, DateTime<Utc>)>,
+    /// Partitions past retention (dropped, unless a dry run).
+    pub expired: Vec<Expired>,
+    /// Why a table or partition was left alone.
+    pub held: Vec<String>,
+    /// `reports_archive` rows past retention whose file is gone.
+    pub report_rows: i64,
+    /// Rows past retention kept because their local file is still there.
+    pub report_rows_held: i64,
+    /// The `archive_jobs` row of the run (none for a dry run).
+    pub job: Option<Uuid>,
+}
+
+impl Findings {
+    /// Rows removed (or, in a dry run, to be removed).
+    pub fn rows(&self) -> i64 {
+        self.expired.iter().map(|e| e.rows).sum::<i64>() + self.report_rows
+    }
+
+    /// The lines `planner retention` prints.
+    pub fn describe(&self, dry_run: bool) -> String {
+        let verb = if dry_run { "would drop" } else { "dropped" };
+        let mut s = String::new();
+        if dry_run {
+            s.push_str("DRY RUN: nothing is changed\n");
+        }
+        for (table, years, cutoff) in &self.cutoffs {
+            s.push_str(&format!(
+                "{table}: keeps {years} years (everything from {} on)\n",
+                cutoff.format("%Y-%m-%d %H:%M UTC")
+            ));
+        }
+        if self.expired.is_empty() {
+            s.push_str("no partition is past retention\n");
+        }
+        for e in &self.expired {
+            s.push_str(&format!(
+                "  {verb} {} ({} rows, {})\n",
+                e.name,
+                count(e.rows),
+                bytes(e.bytes)
+            ));
+        }
+        let verb = if dry_run { "would delete" } else { "deleted" };
+        s.push_str(&format!(
+            "reports_archive: {verb} {} metadata rows past retention",
+            count(self.report_rows)
+        ));
+        if self.report_rows_held > 0 {
+            s.push_str(&format!(
+                "; kept {} whose local file is not deleted yet",
+                count(self.report_rows_held)
+            ));
+        }
+        s.push('\n');
+        for h in &self.held {
+            s.push_str(&format!("held: {h}\n"));
+        }
+        if let Some(job) = self.job {
+            s.push_str(&format!(
+                "retention job {job}: {} rows removed",
+                count(self.rows())
+            ));
+        }
+        s.trim_end().to_owned()
+    }
+}
+
+/// The archive tables that lose partitions, with their kind and period.
+fn tables(p: &Periods) -> [(&'static str, Kind, u32); 2] {
+    [
+        ("scenario_logs_archive", Kind::Logs, p.logs_years),
+        ("scenario_metrics_archive", Kind::Metrics, p.metrics_years),
+    ]
+}
+
+/// Finds what is past retention and, unless `dry_run`, removes it. The
+/// caller holds the planner lock.
+pub async fn run(pool: &PgPool, periods: &Periods, dry_run: bool) -> Result<Findings> {
+    let mut f = Findings::default();
+    for (table, kind, years) in tables(periods) {
+        let cutoff = cutoff(pool, years).await?;
+        f.cutoffs.push((table, years, cutoff));
+        let (expired, mut held) = expired_partitions(pool, table, cutoff).await?;
+        let open = open_batches(pool, kind).await?;
+        if open > 0 && !expired.is_empty() {
+            held.push(format!(
+                "{table}: {} partition(s) past retention kept: {open} {kind} batch(es) are not done (pending or dead); run again once they are",
+                expired.len()
+            ));
+        } else {
+            f.expired.extend(expired);
+        }
+        f.held.extend(held);
+    }
+    let (rows, rows_held) = report_rows(pool, periods.reports_metadata_years).await?;
+    f.report_rows = rows;
+    f.report_rows_held = rows_held;
+    if dry_run {
+        return Ok(f);
+    }
+    let job = start_job(pool).await?;
+    f.job = Some(job);
+    match remove(pool, periods, &mut f).await {
+        Ok(()) => {
+            finish_job(pool, job, f.rows(), None).await?;
+            Ok(f)
+        }
+        Err(e) => {
+            finish_job(pool, job, f.rows(), Some(&e.to_string())).await?;
+            Err(e)
+        }
+    }
+}
+
+async fn cutoff(pool: &PgPool, years: u32) -> Result<DateTime<Utc>> {
+    let years = i32::try_from(years).map_err(|_| Error::config("retention", "too many years"))?;
+    Ok(
+        sqlx::query_scalar("SELECT now() - make_interval(years => $1)")
+            .bind(years)
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// `scenario_logs_archive_2019_03` → 2019-03-01T00:00:00Z.
+fn month_of(table: &str, name: &str) -> Option<DateTime<Utc>> {
+    let suffix = name.strip_prefix(table)?.strip_prefix('_')?;
+    let (y, m) = suffix.split_once('_')?;
+    if y.len() != 4 || m.len() != 2 {
+        return None;
+    }
+    let d = NaiveDate::from_ymd_opt(y.parse().ok()?, m.parse().ok()?, 1)?;
+    Some(Utc.from_utc_datetime(&d.and_hms_opt(0, 0, 0)?))
+}
+
+/// The bound PostgreSQL prints (in UTC) for the partition of `month`.
+fn expected_bound(month: DateTime<Utc>) -> String {
+    let f = "%Y-%m-%d %H:%M:%S+00";
+    format!(
+        "FOR VALUES FROM ('{}') TO ('{}')",
+        month.format(f),
+        next_month(month).format(f)
+    )
+}
+
+/// The archiver's partitions of `table` whose whole range is before
+/// `cutoff`, and the reasons any other child was left alone.
+async fn expired_partitions(
+    pool: &PgPool,
+    table: &'static str,
+    cutoff: DateTime<Utc>,
+) -> Result<(Vec<Expired>, Vec<String>)> {
+    let mut conn = pool.acquire().await?;
+    // Bounds are printed in the session's time zone.
+    sqlx::query("SET TIME ZONE 'UTC'")
+        .execute(&mut *conn)
+        .await?;
+    let children = sqlx::query(
+        "SELECT c.relname::text AS name, pg_get_expr(c.relpartbound, c.oid) AS bound,
+                pg_total_relation_size(c.oid) AS bytes
+         FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = to_regclass($1)
+         ORDER BY c.relname",
+    )
+    .bind(table)
+    .fetch_all(&mut *conn)
+    .await;
+    sqlx::query("RESET TIME ZONE").execute(&mut *conn).await?;
+    let (mut expired, mut held) = (Vec::new(), Vec::new());
+    for row in children? {
+        let name: String = row.get("name");
+        let bound: Option<String> = row.get("bound");
+        let Some(month) = month_of(table, &name) else {
+            held.push(format!(
+                "{name}: not a monthly partition of the archiver; left alone"
+            ));
+            continue;
+        };
+        if bound.as_deref() != Some(expected_bound(month).as_str())
+            || partition_name(table, month) != name
+        {
+            held.push(format!(
+                "{name}: its bounds ({}) are not the UTC month its name says; left alone",
+                bound.unwrap_or_default()
+            ));
+            continue;
+        }
+        if next_month(month) <= cutoff {
+            let rows =
+                sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {name}")))
+                    .fetch_one(&mut *conn)
+                    .await?;
+            expired.push(Expired {
+                table,
+                name,
+                rows,
+                bytes: row.get("bytes"),
+            });
+        }
+    }
+    Ok((expired, held))
+}
+
+/// Batches of `kind` that are planned but not done: pending, or dead and
+/// waiting for a redrive. Either may still write into an old month.
+async fn open_batches(pool: &PgPool, kind: Kind) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM archive_batches WHERE kind = $1 AND status <> 'done'",
+    )
+    .bind(kind.as_str())
+    .fetch_one(pool)
+    .await?)
+}
+
+/// `reports_archive` rows past retention: (file gone, file still there).
+async fn report_rows(pool: &PgPool, years: u32) -> Result<(i64, i64)> {
+    let years = i32::try_from(years).map_err(|_| Error::config("retention", "too many years"))?;
+    let row = sqlx::query(
+        "SELECT count(*) FILTER (WHERE deleted_locally) AS gone,
+                count(*) FILTER (WHERE NOT deleted_locally) AS kept
+         FROM reports_archive WHERE created_at < now() - make_interval(years => $1)",
+    )
+    .bind(years)
+    .fetch_one(pool)
+    .await?;
+    Ok((row.get("gone"), row.get("kept")))
+}
+
+async fn remove(pool: &PgPool, periods: &Periods, f: &mut Findings) -> Result<()> {
+    for e in &mut f.expired {
+        e.rows = drop_partition(pool, e.table, &e.name).await?;
+        tracing::info!(partition = %e.name, rows = e.rows, "dropped a partition past retention");
+    }
+    f.report_rows = delete_report_rows(pool, periods.reports_metadata_years).await?;
+    Ok(())
+}
+
+/// Counts and drops one partition in a short transaction. Dropping a
+/// partition locks its parent: wait at most 2 s for it, and retry rather
+/// than queue the archive's readers behind us.
+async fn drop_partition(pool: &PgPool, table: &str, name: &str) -> Result<i64> {
+    let attempt = || async {
+        let mut tx = pool.begin().await?;
+        sqlx::query("SET LOCAL lock_timeout = '2s'")
+            .execute(&mut *tx)
+            .await?;
+        let rows: i64 =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {name}")))
+                .fetch_one(&mut *tx)
+                .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {name}")))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok::<_, Error>(rows)
+    };
+    attempt
+        .retry(
+            ExponentialBuilder::default()
+                .with_jitter()
+                .with_max_times(8),
+        )
+        .when(|e: &Error| e.class() != Class::Permanent)
+        .notify(|e, d| tracing::warn!("dropping {name} of {table}: {e}; retrying in {d:?}"))
+        .await
+}
+
+/// Deletes, 10,000 at a time, the metadata rows past retention whose local
+/// file is gone.
+async fn delete_report_rows(pool: &PgPool, years: u32) -> Result<i64> {
+    let years = i32::try_from(years).map_err(|_| Error::config("retention", "too many years"))?;
+    let mut total = 0;
+    loop {
+        let n = sqlx::query(
+            "DELETE FROM reports_archive WHERE id IN (
+                 SELECT id FROM reports_archive
+                 WHERE created_at < now() - make_interval(years => $1) AND deleted_locally
+                 LIMIT 10000)",
+        )
+        .bind(years)
+        .execute(pool)
+        .await?
+        .rows_affected();
+        total += n as i64;
+        if n == 0 {
+            return Ok(total);
+        }
+    }
+}
+
+async fn start_job(pool: &PgPool) -> Result<Uuid> {
+    Ok(sqlx::query_scalar(
+        "INSERT INTO archive_jobs (job_type, status, started_at) VALUES ($1, 'running', now())
+         RETURNING id",
+    )
+    .bind(JOB_TYPE)
+    .fetch_one(pool)
+    .await?)
+}
+
+async fn finish_job(pool: &PgPool, job: Uuid, rows: i64, error: Option<&str>) -> Result<()> {
+    sqlx::query(
+        "UPDATE archive_jobs SET status = CASE WHEN $3::text IS NULL THEN 'completed' ELSE 'failed' END,
+             completed_at = clock_timestamp(), records_processed = $2, records_deleted = $2,
+             error_message = $3
+         WHERE id = $1",
+    )
+    .bind(job)
+    .bind(rows)
+    .bind(error)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_archivers_monthly_names_parse() {
+        let t = "scenario_logs_archive";
+        assert_eq!(
+            month_of(t, "scenario_logs_archive_2019_03"),
+            Some(Utc.with_ymd_and_hms(2019, 3, 1, 0, 0, 0).unwrap())
+        );
+        assert_eq!(month_of(t, "scenario_logs_archive_2019_13"), None);
+        assert_eq!(month_of(t, "scenario_logs_archive_2019_3"), None);
+        assert_eq!(month_of(t, "scenario_logs_archive_old"), None);
+        assert_eq!(month_of(t, "scenario_metrics_archive_2019_03"), None);
+    }
+
+    #[test]
+    fn the_expected_bound_is_one_utc_month() {
+        let m = Utc.with_ymd_and_hms(2019, 12, 1, 0, 0, 0).unwrap();
+        assert_eq!(
+            expected_bound(m),
+            "FOR VALUES FROM ('2019-12-01 00:00:00+00') TO ('2020-01-01 00:00:00+00')"
+        );
+    }
+}
