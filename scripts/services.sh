@@ -4,7 +4,8 @@
 # PyPI) and start them, then write $ARCHIVER_SERVICES_DIR/env.sh with the
 # URLs to use.
 #
-# Usage: scripts/services.sh [postgres] [rabbitmq] [s3]  (no argument = all)
+# Usage: scripts/services.sh [postgres] [rabbitmq] [s3] [promtool]
+#                                                  (no argument = all)
 #        scripts/services.sh stop    (stops only the private PostgreSQL
 #                                     cluster and the moto server this
 #                                     script started)
@@ -63,7 +64,7 @@ die() {
   exit 1
 }
 usage() {
-  log "usage: scripts/services.sh [postgres] [rabbitmq] [s3] | stop"
+  log "usage: scripts/services.sh [postgres] [rabbitmq] [s3] [promtool] | stop"
   exit 2
 }
 
@@ -552,6 +553,50 @@ ensure_s3() {
   S3_URL=http://127.0.0.1:$S3_PORT
 }
 
+# ---------------------------------------------------------------- promtool
+
+PROMTOOL_DIR=$SERVICES_DIR/promtool
+PROMTOOL=''
+
+# promtool (Prometheus's checker for alert rules and metrics) for the
+# monitoring tests. Reused from PATH; otherwise taken out of Debian's
+# prometheus package without installing it (no server is set up or
+# started): apt-get download, then only promtool is kept, as
+# $SERVICES_DIR/promtool/promtool. It needs only libc.
+ensure_promtool() {
+  local found deb
+  if found=$(command -v promtool); then
+    PROMTOOL=$found
+    log "promtool: reusing $found"
+    return
+  fi
+  if [[ -x $PROMTOOL_DIR/promtool ]]; then
+    PROMTOOL=$PROMTOOL_DIR/promtool
+    log "promtool: reusing $PROMTOOL"
+    return
+  fi
+  command -v apt-get >/dev/null || die "promtool not found and no apt-get to fetch it; install Prometheus's promtool"
+  mkdir -p "$PROMTOOL_DIR/deb"
+  log "promtool: fetching Debian's prometheus package (log: $APT_LOG)"
+  if ! (cd "$PROMTOOL_DIR/deb" && apt-get download prometheus >>"$APT_LOG" 2>&1); then
+    if [[ $APT_UPDATED -eq 0 && $EUID -eq 0 ]]; then
+      apt-get update -q >>"$APT_LOG" 2>&1 || die "apt-get update failed (see $APT_LOG)"
+      APT_UPDATED=1
+    fi
+    (cd "$PROMTOOL_DIR/deb" && apt-get download prometheus >>"$APT_LOG" 2>&1) ||
+      die "apt-get download prometheus failed (see $APT_LOG)"
+  fi
+  deb=$(ls -t "$PROMTOOL_DIR"/deb/prometheus_*.deb | head -n 1)
+  rm -rf -- "$PROMTOOL_DIR/x"
+  dpkg-deb -x "$deb" "$PROMTOOL_DIR/x" || die "could not unpack $deb"
+  mv -f -- "$PROMTOOL_DIR/x/usr/bin/promtool" "$PROMTOOL_DIR/promtool" ||
+    die "no usr/bin/promtool in $deb"
+  rm -rf -- "$PROMTOOL_DIR/deb" "$PROMTOOL_DIR/x"
+  PROMTOOL=$PROMTOOL_DIR/promtool
+  "$PROMTOOL" --version >/dev/null 2>&1 || die "$PROMTOOL does not run"
+  log "promtool: unpacked $PROMTOOL"
+}
+
 # ---------------------------------------------------------------------- main
 
 write_env() {
@@ -562,6 +607,7 @@ write_env() {
     if [[ -n $PG_URL ]]; then printf 'export ARCHIVER_PG_ADMIN_URL=%q\n' "$PG_URL"; fi
     if [[ -n $AMQP_URL ]]; then printf 'export ARCHIVER_AMQP_URL=%q\n' "$AMQP_URL"; fi
     if [[ -n $S3_URL ]]; then printf 'export ARCHIVER_S3_ENDPOINT=%q\n' "$S3_URL"; fi
+    if [[ -n $PROMTOOL ]]; then printf 'export ARCHIVER_PROMTOOL=%q\n' "$PROMTOOL"; fi
   } >"$tmp"
   chmod 644 "$tmp"
   mv -f -- "$tmp" "$SERVICES_DIR/env.sh"
@@ -598,19 +644,20 @@ stop_moto() {
 }
 
 main() {
-  local want_pg=0 want_mq=0 want_s3=0 stop=0 arg
+  local want_pg=0 want_mq=0 want_s3=0 want_promtool=0 stop=0 arg
   for arg in "$@"; do
     case $arg in
       postgres | postgresql | pg) want_pg=1 ;;
       rabbitmq | amqp) want_mq=1 ;;
       s3 | moto) want_s3=1 ;;
+      promtool) want_promtool=1 ;;
       stop) stop=1 ;;
       -h | --help) usage ;;
       *) log "services.sh: unknown argument: $arg" && usage ;;
     esac
   done
   if [[ $stop -eq 1 && $# -ne 1 ]]; then usage; fi
-  if [[ $# -eq 0 ]]; then want_pg=1 want_mq=1 want_s3=1; fi
+  if [[ $# -eq 0 ]]; then want_pg=1 want_mq=1 want_s3=1 want_promtool=1; fi
 
   mkdir -p "$SERVICES_DIR"
   # Two runs at once (parallel CI jobs) must not both initdb or start a broker.
@@ -624,6 +671,7 @@ main() {
   if [[ $want_pg -eq 1 ]]; then ensure_postgres; fi
   if [[ $want_mq -eq 1 ]]; then ensure_rabbitmq; fi
   if [[ $want_s3 -eq 1 ]]; then ensure_s3; fi
+  if [[ $want_promtool -eq 1 ]]; then ensure_promtool; fi
   write_env
 }
 

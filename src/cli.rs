@@ -15,7 +15,7 @@ use crate::transport::amqp::{AmqpConfig, AmqpConsumer, AmqpPublisher};
 use crate::transport::sqs::{SqsConfig, SqsConsumer, SqsPublisher};
 use crate::transport::{BatchMessage, Publisher, inline};
 use crate::worker::{self, WorkerOptions};
-use crate::{db, ledger, report, retention, telemetry};
+use crate::{db, ledger, monitoring, report, retention, telemetry};
 use clap::{Args, Parser, Subcommand};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -231,6 +231,14 @@ pub enum PlannerCommand {
               value_parser = clap::value_parser!(u32).range(1..=100))]
         reports_metadata_years: u32,
     },
+    /// Print the Prometheus metrics read from the ledger, or serve them at
+    /// `/metrics` with `--listen` (until SIGTERM).
+    Metrics {
+        /// Serve `GET /metrics` on this address (e.g. 0.0.0.0:9187) instead
+        /// of printing once.
+        #[arg(long, env = "ARCHIVER_METRICS_LISTEN")]
+        listen: Option<std::net::SocketAddr>,
+    },
     /// Apply and verify the bucket's lifecycle rule for archived reports.
     Lifecycle {
         /// Show the current rule and what would change; change nothing.
@@ -351,6 +359,21 @@ async fn run_planner(cli: &PlannerCli) -> Result<bool> {
             };
             let found = retention::run(&pool, &periods, *dry_run).await?;
             println!("{}", found.describe(*dry_run));
+            return Ok(true);
+        }
+        Some(PlannerCommand::Metrics { listen }) => {
+            let pool = db::connect(&opts, 4, Duration::from_secs(30)).await?;
+            db::check_migrated(&pool).await?;
+            let Some(addr) = listen else {
+                print!("{}", monitoring::gather(&pool).await?);
+                return Ok(true);
+            };
+            let stop = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(stop.clone()));
+            monitoring::serve(pool, *addr, stop, |bound| {
+                println!("serving metrics at http://{bound}/metrics");
+            })
+            .await?;
             return Ok(true);
         }
         Some(PlannerCommand::Lifecycle {

@@ -12,6 +12,7 @@
 //! - [`objects`]: the object store for report files: S3 or a local directory.
 //! - [`transport`]: the queue seam: inline (no broker), RabbitMQ and SQS.
 //! - [`worker`]: the unit of work and the consuming loop.
+//! - [`monitoring`]: Prometheus metrics read from the ledger (R9).
 //! - [`query`]: a scenario's logs, live or with the archive (R10).
 //! - [`retention`]: dropping what is past its retention period (R12).
 //! - [`report`]: what the planner prints.
@@ -29,6 +30,7 @@ pub mod demo;
 pub mod error;
 pub mod execute;
 pub mod ledger;
+pub mod monitoring;
 pub mod objects;
 pub mod partitions;
 pub mod plan;

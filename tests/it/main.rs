@@ -8,6 +8,7 @@ mod fleet;
 mod helpers;
 mod logs;
 mod metrics;
+mod monitoring;
 mod objects;
 mod planning;
 mod reports;

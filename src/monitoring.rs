@@ -1,0 +1,249 @@
+//! Monitoring (R9): Prometheus metrics read from the ledger.
+//!
+//! The ledger (`archive_jobs`, `archive_batches`) is the authority on what
+//! every planner and worker did, so the metrics are computed from it at
+//! each scrape rather than counted in any one process: a fleet of workers
+//! and a planner that lives only while cron runs it report once, exactly,
+//! whichever process serves them. `planner metrics` prints them once (for
+//! node_exporter's textfile collector); `planner metrics --listen ADDR`
+//! serves them at `/metrics` for Prometheus to scrape.
+//!
+//! The names are those of the spec's alert rules
+//! (`deploy/prometheus/archive-alerts.yml`):
+//! - `archive_job_failures_total{job_type}`: jobs that ended `failed`;
+//! - `archive_job_last_success_timestamp{job_type}`: Unix time the newest
+//!   `completed` job of that type completed (absent until one has);
+//! - `archive_bytes_total{job_type}`: bytes archived (job counters);
+//!
+//! and, for the operator: `archive_rows_archived_total{job_type}`,
+//! `archive_jobs_running{job_type}` and `archive_batches{status}` (batches
+//! not done: `pending`, or `dead` in the dead-letter queue awaiting
+//! `planner redrive`). Counters of every job type are present from the
+//! start, at 0, so that `increase()` sees the first failure.
+
+use crate::error::{Error, Result};
+use crate::ledger::Kind;
+use crate::retention;
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use sqlx::{PgPool, Row};
+use std::net::SocketAddr;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The text exposition format's content type.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+fn metric_error(e: prometheus::Error) -> Error {
+    Error::JobFailed(format!("encoding metrics: {e}"))
+}
+
+/// Reads the ledger and renders every metric in the text exposition format.
+pub async fn gather(pool: &PgPool) -> Result<String> {
+    let jobs = sqlx::query(
+        "SELECT job_type::text AS job_type,
+                count(*) FILTER (WHERE status = 'failed') AS failures,
+                count(*) FILTER (WHERE status = 'running') AS running,
+                extract(epoch FROM max(completed_at) FILTER (WHERE status = 'completed'))::float8
+                    AS last_success,
+                COALESCE(sum(bytes_archived), 0)::bigint AS bytes,
+                COALESCE(sum(records_archived), 0)::bigint AS rows
+         FROM archive_jobs GROUP BY job_type ORDER BY job_type",
+    )
+    .fetch_all(pool)
+    .await?;
+    let batches = sqlx::query(
+        "SELECT status::text AS status, count(*) AS n FROM archive_batches
+         WHERE status <> 'done' GROUP BY status",
+    )
+    .fetch_all(pool)
+    .await?;
+
+    let registry = Registry::new();
+    let failures = IntCounterVec::new(
+        Opts::new(
+            "archive_job_failures_total",
+            "Archive jobs that ended failed, by job type.",
+        ),
+        &["job_type"],
+    )
+    .map_err(metric_error)?;
+    let last_success = GaugeVec::new(
+        Opts::new(
+            "archive_job_last_success_timestamp",
+            "Unix time the newest completed archive job of this type completed.",
+        ),
+        &["job_type"],
+    )
+    .map_err(metric_error)?;
+    let archived_bytes = IntCounterVec::new(
+        Opts::new(
+            "archive_bytes_total",
+            "Bytes archived by all jobs of this type (reports: original file bytes).",
+        ),
+        &["job_type"],
+    )
+    .map_err(metric_error)?;
+    let archived_rows = IntCounterVec::new(
+        Opts::new(
+            "archive_rows_archived_total",
+            "Rows written to the archive by all jobs of this type (metrics: daily aggregates; reports: files).",
+        ),
+        &["job_type"],
+    )
+    .map_err(metric_error)?;
+    let running = IntGaugeVec::new(
+        Opts::new(
+            "archive_jobs_running",
+            "Archive jobs of this type now running.",
+        ),
+        &["job_type"],
+    )
+    .map_err(metric_error)?;
+    let open = IntGaugeVec::new(
+        Opts::new(
+            "archive_batches",
+            "Batches not done: pending, or dead (parked in the dead-letter queue).",
+        ),
+        &["status"],
+    )
+    .map_err(metric_error)?;
+    for c in [&failures, &archived_bytes, &archived_rows] {
+        registry
+            .register(Box::new(c.clone()))
+            .map_err(metric_error)?;
+    }
+    registry
+        .register(Box::new(last_success.clone()))
+        .map_err(metric_error)?;
+    for g in [&running, &open] {
+        registry
+            .register(Box::new(g.clone()))
+            .map_err(metric_error)?;
+    }
+
+    // Every job type from the start, at zero.
+    let types = Kind::ALL
+        .iter()
+        .map(|k| k.as_str())
+        .chain([retention::JOB_TYPE]);
+    for t in types {
+        for c in [&failures, &archived_bytes, &archived_rows] {
+            c.with_label_values(&[t]);
+        }
+        running.with_label_values(&[t]);
+    }
+    for s in ["pending", "dead"] {
+        open.with_label_values(&[s]);
+    }
+    for row in &jobs {
+        let t: String = row.get("job_type");
+        let count = |name: &str| u64::try_from(row.get::<i64, _>(name)).unwrap_or(0);
+        failures.with_label_values(&[&t]).inc_by(count("failures"));
+        archived_bytes
+            .with_label_values(&[&t])
+            .inc_by(count("bytes"));
+        archived_rows.with_label_values(&[&t]).inc_by(count("rows"));
+        running
+            .with_label_values(&[&t])
+            .set(row.get::<i64, _>("running"));
+        if let Some(ts) = row.get::<Option<f64>, _>("last_success") {
+            last_success.with_label_values(&[&t]).set(ts);
+        }
+    }
+    for row in &batches {
+        let s: String = row.get("status");
+        open.with_label_values(&[&s]).set(row.get::<i64, _>("n"));
+    }
+
+    let mut out = Vec::new();
+    TextEncoder::new()
+        .encode(&registry.gather(), &mut out)
+        .map_err(metric_error)?;
+    String::from_utf8(out).map_err(|e| Error::JobFailed(format!("encoding metrics: {e}")))
+}
+
+/// Serves `GET /metrics` on `addr` until `stop` is cancelled. Each scrape
+/// reads the ledger; a database failure answers 503 (Prometheus then records
+/// the target as down). `ready` receives the bound address (useful with
+/// port 0).
+pub async fn serve(
+    pool: PgPool,
+    addr: SocketAddr,
+    stop: CancellationToken,
+    ready: impl FnOnce(SocketAddr),
+) -> Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::config("--listen", format!("{addr}: {e}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| Error::config("--listen", format!("{addr}: {e}")))?;
+    ready(bound);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("metrics listener: {e}");
+                    continue;
+                }
+            },
+        };
+        let pool = pool.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| respond(pool.clone(), req));
+            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                () = stop.cancelled() => {}
+                served = conn => if let Err(e) = served {
+                    tracing::debug!(%peer, "metrics connection: {e}");
+                },
+            }
+        });
+    }
+}
+
+async fn respond(
+    pool: PgPool,
+    req: Request<Incoming>,
+) -> std::result::Result<Response<Full<Bytes>>, hyper::http::Error> {
+    let reply = |status: StatusCode, content_type: &str, body: String| {
+        Response::builder()
+            .status(status)
+            .header("content-type", content_type)
+            .body(Full::new(Bytes::from(body)))
+    };
+    if req.uri().path() != "/metrics" {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /metrics\n".into(),
+        );
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET /metrics\n".into(),
+        );
+    }
+    match gather(&pool).await {
+        Ok(text) => reply(StatusCode::OK, CONTENT_TYPE, text),
+        Err(e) => {
+            tracing::warn!("metrics scrape: {e}");
+            reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("cannot read the ledger: {e}\n"),
+            )
+        }
+    }
+}
