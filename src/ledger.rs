@@ -198,12 +198,14 @@ pub async fn finish_planning(pool: &PgPool, job: Uuid) -> Result<()> {
     Ok(())
 }
 
-/// Marks a job `failed` with the reason (the first reason wins); on its own
-/// or inside a caller's transaction.
+/// Marks a job `failed` with the reason (the first reason wins), counting
+/// the failure once per fall into `failed`; on its own or inside a caller's
+/// transaction.
 pub async fn fail_job<'e>(db: impl sqlx::PgExecutor<'e>, job: Uuid, reason: &str) -> Result<()> {
     sqlx::query(
         "UPDATE archive_jobs SET status = 'failed', completed_at = now(),
-            error_message = COALESCE(error_message, $2)
+            error_message = COALESCE(error_message, $2),
+            failures = failures + CASE WHEN status = 'failed' THEN 0 ELSE 1 END
          WHERE id = $1 AND status <> 'completed'",
     )
     .bind(job)

@@ -10,7 +10,9 @@
 //!
 //! The names are those of the spec's alert rules
 //! (`deploy/prometheus/archive-alerts.yml`):
-//! - `archive_job_failures_total{job_type}`: jobs that ended `failed`;
+//! - `archive_job_failures_total{job_type}`: times a job went `failed`
+//!   (counted in `archive_jobs.failures`, so a redriven job that then
+//!   completes still counts once, and the counter never falls);
 //! - `archive_job_last_success_timestamp{job_type}`: Unix time the newest
 //!   `completed` job of that type completed (absent until one has);
 //! - `archive_bytes_total{job_type}`: bytes archived (job counters);
@@ -47,7 +49,7 @@ fn metric_error(e: prometheus::Error) -> Error {
 pub async fn gather(pool: &PgPool) -> Result<String> {
     let jobs = sqlx::query(
         "SELECT job_type::text AS job_type,
-                count(*) FILTER (WHERE status = 'failed') AS failures,
+                COALESCE(sum(failures), 0)::bigint AS failures,
                 count(*) FILTER (WHERE status = 'running') AS running,
                 extract(epoch FROM max(completed_at) FILTER (WHERE status = 'completed'))::float8
                     AS last_success,
@@ -68,7 +70,7 @@ pub async fn gather(pool: &PgPool) -> Result<String> {
     let failures = IntCounterVec::new(
         Opts::new(
             "archive_job_failures_total",
-            "Archive jobs that ended failed, by job type.",
+            "Times an archive job of this type failed (a redriven job that then completed still counts).",
         ),
         &["job_type"],
     )

@@ -373,7 +373,7 @@ async fn finish_job(pool: &PgPool, job: Uuid, rows: i64, error: Option<&str>) ->
     sqlx::query(
         "UPDATE archive_jobs SET status = CASE WHEN $3::text IS NULL THEN 'completed' ELSE 'failed' END,
              completed_at = clock_timestamp(), records_processed = $2, records_deleted = $2,
-             error_message = $3
+             error_message = $3, failures = CASE WHEN $3::text IS NULL THEN 0 ELSE 1 END
          WHERE id = $1",
     )
     .bind(job)

@@ -73,19 +73,35 @@ async fn metrics_say_what_the_ledger_says_and_pass_promtool() {
     ok(&planner(&db, &["--logs", "--batch-size", "500"])
         .output()
         .unwrap());
-    // Two failed metrics jobs, one with a batch parked in the dead-letter queue.
-    let failed: Uuid = sqlx::query_scalar(
-        "INSERT INTO archive_jobs (job_type, status, error_message)
-         VALUES ('metrics', 'failed', 'boom'), ('metrics', 'failed', 'boom') RETURNING id",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    // Two metrics jobs fail; one of them is failed twice over (counted once)
+    // and then, redriven, completes: the counter must not fall.
+    let mut failed = Vec::new();
+    for _ in 0..2 {
+        let id: Uuid = sqlx::query_scalar(
+            "INSERT INTO archive_jobs (job_type, status) VALUES ('metrics', 'running') RETURNING id",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        archiver::ledger::fail_job(&db.pool, id, "boom")
+            .await
+            .unwrap();
+        failed.push(id);
+    }
+    archiver::ledger::fail_job(&db.pool, failed[0], "again")
+        .await
+        .unwrap();
+    sqlx::query("UPDATE archive_jobs SET status = 'completed', completed_at = now() WHERE id = $1")
+        .bind(failed[0])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // A batch of the other one is parked in the dead-letter queue.
     sqlx::query(
         "INSERT INTO archive_batches (id, job_id, kind, seq, hi_ts, planned_rows, status)
          VALUES (gen_random_uuid(), $1, 'metrics', 1, now(), 10, 'dead')",
     )
-    .bind(failed)
+    .bind(failed[1])
     .execute(&db.pool)
     .await
     .unwrap();
@@ -112,7 +128,7 @@ async fn metrics_say_what_the_ledger_says_and_pass_promtool() {
         );
     }
     assert!((get(r#"archive_job_last_success_timestamp{job_type="logs"}"#) - last).abs() < 0.01);
-    assert!(!m.contains_key(r#"archive_job_last_success_timestamp{job_type="metrics"}"#));
+    assert!(m.contains_key(r#"archive_job_last_success_timestamp{job_type="metrics"}"#));
     assert_eq!(get(r#"archive_bytes_total{job_type="logs"}"#), bytes as f64);
     assert_eq!(
         get(r#"archive_rows_archived_total{job_type="logs"}"#),
