@@ -92,6 +92,19 @@ async fn create(pool: &PgPool, table: &str, name: &str, month: DateTime<Utc>) ->
         tx.commit().await?;
         Ok::<_, Error>(())
     };
+    retry_ddl(&format!("creating partition {name}"), attempt).await?;
+    tracing::debug!("created partition {name}");
+    Ok(())
+}
+
+/// Runs `attempt`, a short DDL transaction that waits briefly for its
+/// locks, again with jittered backoff (8 times at most) while its failure
+/// may pass: a lock timeout, a lost connection.
+pub(crate) async fn retry_ddl<T, F, Fut>(what: &str, attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
     attempt
         .retry(
             ExponentialBuilder::default()
@@ -99,10 +112,8 @@ async fn create(pool: &PgPool, table: &str, name: &str, month: DateTime<Utc>) ->
                 .with_max_times(8),
         )
         .when(|e: &Error| e.class() != Class::Permanent)
-        .notify(|e, d| tracing::warn!("creating partition {name}: {e}; retrying in {d:?}"))
-        .await?;
-    tracing::debug!("created partition {name}");
-    Ok(())
+        .notify(|e, d| tracing::warn!("{what}: {e}; retrying in {d:?}"))
+        .await
 }
 
 #[cfg(test)]

@@ -17,11 +17,10 @@
 //! queues behind it), and is recorded in `archive_jobs` as job type
 //! `retention`.
 
-use crate::error::{Class, Error, Result};
+use crate::error::{Error, Result};
 use crate::ledger::Kind;
-use crate::partitions::{next_month, partition_name};
+use crate::partitions::{next_month, partition_name, retry_ddl};
 use crate::report::{bytes, count};
-use backon::{ExponentialBuilder, Retryable};
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
@@ -325,15 +324,7 @@ async fn drop_partition(pool: &PgPool, table: &str, name: &str) -> Result<i64> {
         tx.commit().await?;
         Ok::<_, Error>(rows)
     };
-    attempt
-        .retry(
-            ExponentialBuilder::default()
-                .with_jitter()
-                .with_max_times(8),
-        )
-        .when(|e: &Error| e.class() != Class::Permanent)
-        .notify(|e, d| tracing::warn!("dropping {name} of {table}: {e}; retrying in {d:?}"))
-        .await
+    retry_ddl(&format!("dropping {name} of {table}"), attempt).await
 }
 
 /// Deletes, 10,000 at a time, the metadata rows past retention whose local

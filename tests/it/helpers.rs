@@ -6,6 +6,7 @@ use archiver::plan::PlanOptions;
 use archiver::transport::amqp::AmqpConfig;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Row};
+use std::process::Output;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -366,4 +367,15 @@ pub async fn delete_queues(cfg: &AmqpConfig) {
         .exchange_delete(cfg.dlx().as_str().into(), Default::default())
         .await;
     let _ = conn.close(200, "".into()).await;
+}
+
+/// A command's stdout, once it has succeeded; its output otherwise.
+pub fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
 }

@@ -2,7 +2,7 @@
 //! Prometheus accepts, printed or served; the alert rules are valid and fire
 //! as their unit tests expect (promtool, from scripts/services.sh).
 
-use crate::helpers::TestDb;
+use crate::helpers::{TestDb, ok};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -20,16 +20,6 @@ fn planner(db: &TestDb, args: &[&str]) -> Command {
         .env_remove("ARCHIVER_METRICS_LISTEN")
         .env_remove("RUST_LOG");
     c
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).to_string()
 }
 
 /// `promtool` with `args` in `dir`, fed `stdin`; panics if it is missing.

@@ -3,7 +3,7 @@
 //! after the commit; refused and missing files fail alone; restore returns
 //! the original bytes; a crash at any step is repaired by redelivery.
 
-use crate::helpers::TestDb;
+use crate::helpers::{TestDb, ok};
 use archiver::ledger::Kind;
 use archiver::objects::{self, Compression};
 use archiver::transport::{BatchMessage, Publisher, inline};
@@ -85,16 +85,6 @@ fn planner(db: &TestDb, d: &Dirs, args: &[&str]) -> Output {
         .env_remove("QUEUE_URL")
         .output()
         .unwrap()
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).to_string()
 }
 
 #[tokio::test]

@@ -2,7 +2,7 @@
 //! nothing younger; report metadata goes only once its file is gone; a dry
 //! run changes nothing; unfinished batches hold a table back.
 
-use crate::helpers::TestDb;
+use crate::helpers::{TestDb, ok};
 use archiver::partitions::{ensure_months, month_start, partition_name};
 use chrono::{DateTime, Duration, Months, Utc};
 use std::process::{Command, Output};
@@ -19,16 +19,6 @@ fn planner(db: &TestDb, args: &[&str]) -> Output {
         .env_remove("RUST_LOG")
         .output()
         .unwrap()
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).to_string()
 }
 
 fn ago(years: u32, extra_months: u32) -> DateTime<Utc> {
