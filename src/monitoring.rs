@@ -18,9 +18,11 @@
 //! - `archive_bytes_total{job_type}`: bytes archived (job counters);
 //!
 //! and, for the operator: `archive_rows_archived_total{job_type}`,
-//! `archive_jobs_running{job_type}` and `archive_batches{status}` (batches
+//! `archive_jobs_running{job_type}`, `archive_batches{status}` (batches
 //! not done: `pending`, or `dead` in the dead-letter queue awaiting
-//! `planner redrive`). Counters of every job type are present from the
+//! `planner redrive`) and `archive_batch_last_completed_timestamp` (absent
+//! until a batch completes; with pending batches, it tells whether workers
+//! make progress). Counters of every job type are present from the
 //! start, at 0, so that `increase()` sees the first failure.
 
 use crate::error::{Error, Result};
@@ -64,6 +66,13 @@ pub async fn gather(pool: &PgPool) -> Result<String> {
          WHERE status <> 'done' GROUP BY status",
     )
     .fetch_all(pool)
+    .await?;
+    // Index-only (archive_batches_completed_idx).
+    let last_batch: Option<f64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM max(completed_at))::float8 FROM archive_batches
+         WHERE status = 'done'",
+    )
+    .fetch_one(pool)
     .await?;
 
     let registry = Registry::new();
@@ -127,6 +136,15 @@ pub async fn gather(pool: &PgPool) -> Result<String> {
         registry
             .register(Box::new(g.clone()))
             .map_err(metric_error)?;
+    }
+    if let Some(ts) = last_batch {
+        let gauge = prometheus::Gauge::with_opts(Opts::new(
+            "archive_batch_last_completed_timestamp",
+            "Unix time the newest batch of any kind was completed.",
+        ))
+        .map_err(metric_error)?;
+        gauge.set(ts);
+        registry.register(Box::new(gauge)).map_err(metric_error)?;
     }
 
     // Every job type from the start, at zero.

@@ -103,6 +103,12 @@ async fn metrics_say_what_the_ledger_says_and_pass_promtool() {
     .await
     .unwrap();
     assert!(bytes > 0 && rows > 0);
+    let last_batch: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM max(completed_at))::float8 FROM archive_batches WHERE status = 'done'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
 
     let text = ok(&planner(&db, &["metrics"]).output().unwrap());
     let m = samples(&text);
@@ -127,6 +133,7 @@ async fn metrics_say_what_the_ledger_says_and_pass_promtool() {
     assert_eq!(get(r#"archive_batches{status="dead"}"#), 1.0);
     assert_eq!(get(r#"archive_batches{status="pending"}"#), 0.0);
     assert_eq!(get(r#"archive_jobs_running{job_type="logs"}"#), 0.0);
+    assert!((get("archive_batch_last_completed_timestamp") - last_batch).abs() < 0.01);
 
     let lint = promtool(Path::new("."), &["check", "metrics"], &text);
     assert!(
