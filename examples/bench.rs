@@ -189,6 +189,11 @@ struct Args {
     /// Batches the inline executor runs at once (the planner's default).
     #[arg(long, default_value_t = 2)]
     inline_concurrency: u16,
+    /// Also measure the inline executor resting this many times each
+    /// batch's duration after it (ARCHIVER_REST_RATIO), as the line
+    /// `archiver-inline-rest` (0: no such line).
+    #[arg(long, default_value_t = 0.0)]
+    rest_ratio: f64,
     /// Scratch database (dropped and recreated).
     #[arg(long, default_value = "archiver_bench")]
     database: String,
@@ -401,6 +406,8 @@ enum Method {
     OneStatement,
     Batched,
     Inline,
+    /// Inline, resting `--rest-ratio` × each batch's duration after it.
+    InlineRested,
     Workers(usize),
 }
 
@@ -410,6 +417,7 @@ impl Method {
             Method::OneStatement => "limit-one-statement",
             Method::Batched => "limit-batched",
             Method::Inline => "archiver-inline",
+            Method::InlineRested => "archiver-inline-rest",
             Method::Workers(1) => "archiver-1-worker",
             Method::Workers(_) => "archiver-2-workers",
         }
@@ -484,7 +492,8 @@ impl Bench {
         let moved = match method {
             Method::OneStatement => self.one_statement(&mut probe).await?,
             Method::Batched => self.batched(&mut probe).await?,
-            Method::Inline => self.inline(&mut probe).await?,
+            Method::Inline => self.inline(&mut probe, 0.0).await?,
+            Method::InlineRested => self.inline(&mut probe, self.args.rest_ratio).await?,
             Method::Workers(n) => self.workers(n, &mut probe).await?,
         };
         let (secs, lat, load0, load1) = probe.done.context("run did not finish its probe")?;
@@ -557,12 +566,13 @@ impl Bench {
     }
 
     /// As the planner does with no broker (`cli::run_inline`).
-    async fn inline(&self, probe: &mut Probe) -> Result<Moved> {
+    async fn inline(&self, probe: &mut Probe, rest_ratio: f64) -> Result<Moved> {
         let c = self.args.inline_concurrency;
         let pool = self.connect(u32::from(c) + 3).await?;
         let (publisher, mut consumer) = inline::queue();
         let wopts = WorkerOptions {
             concurrency: c.into(),
+            rest_ratio,
             ..Default::default()
         };
         probe.start().await?;
@@ -1182,6 +1192,10 @@ async fn main() -> Result<()> {
     );
     ensure!(args.scenarios > 0, "--scenarios must be positive");
     ensure!(
+        (0.0..=100.0).contains(&args.rest_ratio),
+        "--rest-ratio must be from 0 to 100"
+    );
+    ensure!(
         !args.random_order || args.kind == Target::Metrics,
         "--random-order is for --kind metrics"
     );
@@ -1191,6 +1205,9 @@ async fn main() -> Result<()> {
     for round in 1..=bench.args.repeat {
         for &method in bench.target.methods() {
             lines.push(bench.measure(round, method).await?);
+            if matches!(method, Method::Inline) && bench.args.rest_ratio > 0.0 {
+                lines.push(bench.measure(round, Method::InlineRested).await?);
+            }
         }
     }
     print_header(&bench, &idle).await?;
