@@ -78,10 +78,12 @@ pub struct Findings {
     pub report_rows_held: i64,
     /// The `archive_jobs` row of the run (none for a dry run).
     pub job: Option<Uuid>,
+    /// Rows actually removed so far (what the job row records).
+    pub removed: i64,
 }
 
 impl Findings {
-    /// Rows removed (or, in a dry run, to be removed).
+    /// Rows found past retention (a dry run's estimate of what a run removes).
     pub fn rows(&self) -> i64 {
         self.expired.iter().map(|e| e.rows).sum::<i64>() + self.report_rows
     }
@@ -125,10 +127,16 @@ impl Findings {
         for h in &self.held {
             s.push_str(&format!("held: {h}\n"));
         }
+        if dry_run {
+            s.push_str(&format!(
+                "in all: {} rows would be removed\n",
+                count(self.rows())
+            ));
+        }
         if let Some(job) = self.job {
             s.push_str(&format!(
                 "retention job {job}: {} rows removed",
-                count(self.rows())
+                count(self.removed)
             ));
         }
         s.trim_end().to_owned()
@@ -172,11 +180,11 @@ pub async fn run(pool: &PgPool, periods: &Periods, dry_run: bool) -> Result<Find
     f.job = Some(job);
     match remove(pool, periods, &mut f).await {
         Ok(()) => {
-            finish_job(pool, job, f.rows(), None).await?;
+            finish_job(pool, job, f.removed, None).await?;
             Ok(f)
         }
         Err(e) => {
-            finish_job(pool, job, f.rows(), Some(&e.to_string())).await?;
+            finish_job(pool, job, f.removed, Some(&e.to_string())).await?;
             Err(e)
         }
     }
@@ -299,9 +307,11 @@ async fn report_rows(pool: &PgPool, years: u32) -> Result<(i64, i64)> {
 async fn remove(pool: &PgPool, periods: &Periods, f: &mut Findings) -> Result<()> {
     for e in &mut f.expired {
         e.rows = drop_partition(pool, e.table, &e.name).await?;
+        f.removed += e.rows;
         tracing::info!(partition = %e.name, rows = e.rows, "dropped a partition past retention");
     }
     f.report_rows = delete_report_rows(pool, periods.reports_metadata_years).await?;
+    f.removed += f.report_rows;
     Ok(())
 }
 

@@ -159,6 +159,7 @@ async fn retention_drops_whole_months_past_retention_and_nothing_younger() {
         out.contains("kept 1 whose local file is not deleted yet"),
         "{out}"
     );
+    assert!(out.contains("in all: 12 rows would be removed"), "{out}");
     assert!(
         out.contains("scenario_logs_archive_legacy: not a monthly partition"),
         "{out}"
@@ -181,6 +182,7 @@ async fn retention_drops_whole_months_past_retention_and_nothing_younger() {
         out.contains(&format!("dropped {logs_old} (5 rows")),
         "{out}"
     );
+    assert!(out.contains(": 12 rows removed"), "{out}");
     assert!(
         out.contains(&format!("dropped {metrics_old} (6 rows")),
         "{out}"
