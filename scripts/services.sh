@@ -589,11 +589,13 @@ ensure_promtool() {
   deb=$(ls -t "$PROMTOOL_DIR"/deb/prometheus_*.deb | head -n 1)
   rm -rf -- "$PROMTOOL_DIR/x"
   dpkg-deb -x "$deb" "$PROMTOOL_DIR/x" || die "could not unpack $deb"
-  mv -f -- "$PROMTOOL_DIR/x/usr/bin/promtool" "$PROMTOOL_DIR/promtool" ||
-    die "no usr/bin/promtool in $deb"
+  # Checked before it takes its place: a binary that does not run here
+  # must not be reused by the next run.
+  "$PROMTOOL_DIR/x/usr/bin/promtool" --version >/dev/null 2>&1 ||
+    die "the promtool in $deb does not run here"
+  mv -f -- "$PROMTOOL_DIR/x/usr/bin/promtool" "$PROMTOOL_DIR/promtool"
   rm -rf -- "$PROMTOOL_DIR/deb" "$PROMTOOL_DIR/x"
   PROMTOOL=$PROMTOOL_DIR/promtool
-  "$PROMTOOL" --version >/dev/null 2>&1 || die "$PROMTOOL does not run"
   log "promtool: unpacked $PROMTOOL"
 }
 

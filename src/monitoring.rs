@@ -20,9 +20,9 @@
 //! and, for the operator: `archive_rows_archived_total{job_type}`,
 //! `archive_jobs_running{job_type}`, `archive_batches{status}` (batches
 //! not done: `pending`, or `dead` in the dead-letter queue awaiting
-//! `planner redrive`) and `archive_batch_last_completed_timestamp` (absent
-//! until a batch completes; with pending batches, it tells whether workers
-//! make progress). Counters of every job type are present from the
+//! `planner redrive`) and `archive_batch_last_completed_timestamp` (0 until
+//! a batch completes; with pending batches, it tells whether workers make
+//! progress, or never started). Counters of every job type are present from the
 //! start, at 0, so that `increase()` sees the first failure.
 
 use crate::error::{Error, Result};
@@ -33,7 +33,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 use sqlx::{PgPool, Row};
 use std::net::SocketAddr;
@@ -137,15 +137,15 @@ pub async fn gather(pool: &PgPool) -> Result<String> {
             .register(Box::new(g.clone()))
             .map_err(metric_error)?;
     }
-    if let Some(ts) = last_batch {
-        let gauge = prometheus::Gauge::with_opts(Opts::new(
-            "archive_batch_last_completed_timestamp",
-            "Unix time the newest batch of any kind was completed.",
-        ))
+    let last_batch_done = prometheus::Gauge::with_opts(Opts::new(
+        "archive_batch_last_completed_timestamp",
+        "Unix time the newest batch of any kind was completed (0: none yet).",
+    ))
+    .map_err(metric_error)?;
+    last_batch_done.set(last_batch.unwrap_or(0.0));
+    registry
+        .register(Box::new(last_batch_done))
         .map_err(metric_error)?;
-        gauge.set(ts);
-        registry.register(Box::new(gauge)).map_err(metric_error)?;
-    }
 
     // Every job type from the start, at zero.
     let types = Kind::ALL
@@ -211,7 +211,9 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
+                    // Out of file descriptors, say: do not spin.
                     tracing::warn!("metrics listener: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
                 }
             },
@@ -220,7 +222,11 @@ pub async fn serve(
         let stop = stop.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| respond(pool.clone(), req));
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            // A client that never finishes its request is dropped.
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 () = stop.cancelled() => {}
                 served = conn => if let Err(e) = served {

@@ -4,8 +4,8 @@
 //!   (5 years) lose whole monthly partitions: a partition goes only when its
 //!   upper bound is at or before the cut-off, so no row younger than the
 //!   retention period is ever dropped. Only partitions the archiver made
-//!   (named `<table>_YYYY_MM`, bounds exactly that UTC month) are touched;
-//!   anything else is reported and left alone.
+//!   (named `<table>_YYYY_MM` in the parent's schema, bounds exactly that
+//!   UTC month) are touched; anything else is reported and left alone.
 //! - `reports_archive` metadata (5 years, by `created_at`) is deleted once
 //!   the report's local file is gone (`deleted_locally`): a row that still
 //!   points at a local file is kept, so the file is never orphaned.
@@ -57,7 +57,10 @@ pub struct Expired {
     pub table: &'static str,
     /// `<table>_YYYY_MM`.
     pub name: String,
-    /// Its rows (counted when found, and again as it is dropped).
+    /// The name to use in SQL: schema-qualified where the search path
+    /// would not find it, quoted where needed (`oid::regclass`).
+    qualified: String,
+    /// Its rows: counted by a dry run, and as it is dropped.
     pub rows: i64,
     /// Its size on disk, indexes included.
     pub bytes: i64,
@@ -158,7 +161,7 @@ pub async fn run(pool: &PgPool, periods: &Periods, dry_run: bool) -> Result<Find
     for (table, kind, years) in tables(periods) {
         let cutoff = cutoff(pool, years).await?;
         f.cutoffs.push((table, years, cutoff));
-        let (expired, mut held) = expired_partitions(pool, table, cutoff).await?;
+        let (expired, mut held) = expired_partitions(pool, table, cutoff, dry_run).await?;
         let open = open_batches(pool, kind).await?;
         if open > 0 && !expired.is_empty() {
             held.push(format!(
@@ -176,6 +179,7 @@ pub async fn run(pool: &PgPool, periods: &Periods, dry_run: bool) -> Result<Find
     if dry_run {
         return Ok(f);
     }
+    close_interrupted(pool).await?;
     let job = start_job(pool).await?;
     f.job = Some(job);
     match remove(pool, periods, &mut f).await {
@@ -184,7 +188,9 @@ pub async fn run(pool: &PgPool, periods: &Periods, dry_run: bool) -> Result<Find
             Ok(f)
         }
         Err(e) => {
-            finish_job(pool, job, f.removed, Some(&e.to_string())).await?;
+            if let Err(also) = finish_job(pool, job, f.removed, Some(&e.to_string())).await {
+                tracing::error!(%job, "could not record the retention job's failure: {also}");
+            }
             Err(e)
         }
     }
@@ -227,6 +233,7 @@ async fn expired_partitions(
     pool: &PgPool,
     table: &'static str,
     cutoff: DateTime<Utc>,
+    count_rows: bool,
 ) -> Result<(Vec<Expired>, Vec<String>)> {
     let mut conn = pool.acquire().await?;
     // Bounds are printed in the session's time zone.
@@ -234,9 +241,12 @@ async fn expired_partitions(
         .execute(&mut *conn)
         .await?;
     let children = sqlx::query(
-        "SELECT c.relname::text AS name, pg_get_expr(c.relpartbound, c.oid) AS bound,
-                pg_total_relation_size(c.oid) AS bytes
+        "SELECT c.relname::text AS name, c.oid::regclass::text AS qualified,
+                pg_get_expr(c.relpartbound, c.oid) AS bound,
+                pg_total_relation_size(c.oid) AS bytes,
+                c.relnamespace = p.relnamespace AS same_schema
          FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                            JOIN pg_class p ON p.oid = i.inhparent
          WHERE i.inhparent = to_regclass($1)
          ORDER BY c.relname",
     )
@@ -254,6 +264,10 @@ async fn expired_partitions(
             ));
             continue;
         };
+        if !row.get::<bool, _>("same_schema") {
+            held.push(format!("{name}: not in the schema of {table}; left alone"));
+            continue;
+        }
         if bound.as_deref() != Some(expected_bound(month).as_str())
             || partition_name(table, month) != name
         {
@@ -264,13 +278,21 @@ async fn expired_partitions(
             continue;
         }
         if next_month(month) <= cutoff {
-            let rows =
-                sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {name}")))
-                    .fetch_one(&mut *conn)
-                    .await?;
+            let qualified: String = row.get("qualified");
+            // A real run counts each partition as it drops it.
+            let rows = if count_rows {
+                sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT count(*) FROM {qualified}"
+                )))
+                .fetch_one(&mut *conn)
+                .await?
+            } else {
+                0
+            };
             expired.push(Expired {
                 table,
                 name,
+                qualified,
                 rows,
                 bytes: row.get("bytes"),
             });
@@ -306,7 +328,7 @@ async fn report_rows(pool: &PgPool, years: u32) -> Result<(i64, i64)> {
 
 async fn remove(pool: &PgPool, periods: &Periods, f: &mut Findings) -> Result<()> {
     for e in &mut f.expired {
-        e.rows = drop_partition(pool, e.table, &e.name).await?;
+        e.rows = drop_partition(pool, e.table, &e.qualified).await?;
         f.removed += e.rows;
         tracing::info!(partition = %e.name, rows = e.rows, "dropped a partition past retention");
     }
@@ -358,6 +380,23 @@ async fn delete_report_rows(pool: &PgPool, years: u32) -> Result<i64> {
             return Ok(total);
         }
     }
+}
+
+/// Retention jobs left `running` by a run that died: the caller holds the
+/// planner lock, so no other run is alive. They are marked failed (and
+/// counted as failures).
+async fn close_interrupted(pool: &PgPool) -> Result<()> {
+    let stale: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM archive_jobs WHERE job_type = $1 AND status IN ('pending', 'running')",
+    )
+    .bind(JOB_TYPE)
+    .fetch_all(pool)
+    .await?;
+    for job in stale {
+        tracing::warn!(%job, "an earlier retention run ended before it finished; marking it failed");
+        crate::ledger::fail_job(pool, job, "interrupted: the run ended before it finished").await?;
+    }
+    Ok(())
 }
 
 async fn start_job(pool: &PgPool) -> Result<Uuid> {

@@ -188,6 +188,12 @@ async fn metrics_are_served_over_http_until_sigterm() {
         page.contains(r#"archive_job_failures_total{job_type="logs"} 0"#),
         "{page}"
     );
+    // An empty ledger: no batch ever completed reads as 0 (so a fleet that
+    // never started alerts).
+    assert!(
+        page.contains("archive_batch_last_completed_timestamp 0"),
+        "{page}"
+    );
     let missing = http_get(&addr, "/nope");
     assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
 

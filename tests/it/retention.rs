@@ -234,7 +234,24 @@ async fn unfinished_batches_hold_their_table_and_short_periods_are_refused() {
     .await
     .unwrap();
 
+    // A retention run that died left its job running: the next run closes
+    // it as failed (and counted), then records its own.
+    let stale: Uuid = sqlx::query_scalar(
+        "INSERT INTO archive_jobs (job_type, status, started_at) VALUES ('retention', 'running', now())
+         RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+
     let out = ok(&planner(&db, &["retention"]));
+    let (status, failures): (String, i32) =
+        sqlx::query_as("SELECT status::text, failures FROM archive_jobs WHERE id = $1")
+            .bind(stale)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((status.as_str(), failures), ("failed", 1));
     assert!(
         out.contains("held: scenario_logs_archive: 1 partition(s) past retention kept: 1 logs batch(es) are not done"),
         "{out}"
