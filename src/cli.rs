@@ -218,18 +218,9 @@ pub enum PlannerCommand {
         /// Say what would be dropped; change nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Years `scenario_logs_archive` keeps.
-        #[arg(long, env = "ARCHIVER_LOGS_RETENTION_YEARS", default_value_t = 7,
-              value_parser = clap::value_parser!(u32).range(1..=100))]
-        logs_years: u32,
-        /// Years `scenario_metrics_archive` keeps.
-        #[arg(long, env = "ARCHIVER_METRICS_RETENTION_YEARS", default_value_t = 5,
-              value_parser = clap::value_parser!(u32).range(1..=100))]
-        metrics_years: u32,
-        /// Years `reports_archive` keeps a report's metadata (by `created_at`).
-        #[arg(long, env = "ARCHIVER_REPORTS_METADATA_RETENTION_YEARS", default_value_t = 5,
-              value_parser = clap::value_parser!(u32).range(1..=100))]
-        reports_metadata_years: u32,
+        /// How long each archive keeps its rows.
+        #[command(flatten)]
+        periods: retention::Periods,
     },
     /// Print the Prometheus metrics read from the ledger, or serve them at
     /// `/metrics` with `--listen` (until SIGTERM).
@@ -338,18 +329,8 @@ async fn run_planner(cli: &PlannerCli) -> Result<bool> {
             db::check_migrated(&pool).await?;
             return redrive(&pool, &cli.common, &queue, *batch, *all, *dry_run).await;
         }
-        Some(PlannerCommand::Retention {
-            dry_run,
-            logs_years,
-            metrics_years,
-            reports_metadata_years,
-        }) => {
-            let periods = retention::Periods {
-                logs_years: *logs_years,
-                metrics_years: *metrics_years,
-                reports_metadata_years: *reports_metadata_years,
-            };
-            check_retention(cli, &periods)?;
+        Some(PlannerCommand::Retention { dry_run, periods }) => {
+            check_retention(cli, periods)?;
             let pool = db::connect(&opts, 2, Duration::from_secs(30)).await?;
             db::check_migrated(&pool).await?;
             let _lock = if *dry_run {
@@ -357,7 +338,7 @@ async fn run_planner(cli: &PlannerCli) -> Result<bool> {
             } else {
                 Some(take_lock(&opts).await?)
             };
-            let found = retention::run(&pool, &periods, *dry_run).await?;
+            let found = retention::run(&pool, periods, *dry_run).await?;
             println!("{}", found.describe(*dry_run));
             return Ok(true);
         }
@@ -465,7 +446,7 @@ fn check_retention(cli: &PlannerCli, p: &retention::Periods) -> Result<()> {
         ),
     ];
     for (flag, years, age_flag, age_days) in checks {
-        if u64::from(years) * 365 <= u64::from(age_days) {
+        if i64::from(years) * 365 <= i64::from(age_days) {
             return Err(Error::config(
                 flag,
                 format!(

@@ -28,26 +28,22 @@ use uuid::Uuid;
 /// The `archive_jobs.job_type` of a retention run.
 pub const JOB_TYPE: &str = "retention";
 
-/// Retention periods, in years.
-#[derive(Debug, Clone, Copy)]
+/// Retention periods, in years (the spec's by default), as `planner
+/// retention` takes them.
+#[derive(Debug, Clone, Copy, clap::Args)]
 pub struct Periods {
-    /// `scenario_logs_archive` partitions.
-    pub logs_years: u32,
-    /// `scenario_metrics_archive` partitions.
-    pub metrics_years: u32,
-    /// `reports_archive` rows.
-    pub reports_metadata_years: u32,
-}
-
-impl Default for Periods {
-    /// The spec's: logs 7 years, metrics 5 years, report metadata 5 years.
-    fn default() -> Self {
-        Periods {
-            logs_years: 7,
-            metrics_years: 5,
-            reports_metadata_years: 5,
-        }
-    }
+    /// Years `scenario_logs_archive` keeps.
+    #[arg(long = "logs-years", env = "ARCHIVER_LOGS_RETENTION_YEARS", default_value_t = 7,
+          value_parser = clap::value_parser!(i32).range(1..=100))]
+    pub logs_years: i32,
+    /// Years `scenario_metrics_archive` keeps.
+    #[arg(long = "metrics-years", env = "ARCHIVER_METRICS_RETENTION_YEARS", default_value_t = 5,
+          value_parser = clap::value_parser!(i32).range(1..=100))]
+    pub metrics_years: i32,
+    /// Years `reports_archive` keeps a report's metadata (by `created_at`).
+    #[arg(long = "reports-metadata-years", env = "ARCHIVER_REPORTS_METADATA_RETENTION_YEARS",
+          default_value_t = 5, value_parser = clap::value_parser!(i32).range(1..=100))]
+    pub reports_metadata_years: i32,
 }
 
 /// One monthly partition past retention.
@@ -70,7 +66,7 @@ pub struct Expired {
 #[derive(Debug, Default)]
 pub struct Findings {
     /// Per archive table: (table, retention years, cut-off).
-    pub cutoffs: Vec<(&'static str, u32, DateTime<Utc>)>,
+    pub cutoffs: Vec<(&'static str, i32, DateTime<Utc>)>,
     /// Partitions past retention (dropped, unless a dry run).
     pub expired: Vec<Expired>,
     /// Why a table or partition was left alone.
@@ -147,7 +143,7 @@ impl Findings {
 }
 
 /// The archive tables that lose partitions, with their kind and period.
-fn tables(p: &Periods) -> [(&'static str, Kind, u32); 2] {
+fn tables(p: &Periods) -> [(&'static str, Kind, i32); 2] {
     [
         ("scenario_logs_archive", Kind::Logs, p.logs_years),
         ("scenario_metrics_archive", Kind::Metrics, p.metrics_years),
@@ -196,8 +192,7 @@ pub async fn run(pool: &PgPool, periods: &Periods, dry_run: bool) -> Result<Find
     }
 }
 
-async fn cutoff(pool: &PgPool, years: u32) -> Result<DateTime<Utc>> {
-    let years = i32::try_from(years).map_err(|_| Error::config("retention", "too many years"))?;
+async fn cutoff(pool: &PgPool, years: i32) -> Result<DateTime<Utc>> {
     Ok(
         sqlx::query_scalar("SELECT now() - make_interval(years => $1)")
             .bind(years)
@@ -235,10 +230,11 @@ async fn expired_partitions(
     cutoff: DateTime<Utc>,
     count_rows: bool,
 ) -> Result<(Vec<Expired>, Vec<String>)> {
-    let mut conn = pool.acquire().await?;
-    // Bounds are printed in the session's time zone.
-    sqlx::query("SET TIME ZONE 'UTC'")
-        .execute(&mut *conn)
+    // Bounds are printed in the session's time zone: UTC for this
+    // transaction, whatever the server's or the URL's setting.
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL TIME ZONE 'UTC'")
+        .execute(&mut *tx)
         .await?;
     let children = sqlx::query(
         "SELECT c.relname::text AS name, c.oid::regclass::text AS qualified,
@@ -251,11 +247,10 @@ async fn expired_partitions(
          ORDER BY c.relname",
     )
     .bind(table)
-    .fetch_all(&mut *conn)
-    .await;
-    sqlx::query("RESET TIME ZONE").execute(&mut *conn).await?;
+    .fetch_all(&mut *tx)
+    .await?;
     let (mut expired, mut held) = (Vec::new(), Vec::new());
-    for row in children? {
+    for row in children {
         let name: String = row.get("name");
         let bound: Option<String> = row.get("bound");
         let Some(month) = month_of(table, &name) else {
@@ -284,7 +279,7 @@ async fn expired_partitions(
                 sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
                     "SELECT count(*) FROM {qualified}"
                 )))
-                .fetch_one(&mut *conn)
+                .fetch_one(&mut *tx)
                 .await?
             } else {
                 0
@@ -298,6 +293,7 @@ async fn expired_partitions(
             });
         }
     }
+    tx.commit().await?;
     Ok((expired, held))
 }
 
@@ -313,8 +309,7 @@ async fn open_batches(pool: &PgPool, kind: Kind) -> Result<i64> {
 }
 
 /// `reports_archive` rows past retention: (file gone, file still there).
-async fn report_rows(pool: &PgPool, years: u32) -> Result<(i64, i64)> {
-    let years = i32::try_from(years).map_err(|_| Error::config("retention", "too many years"))?;
+async fn report_rows(pool: &PgPool, years: i32) -> Result<(i64, i64)> {
     let row = sqlx::query(
         "SELECT count(*) FILTER (WHERE deleted_locally) AS gone,
                 count(*) FILTER (WHERE NOT deleted_locally) AS kept
@@ -361,8 +356,7 @@ async fn drop_partition(pool: &PgPool, table: &str, name: &str) -> Result<i64> {
 
 /// Deletes, 10,000 at a time, the metadata rows past retention whose local
 /// file is gone.
-async fn delete_report_rows(pool: &PgPool, years: u32) -> Result<i64> {
-    let years = i32::try_from(years).map_err(|_| Error::config("retention", "too many years"))?;
+async fn delete_report_rows(pool: &PgPool, years: i32) -> Result<i64> {
     let mut total = 0;
     loop {
         let n = sqlx::query(

@@ -129,7 +129,7 @@ impl Upload {
         number: i32,
         body: Bytes,
     ) -> impl Future<Output = Result<CompletedPart>> + Send + 'static {
-        let body_len = body.len();
+        let bytes = body.len();
         let request = self
             .client
             .upload_part()
@@ -140,7 +140,6 @@ impl Upload {
             .checksum_algorithm(ChecksumAlgorithm::Crc32)
             .body(ByteStream::from(body));
         let key = self.key.clone();
-        let bytes = body_len;
         async move {
             let start = std::time::Instant::now();
             let out = request

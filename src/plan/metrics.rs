@@ -10,7 +10,9 @@ use crate::error::Result;
 use crate::ledger::{Key, Kind};
 use crate::partitions;
 use chrono::{DateTime, Duration, Utc};
-use sqlx::{PgPool, Row};
+use sqlx::postgres::PgArguments;
+use sqlx::query::QueryAs;
+use sqlx::{PgPool, Postgres, Row};
 use uuid::Uuid;
 
 /// The UTC day of a sample: the indexed expression.
@@ -227,13 +229,26 @@ async fn key_counts(
         "SELECT {DAY} AT TIME ZONE 'UTC' AS day, count(*) AS n FROM scenario_metrics
          WHERE {range} GROUP BY {DAY} ORDER BY {DAY}"
     );
-    let days: Vec<(DateTime<Utc>, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(days))
-        .bind(from)
-        .bind(after.map(|k| k.ts))
-        .bind(after.map(|k| k.id))
-        .bind(until)
-        .fetch_all(pool)
-        .await?;
+    // $1..$4 of both queries: the window and the key to start after.
+    fn bind_range<'q, O>(
+        q: QueryAs<'q, Postgres, O, PgArguments>,
+        from: DateTime<Utc>,
+        after: Option<Key>,
+        until: DateTime<Utc>,
+    ) -> QueryAs<'q, Postgres, O, PgArguments> {
+        q.bind(from)
+            .bind(after.map(|k| k.ts))
+            .bind(after.map(|k| k.id))
+            .bind(until)
+    }
+    let days: Vec<(DateTime<Utc>, i64)> = bind_range(
+        sqlx::query_as(sqlx::AssertSqlSafe(days)),
+        from,
+        after,
+        until,
+    )
+    .fetch_all(pool)
+    .await?;
     let big: Vec<DateTime<Utc>> = days
         .iter()
         .filter(|&&(_, n)| n > batch_size)
@@ -246,11 +261,7 @@ async fn key_counts(
              WHERE {range} AND {DAY} = ANY(SELECT d AT TIME ZONE 'UTC' FROM unnest($5::timestamptz[]) d)
              GROUP BY {DAY}, scenario_id ORDER BY {DAY}, scenario_id"
         );
-        split = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(from)
-            .bind(after.map(|k| k.ts))
-            .bind(after.map(|k| k.id))
-            .bind(until)
+        split = bind_range(sqlx::query_as(sqlx::AssertSqlSafe(sql)), from, after, until)
             .bind(&big)
             .fetch_all(pool)
             .await?;

@@ -190,12 +190,7 @@ pub async fn plan(
     let job = ledger::create_job(pool, kind, cutoff, opts.batch_size, opts.transport).await?;
     ledger::start_job(pool, job).await?;
     let (tx, rx) = mpsc::channel(CHUNKS_AHEAD);
-    let mut sink = Sink {
-        tx: Some(tx),
-        cut: 0,
-        rows: 0,
-        chunk: Vec::with_capacity(CHUNK),
-    };
+    let mut sink = Sink::new(Some(tx));
     let after = pending.map(|(k, _)| k);
     // The cut runs ahead of recording and publishing, bounded by the channel.
     let cutting = async {
@@ -235,12 +230,7 @@ pub async fn cut_only(pool: &PgPool, kind: Kind, opts: &PlanOptions) -> Result<u
     }
     let cutoff = cutoff(pool, kind, &opts.policy).await?;
     let after = ledger::open_high_water(pool, kind).await?.map(|(k, _)| k);
-    let mut sink = Sink {
-        tx: None,
-        cut: 0,
-        rows: 0,
-        chunk: Vec::with_capacity(CHUNK),
-    };
+    let mut sink = Sink::new(None);
     cut(pool, kind, opts, after, cutoff, &mut sink).await?;
     sink.finish().await?;
     Ok(sink.cut)
@@ -297,6 +287,15 @@ struct Sink {
 }
 
 impl Sink {
+    fn new(tx: Option<mpsc::Sender<Chunk>>) -> Self {
+        Sink {
+            tx,
+            cut: 0,
+            rows: 0,
+            chunk: Vec::with_capacity(CHUNK),
+        }
+    }
+
     /// A batch (lo, hi] holding `rows` rows when counted.
     async fn push(&mut self, lo: Key, hi: Key, rows: i64) -> Result<()> {
         self.chunk.push(NewBatch {

@@ -25,43 +25,43 @@ fn ago(years: u32, extra_months: u32) -> DateTime<Utc> {
     Utc::now() - Months::new(years * 12 + extra_months)
 }
 
-/// `n` archived log rows in the month of `t`, from its first hour on.
-async fn logs_in(db: &TestDb, t: DateTime<Utc>, n: i64) -> String {
+/// `n` rows of `table` in the month of `t`, inserted by `insert` ($1: the
+/// month's start, $2: n), in a partition made as the planner makes them.
+async fn rows_in(
+    db: &TestDb,
+    table: &'static str,
+    insert: &str,
+    t: DateTime<Utc>,
+    n: i32,
+) -> String {
     let month = month_start(t);
-    ensure_months(&db.pool, LOGS, month, month).await.unwrap();
-    sqlx::query(
-        "INSERT INTO scenario_logs_archive (id, scenario_id, received_at, message_hash, source,
+    ensure_months(&db.pool, table, month, month).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(insert.to_owned()))
+        .bind(month)
+        .bind(n)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    partition_name(table, month)
+}
+
+/// `n` archived log rows in the month of `t`, from its first hour on.
+async fn logs_in(db: &TestDb, t: DateTime<Utc>, n: i32) -> String {
+    let insert = "INSERT INTO scenario_logs_archive (id, scenario_id, received_at, message_hash, source,
              size_bytes, has_pii, token_count, sqs_blocks)
          SELECT gen_random_uuid(), gen_random_uuid(), $1 + make_interval(hours => g), 'h', 's', 1, false, 1, 1
-         FROM generate_series(1, $2) g",
-    )
-    .bind(month)
-    .bind(n as i32)
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    partition_name(LOGS, month)
+         FROM generate_series(1, $2) g";
+    rows_in(db, LOGS, insert, t, n).await
 }
 
 /// `n` daily aggregates in the month of `t`.
-async fn metrics_in(db: &TestDb, t: DateTime<Utc>, n: i64) -> String {
-    let month = month_start(t);
-    ensure_months(&db.pool, METRICS, month, month)
-        .await
-        .unwrap();
-    sqlx::query(
-        "INSERT INTO scenario_metrics_archive (id, scenario_id, \"timestamp\", metric_type, metric_name,
+async fn metrics_in(db: &TestDb, t: DateTime<Utc>, n: i32) -> String {
+    let insert = "INSERT INTO scenario_metrics_archive (id, scenario_id, \"timestamp\", metric_type, metric_name,
              value, unit, is_aggregated, aggregation_period, sample_count)
          SELECT gen_random_uuid(), gen_random_uuid(), $1 + make_interval(days => g - 1), 'cpu', 'usage',
              1, '%', true, 'day', 10
-         FROM generate_series(1, $2) g",
-    )
-    .bind(month)
-    .bind(n as i32)
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    partition_name(METRICS, month)
+         FROM generate_series(1, $2) g";
+    rows_in(db, METRICS, insert, t, n).await
 }
 
 async fn report_row(db: &TestDb, created_at: DateTime<Utc>, deleted_locally: bool) -> Uuid {
