@@ -34,6 +34,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus::core::Collector;
 use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 use sqlx::{PgPool, Row};
 use std::net::SocketAddr;
@@ -45,6 +46,14 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 fn metric_error(e: prometheus::Error) -> Error {
     Error::JobFailed(format!("encoding metrics: {e}"))
+}
+
+/// Adds `metric` to `registry`; returns it for setting values.
+fn register<M: Collector + Clone + 'static>(registry: &Registry, metric: M) -> Result<M> {
+    registry
+        .register(Box::new(metric.clone()))
+        .map_err(metric_error)?;
+    Ok(metric)
 }
 
 /// Reads the ledger and renders every metric in the text exposition format.
@@ -76,76 +85,81 @@ pub async fn gather(pool: &PgPool) -> Result<String> {
     .await?;
 
     let registry = Registry::new();
-    let failures = IntCounterVec::new(
-        Opts::new(
-            "archive_job_failures_total",
-            "Times an archive job of this type failed (a redriven job that then completed still counts).",
-        ),
-        &["job_type"],
-    )
-    .map_err(metric_error)?;
-    let last_success = GaugeVec::new(
-        Opts::new(
-            "archive_job_last_success_timestamp",
-            "Unix time the newest completed archive job of this type completed.",
-        ),
-        &["job_type"],
-    )
-    .map_err(metric_error)?;
-    let archived_bytes = IntCounterVec::new(
-        Opts::new(
-            "archive_bytes_total",
-            "Bytes archived by all jobs of this type (reports: original file bytes).",
-        ),
-        &["job_type"],
-    )
-    .map_err(metric_error)?;
-    let archived_rows = IntCounterVec::new(
-        Opts::new(
-            "archive_rows_archived_total",
-            "Rows written to the archive by all jobs of this type (metrics: daily aggregates; reports: files).",
-        ),
-        &["job_type"],
-    )
-    .map_err(metric_error)?;
-    let running = IntGaugeVec::new(
-        Opts::new(
-            "archive_jobs_running",
-            "Archive jobs of this type now running.",
-        ),
-        &["job_type"],
-    )
-    .map_err(metric_error)?;
-    let open = IntGaugeVec::new(
-        Opts::new(
-            "archive_batches",
-            "Batches not done: pending, or dead (parked in the dead-letter queue).",
-        ),
-        &["status"],
-    )
-    .map_err(metric_error)?;
-    for c in [&failures, &archived_bytes, &archived_rows] {
-        registry
-            .register(Box::new(c.clone()))
-            .map_err(metric_error)?;
-    }
-    registry
-        .register(Box::new(last_success.clone()))
-        .map_err(metric_error)?;
-    for g in [&running, &open] {
-        registry
-            .register(Box::new(g.clone()))
-            .map_err(metric_error)?;
-    }
-    let last_batch_done = prometheus::Gauge::with_opts(Opts::new(
-        "archive_batch_last_completed_timestamp",
-        "Unix time the newest batch of any kind was completed (0: none yet).",
-    ))
-    .map_err(metric_error)?;
+    let failures = register(
+        &registry,
+        IntCounterVec::new(
+            Opts::new(
+                "archive_job_failures_total",
+                "Times an archive job of this type failed (a redriven job that then completed still counts).",
+            ),
+            &["job_type"],
+        )
+        .map_err(metric_error)?,
+    )?;
+    let last_success = register(
+        &registry,
+        GaugeVec::new(
+            Opts::new(
+                "archive_job_last_success_timestamp",
+                "Unix time the newest completed archive job of this type completed.",
+            ),
+            &["job_type"],
+        )
+        .map_err(metric_error)?,
+    )?;
+    let archived_bytes = register(
+        &registry,
+        IntCounterVec::new(
+            Opts::new(
+                "archive_bytes_total",
+                "Bytes archived by all jobs of this type (reports: original file bytes).",
+            ),
+            &["job_type"],
+        )
+        .map_err(metric_error)?,
+    )?;
+    let archived_rows = register(
+        &registry,
+        IntCounterVec::new(
+            Opts::new(
+                "archive_rows_archived_total",
+                "Rows written to the archive by all jobs of this type (metrics: daily aggregates; reports: files).",
+            ),
+            &["job_type"],
+        )
+        .map_err(metric_error)?,
+    )?;
+    let running = register(
+        &registry,
+        IntGaugeVec::new(
+            Opts::new(
+                "archive_jobs_running",
+                "Archive jobs of this type now running.",
+            ),
+            &["job_type"],
+        )
+        .map_err(metric_error)?,
+    )?;
+    let open = register(
+        &registry,
+        IntGaugeVec::new(
+            Opts::new(
+                "archive_batches",
+                "Batches not done: pending, or dead (parked in the dead-letter queue).",
+            ),
+            &["status"],
+        )
+        .map_err(metric_error)?,
+    )?;
+    let last_batch_done = register(
+        &registry,
+        prometheus::Gauge::with_opts(Opts::new(
+            "archive_batch_last_completed_timestamp",
+            "Unix time the newest batch of any kind was completed (0: none yet).",
+        ))
+        .map_err(metric_error)?,
+    )?;
     last_batch_done.set(last_batch.unwrap_or(0.0));
-    registry
-        .register(Box::new(last_batch_done))
-        .map_err(metric_error)?;
 
     // Every job type from the start, at zero.
     let types = Kind::ALL
