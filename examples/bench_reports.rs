@@ -356,16 +356,18 @@ async fn timed_put(backend: &Backend, file: &Path) -> Result<(f64, Stored)> {
     Ok((secs, stored))
 }
 
+/// `zstd -3 -c -q FILE`, the CLI the archiver is measured against.
+fn zstd_cli(zstd: &Path, file: &Path) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(zstd);
+    c.args(["-3", "-c", "-q"]).arg(file);
+    c
+}
+
 /// `zstd -3 -c -q FILE > /dev/null`, timed.
 async fn timed_zstd_cli(zstd: &Path, file: &Path) -> Result<f64> {
     let null = std::fs::File::create("/dev/null")?;
     let start = Instant::now();
-    let status = tokio::process::Command::new(zstd)
-        .args(["-3", "-c", "-q"])
-        .arg(file)
-        .stdout(null)
-        .status()
-        .await?;
+    let status = zstd_cli(zstd, file).stdout(null).status().await?;
     let secs = start.elapsed().as_secs_f64();
     ensure!(status.success(), "{} failed: {status}", zstd.display());
     Ok(secs)
@@ -383,11 +385,7 @@ async fn timed_cli_to_s3(zstd: &Path, file: &Path, backend: &Backend) -> Result<
     };
     let key = format!("bench-floor/{}", Uuid::new_v4().simple());
     let start = Instant::now();
-    let mut child = tokio::process::Command::new(zstd)
-        .args(["-3", "-c", "-q"])
-        .arg(file)
-        .stdout(Stdio::piped())
-        .spawn()?;
+    let mut child = zstd_cli(zstd, file).stdout(Stdio::piped()).spawn()?;
     let mut out = child.stdout.take().context("no stdout")?;
     let id = client
         .create_multipart_upload()
@@ -451,11 +449,7 @@ async fn timed_cli_to_s3(zstd: &Path, file: &Path, backend: &Backend) -> Result<
 
 /// Bytes `zstd -3 -c -q FILE` writes (untimed; also warms the page cache).
 async fn zstd_cli_size(zstd: &Path, file: &Path) -> Result<u64> {
-    let mut child = tokio::process::Command::new(zstd)
-        .args(["-3", "-c", "-q"])
-        .arg(file)
-        .stdout(Stdio::piped())
-        .spawn()?;
+    let mut child = zstd_cli(zstd, file).stdout(Stdio::piped()).spawn()?;
     let mut out = child.stdout.take().context("no stdout")?;
     let n = tokio::io::copy(&mut out, &mut tokio::io::sink()).await?;
     ensure!(child.wait().await?.success(), "{} failed", zstd.display());
