@@ -56,6 +56,10 @@ pub struct Common {
     /// Debug logging (RUST_LOG overrides).
     #[arg(long, short = 'v')]
     pub verbose: bool,
+    /// Log lines as text (coloured only on a terminal) or JSON, one object
+    /// per line, for log shippers.
+    #[arg(long, env = "ARCHIVER_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: telemetry::LogFormat,
     /// Directory every report file must resolve under (symlinks followed).
     #[arg(long, env = "REPORTS_ROOT")]
     pub reports_root: Option<PathBuf>,
@@ -105,6 +109,7 @@ impl Common {
         Ok(Executor {
             pool: pool.clone(),
             reports: Some(Arc::new(ctx)),
+            kinds: None,
         })
     }
 
@@ -174,6 +179,12 @@ pub struct PlannerCli {
     #[arg(long, env = "ARCHIVER_REPORTS_AGE_DAYS", default_value_t = 180,
           value_parser = clap::value_parser!(u32).range(1..=36500))]
     pub reports_age_days: u32,
+    /// Rows whose time is before this day (UTC, YYYY-MM-DD) or infinite are
+    /// never archived, only counted and named (dry run, status): sentinel
+    /// times are the application's bug, not months to make partitions for.
+    #[arg(long, env = "ARCHIVER_TIMESTAMP_FLOOR", default_value = "2000-01-01",
+          value_parser = config::timestamp_floor)]
+    pub timestamp_floor: chrono::NaiveDate,
     /// Shared settings.
     #[command(flatten)]
     pub common: Common,
@@ -266,6 +277,7 @@ impl PlannerCli {
                 logs_age_days: self.logs_age_days,
                 metrics_age_days: self.metrics_age_days,
                 reports_age_days: self.reports_age_days,
+                floor: self.timestamp_floor,
             },
             transport: queue.name(),
             reports_batch_size: self.reports_batch_size,
@@ -276,17 +288,18 @@ impl PlannerCli {
 
 /// Maps an error to its exit status, printing it on one line.
 fn fail(program: &str, e: &Error) -> ExitCode {
-    eprintln!("{program}: {e}");
-    match e {
-        Error::Config { .. } => ExitCode::from(2),
-        Error::Locked(_) => ExitCode::from(3),
-        _ => ExitCode::FAILURE,
-    }
+    let code = match e {
+        Error::Config { .. } => 2,
+        Error::Locked(_) => 3,
+        _ => 1,
+    };
+    telemetry::fatal(program, &e.to_string(), code);
+    ExitCode::from(code)
 }
 
 /// Runs the planner command line.
 pub async fn planner_main(cli: PlannerCli) -> ExitCode {
-    telemetry::init(cli.common.verbose);
+    telemetry::init(cli.common.verbose, cli.common.log_format);
     match run_planner(&cli).await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
@@ -313,7 +326,7 @@ async fn run_planner(cli: &PlannerCli) -> Result<bool> {
         }
         Some(PlannerCommand::Status { json }) => {
             let pool = db::connect(&opts, 2, Duration::from_secs(30)).await?;
-            return status(&pool, *json).await;
+            return status(&pool, *json, &cli.options(&queue).policy).await;
         }
         Some(PlannerCommand::Redrive {
             batch,
@@ -621,18 +634,31 @@ async fn rescue(pool: &PgPool, publisher: &dyn Backlog, kind: Kind, age: Duratio
     Ok(())
 }
 
-async fn status(pool: &PgPool, json: bool) -> Result<bool> {
+async fn status(pool: &PgPool, json: bool, policy: &Policy) -> Result<bool> {
     let jobs = ledger::recent_jobs(pool, 10).await?;
     let counts = ledger::open_batch_counts(pool).await?;
     let dead = ledger::dead_batches(pool, None).await?;
+    let mut out_of_range = Vec::new();
+    for kind in Kind::ALL {
+        let o = plan::out_of_range(pool, kind, policy).await?;
+        if o.rows > 0 {
+            out_of_range.push(o);
+        }
+    }
     if json {
-        let v = serde_json::json!({ "jobs": jobs, "open_batches": counts, "dead_batches": dead });
+        let v = serde_json::json!({
+            "jobs": jobs, "open_batches": counts, "dead_batches": dead,
+            "out_of_range": out_of_range,
+        });
         println!(
             "{}",
             serde_json::to_string_pretty(&v).expect("serializable")
         );
     } else {
         println!("{}", report::status(&jobs, &counts, &dead));
+        for o in &out_of_range {
+            println!("{}", report::out_of_range(o));
+        }
     }
     Ok(true)
 }
@@ -744,6 +770,11 @@ async fn plan_kinds(
     for &kind in kinds {
         match plan::plan(pool, kind, opts, publisher).await {
             Ok(p) => {
+                match plan::out_of_range(pool, kind, &opts.policy).await {
+                    Ok(o) if o.rows > 0 => println!("{}", report::out_of_range(&o)),
+                    Ok(_) => {}
+                    Err(e) => eprintln!("planner: {kind}: counting out-of-range rows: {e}"),
+                }
                 if let Some((n, _)) = p.pending_before {
                     println!(
                         "{kind}: {n} unfinished batch(es) of earlier runs; planned only rows after them"
@@ -817,14 +848,47 @@ async fn run_inline(
     about = "Executes archive batches from the queue; SIGTERM finishes in-flight batches and exits."
 )]
 pub struct WorkerCli {
+    /// The kinds this worker executes, comma-separated (logs,metrics,reports).
+    /// Unset: every kind, and then reports need REPORTS_ROOT. A batch of a
+    /// kind it does not serve is handed back for another worker, never failed.
+    #[arg(long, env = "ARCHIVER_KINDS", value_delimiter = ',')]
+    pub kinds: Vec<Kind>,
     /// Shared settings.
     #[command(flatten)]
     pub common: Common,
 }
 
+impl WorkerCli {
+    /// The kinds served, checked against what the settings provide: a worker
+    /// that would receive reports without REPORTS_ROOT refuses to start
+    /// rather than decline every reports batch.
+    fn served(&self) -> Result<Option<Vec<Kind>>> {
+        let reports_root = self.common.reports_root.is_some();
+        if self.kinds.is_empty() {
+            if !reports_root {
+                return Err(Error::config(
+                    "REPORTS_ROOT",
+                    "not set, and this worker would serve every kind: set REPORTS_ROOT (the directory report files live under), or name the kinds it serves with --kinds logs,metrics (ARCHIVER_KINDS)",
+                ));
+            }
+            return Ok(None);
+        }
+        let mut kinds = self.kinds.clone();
+        kinds.sort();
+        kinds.dedup();
+        if kinds.contains(&Kind::Reports) && !reports_root {
+            return Err(Error::config(
+                "REPORTS_ROOT",
+                "not set, but --kinds includes reports: set REPORTS_ROOT or leave reports out of --kinds",
+            ));
+        }
+        Ok(Some(kinds))
+    }
+}
+
 /// Runs the worker command line.
 pub async fn worker_main(cli: WorkerCli) -> ExitCode {
-    telemetry::init(cli.common.verbose);
+    telemetry::init(cli.common.verbose, cli.common.log_format);
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     match run_worker(&cli, shutdown).await {
@@ -842,6 +906,7 @@ async fn run_worker(cli: &WorkerCli, shutdown: CancellationToken) -> Result<()> 
             "not set: a worker consumes from a broker (amqp://… or an SQS queue URL); with no broker the planner runs batches itself",
         ));
     }
+    let kinds = cli.served()?;
     let pool = db::connect(
         &opts,
         u32::from(cli.common.concurrency) + 2,
@@ -849,7 +914,12 @@ async fn run_worker(cli: &WorkerCli, shutdown: CancellationToken) -> Result<()> 
     )
     .await?;
     db::check_migrated(&pool).await?;
-    let exec = cli.common.executor(&pool).await?;
+    let mut exec = cli.common.executor(&pool).await?;
+    if let Some(kinds) = &kinds {
+        let names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+        tracing::info!("serving {} batches only", names.join(","));
+    }
+    exec.kinds = kinds;
     let (options, concurrency) = (cli.common.worker_options(), cli.common.concurrency);
     let stats = match queue {
         QueueConfig::Amqp {

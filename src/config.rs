@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::transport::sqs::SqsConfig;
+use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, Utc};
 use sqlx::postgres::PgConnectOptions;
 use std::str::FromStr;
 use std::time::Duration;
@@ -16,7 +17,15 @@ pub struct Policy {
     pub metrics_age_days: u32,
     /// `reports.created_at` older than this many days goes to the object store (R3).
     pub reports_age_days: u32,
+    /// Rows whose time is before this UTC day (or infinite) are never
+    /// archived: a sentinel (`'-infinity'`, 1970-01-01, a BC date) is a bug
+    /// in the application's data, not a month to make a partition for.
+    /// They are counted and named in the dry run and `planner status`.
+    pub floor: NaiveDate,
 }
+
+/// The default [`Policy::floor`]: 2000-01-01.
+pub const DEFAULT_FLOOR: NaiveDate = NaiveDate::from_ymd_opt(2000, 1, 1).expect("a valid date");
 
 impl Default for Policy {
     fn default() -> Self {
@@ -24,7 +33,23 @@ impl Default for Policy {
             logs_age_days: 365,
             metrics_age_days: 730,
             reports_age_days: 180,
+            floor: DEFAULT_FLOOR,
         }
+    }
+}
+
+impl Policy {
+    /// The floor as an instant: midnight UTC of its day.
+    pub fn floor_time(&self) -> DateTime<Utc> {
+        self.floor.and_time(NaiveTime::MIN).and_utc()
+    }
+}
+
+/// Parses `--timestamp-floor`: a date (YYYY-MM-DD) from year 1 on.
+pub fn timestamp_floor(s: &str) -> std::result::Result<NaiveDate, String> {
+    match NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d") {
+        Ok(d) if d.year() >= 1 => Ok(d),
+        _ => Err(format!("{s:?} is not a date YYYY-MM-DD from year 1 on")),
     }
 }
 

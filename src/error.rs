@@ -53,6 +53,20 @@ pub enum Error {
         /// Kind recorded in the ledger.
         ledger: String,
     },
+    /// This process cannot execute batches of this kind (not among its
+    /// `--kinds`, or missing what the kind needs): the batch is someone
+    /// else's to run, so its message is handed back, never failed.
+    #[error("declined {kind} batch: {why}")]
+    Declined {
+        /// The batch's kind.
+        kind: crate::ledger::Kind,
+        /// What this process lacks.
+        why: String,
+    },
+    /// Executing the batch panicked (a bug, or data we cannot decode): it
+    /// would panic again, so the batch fails for good.
+    #[error("panicked while executing: {0}")]
+    Panicked(String),
     /// A batch whose ledger row contradicts itself.
     #[error("batch {id}: {reason}")]
     BadBatch {
@@ -94,15 +108,18 @@ impl Error {
     pub fn class(&self) -> Class {
         match self {
             Error::Db(e) => db_class(e),
-            Error::Broker(_) | Error::Timeout(_) | Error::ShuttingDown | Error::Storage(_) => {
-                Class::Transient
-            }
+            Error::Broker(_)
+            | Error::Timeout(_)
+            | Error::ShuttingDown
+            | Error::Storage(_)
+            | Error::Declined { .. } => Class::Transient,
             Error::Migrate(_)
             | Error::Config { .. }
             | Error::BadMessage(_)
             | Error::UnknownBatch(_)
             | Error::WrongKind { .. }
             | Error::BadBatch { .. }
+            | Error::Panicked(_)
             | Error::Schema(_)
             | Error::Locked(_)
             | Error::JobFailed(_)

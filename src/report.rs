@@ -1,7 +1,7 @@
 //! What the planner prints: one line per kind that a person reads at a glance.
 
 use crate::ledger::{BatchCount, DeadBatch, JobRow, Kind};
-use crate::plan::{Eligible, Planned};
+use crate::plan::{Eligible, OutOfRange, Planned};
 use chrono::{DateTime, Utc};
 use std::time::Duration;
 
@@ -83,7 +83,31 @@ pub fn eligible(e: &Eligible, batch_size: i64) -> String {
             "; {n} unfinished batch(es) of earlier runs are not counted"
         ));
     }
+    if let Some(o) = &e.out_of_range {
+        s.push('\n');
+        s.push_str(&out_of_range(o));
+    }
     s
+}
+
+/// Rows never archived because their time is before the floor or infinite.
+pub fn out_of_range(o: &OutOfRange) -> String {
+    let kind = o.kind.map_or("?", Kind::as_str);
+    let named: Vec<String> = o
+        .examples
+        .iter()
+        .map(|(id, ts)| format!("{id} at {ts}"))
+        .collect();
+    format!(
+        "{kind}: {} row(s) with a time before the floor or infinite are never archived (fix them, or lower --timestamp-floor): {}{}",
+        count(o.rows),
+        named.join(", "),
+        if o.rows > named.len() as i64 {
+            ", …"
+        } else {
+            ""
+        }
+    )
 }
 
 /// A kind planned onto a broker.

@@ -8,6 +8,8 @@ use crate::execute::{self, Executor, Outcome};
 use crate::ledger;
 use crate::transport::{BatchMessage, Consumer, Delivery};
 use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::FutureExt;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -52,7 +54,14 @@ pub enum Disposition {
     Retry(String),
     /// Not processed because we are shutting down.
     HandBack,
+    /// Not ours to run (a kind this worker does not serve): give it back,
+    /// after a pause so another worker can take it, spending no attempt.
+    Decline(String),
 }
+
+/// How long a declined delivery is held before it is handed back, so that a
+/// worker that cannot run it does not spin on it while others could.
+pub const DECLINE_PAUSE: Duration = Duration::from_secs(5);
 
 /// Decodes a payload and executes its batch, retrying transient failures in
 /// place and waiting out an unreachable database until `shutdown`.
@@ -73,6 +82,14 @@ pub async fn process(
     let err = match execute_with_retry(&exec, msg, opts, shutdown).await {
         Ok(outcome) => return Disposition::Ack(outcome),
         Err(Error::ShuttingDown) => return Disposition::HandBack,
+        Err(e @ Error::Declined { .. }) => {
+            tracing::error!(
+                archive_batch_id = %msg.batch_id,
+                "{e}; handing the message back for a worker that serves it (no attempt spent). \
+                 If no worker serves this kind, its batches wait: start one, or fix the setting"
+            );
+            return Disposition::Decline(e.to_string());
+        }
         Err(e) => e,
     };
     let reason = err.to_string();
@@ -118,11 +135,19 @@ async fn execute_with_retry(
         .build();
     let mut transient = 0;
     loop {
-        let err = match execute::execute_batch(exec, msg.batch_id, msg.kind).await {
-            Ok(o) => return Ok(o),
-            Err(e) => e,
+        // A panic (say, an application-owned column of a type we cannot
+        // decode) fails this batch for good; the delivery is still settled
+        // and the worker goes on.
+        let attempt = AssertUnwindSafe(execute::execute_batch(exec, msg.batch_id, msg.kind))
+            .catch_unwind()
+            .await;
+        let err = match attempt {
+            Ok(Ok(o)) => return Ok(o),
+            Ok(Err(e)) => e,
+            Err(panic) => Error::Panicked(panic_message(panic.as_ref())),
         };
         match err.class() {
+            _ if matches!(err, Error::Declined { .. }) => return Err(err),
             Class::Permanent => return Err(err),
             Class::Transient if transient >= opts.transient_tries => return Err(err),
             Class::Transient => transient += 1,
@@ -138,6 +163,15 @@ async fn execute_with_retry(
     }
 }
 
+/// The text a panic was raised with.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "(no message)".into())
+}
+
 /// Counters of one worker's run.
 #[derive(Debug, Default)]
 pub struct WorkerStats {
@@ -151,6 +185,8 @@ pub struct WorkerStats {
     pub dead_lettered: AtomicU64,
     /// Deliveries handed back for a later retry.
     pub retried: AtomicU64,
+    /// Deliveries of kinds this worker does not serve, handed back.
+    pub declined: AtomicU64,
 }
 
 /// Consumes until `shutdown` (or until the consumer has no more), executing
@@ -161,10 +197,22 @@ pub async fn run<C: Consumer>(
     opts: WorkerOptions,
     shutdown: CancellationToken,
 ) -> Result<Arc<WorkerStats>> {
+    let stats = Arc::new(WorkerStats::default());
+    run_counting(exec, consumer, opts, shutdown, stats.clone()).await?;
+    Ok(stats)
+}
+
+/// [`run`], counting into `stats` as it goes (readable while it runs).
+pub async fn run_counting<C: Consumer>(
+    exec: impl Into<Executor>,
+    consumer: &mut C,
+    opts: WorkerOptions,
+    shutdown: CancellationToken,
+    stats: Arc<WorkerStats>,
+) -> Result<()> {
     let exec: Executor = exec.into();
     let permits = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let tracker = TaskTracker::new();
-    let stats = Arc::new(WorkerStats::default());
     let mut failure = None;
     loop {
         let permit = tokio::select! {
@@ -196,7 +244,7 @@ pub async fn run<C: Consumer>(
     tracker.wait().await;
     match failure {
         Some(e) => Err(e),
-        None => Ok(stats),
+        None => Ok(()),
     }
 }
 
@@ -241,6 +289,14 @@ async fn handle(
             d.acker.retry_later().await
         }
         Disposition::HandBack => d.acker.hand_back().await,
+        Disposition::Decline(_) => {
+            stats.declined.fetch_add(1, Ordering::Relaxed);
+            tokio::select! {
+                _ = tokio::time::sleep(DECLINE_PAUSE) => {}
+                _ = shutdown.cancelled() => {}
+            }
+            d.acker.hand_back().await
+        }
     };
     if let Err(e) = settled {
         tracing::warn!("settling a delivery failed: {e}");

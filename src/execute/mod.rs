@@ -25,6 +25,9 @@ pub struct Executor {
     pub pool: PgPool,
     /// Set when this process archives reports.
     pub reports: Option<Arc<ReportsContext>>,
+    /// The kinds this process serves (`worker --kinds`); `None`: every kind
+    /// it is set up for. A batch of another kind is declined, never failed.
+    pub kinds: Option<Vec<Kind>>,
 }
 
 impl From<&PgPool> for Executor {
@@ -32,7 +35,30 @@ impl From<&PgPool> for Executor {
         Executor {
             pool: pool.clone(),
             reports: None,
+            kinds: None,
         }
+    }
+}
+
+impl Executor {
+    /// Why this process cannot execute batches of `kind`, if it cannot:
+    /// not among its `--kinds`, or reports without `REPORTS_ROOT`.
+    pub fn declines(&self, kind: Kind) -> Option<String> {
+        if let Some(kinds) = &self.kinds
+            && !kinds.contains(&kind)
+        {
+            let served: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+            return Some(format!(
+                "this worker serves only {} (--kinds / ARCHIVER_KINDS)",
+                served.join(",")
+            ));
+        }
+        if kind == Kind::Reports && self.reports.is_none() {
+            return Some(
+                "this worker is not set up to archive reports (REPORTS_ROOT unset)".into(),
+            );
+        }
+        None
     }
 }
 
@@ -59,13 +85,19 @@ pub enum Outcome {
 /// Executes batch `id`, which a message says is of `kind`.
 #[tracing::instrument(skip_all, fields(archive_batch_id = %id, kind = %kind))]
 pub async fn execute_batch(exec: &Executor, id: Uuid, kind: Kind) -> Result<Outcome> {
+    // The ledger, not the message, says what the batch is: a message naming
+    // the wrong kind is the message's fault, whatever this process serves.
+    if let Some(why) = exec.declines(kind) {
+        let batch = ledger::peek_batch(&exec.pool, id).await?;
+        check_kind(&batch, kind)?;
+        if batch.status == "done" {
+            tracing::debug!("already done; acknowledging without effect");
+            return Ok(Outcome::AlreadyDone);
+        }
+        return Err(Error::Declined { kind, why });
+    }
     if kind == Kind::Reports {
-        let ctx = exec.reports.as_ref().ok_or_else(|| {
-            Error::config(
-                "REPORTS_ROOT",
-                "this process is not set up to archive reports (REPORTS_ROOT unset)",
-            )
-        })?;
+        let ctx = exec.reports.as_ref().expect("declines() checked reports");
         let batch = ledger::peek_batch(&exec.pool, id).await?;
         check_kind(&batch, kind)?;
         return reports::execute(exec, ctx, batch).await;

@@ -71,6 +71,7 @@ pub(super) async fn eligible(
         newest: row.get("newest"),
         batches: (rows + batch_size - 1) / batch_size,
         pending: None,
+        out_of_range: None,
     })
 }
 
@@ -78,22 +79,30 @@ pub(super) async fn cut(
     pool: &PgPool,
     t: Table,
     after: Option<Key>,
+    floor: Key,
     cutoff: DateTime<Utc>,
     batch_size: i64,
     sink: &mut Sink,
 ) -> Result<()> {
-    let Some(first) = first(pool, t, after, cutoff).await? else {
+    let Some(first) = first(pool, t, Some(super::start(after, floor)), cutoff).await? else {
         return Ok(());
     };
+    // The first batch starts where earlier runs' batches end, or, with none
+    // above the floor, just below the oldest eligible row, so a late row
+    // older than every partition (or the floor) never falls into it.
+    let mut lo = match after {
+        Some(a) if a >= floor => a,
+        _ => Key {
+            ts: first.ts - Duration::microseconds(1),
+            id: Uuid::max(),
+        },
+    };
     if let Some(archive) = t.archive {
-        partitions::ensure_months(pool, archive, first.ts, cutoff).await?;
+        // Every month the batches' ranges span, from their lower bound:
+        // a late row in a month between an earlier run's batches and this
+        // run's first row must find its partition.
+        partitions::ensure_months(pool, archive, lo.ts.max(floor.ts), cutoff).await?;
     }
-    // The first batch starts just below the oldest eligible row, so a late
-    // row older than every partition can never fall into it.
-    let mut lo = after.unwrap_or(Key {
-        ts: first.ts - Duration::microseconds(1),
-        id: Uuid::max(),
-    });
     loop {
         if let Some(hi) = boundary(pool, t, lo, cutoff, batch_size).await? {
             sink.push(lo, hi, batch_size).await?;

@@ -66,6 +66,7 @@ impl Cutter {
 pub(super) async fn eligible(
     pool: &PgPool,
     after: Option<Key>,
+    floor: Key,
     cutoff: DateTime<Utc>,
     batch_size: i64,
 ) -> Result<Eligible> {
@@ -79,13 +80,13 @@ pub(super) async fn eligible(
            AND {DAY} < ($3 AT TIME ZONE 'UTC')"
     );
     let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(after.map(|k| k.ts))
-        .bind(after.map(|k| k.id))
+        .bind(super::start(after, floor).ts)
+        .bind(super::start(after, floor).id)
         .bind(cutoff)
         .fetch_one(pool)
         .await?;
     let mut batches = Count(0);
-    walk(pool, after, cutoff, batch_size, &mut batches).await?;
+    walk(pool, after, floor, cutoff, batch_size, &mut batches).await?;
     Ok(Eligible {
         kind: Kind::Metrics,
         cutoff,
@@ -97,20 +98,28 @@ pub(super) async fn eligible(
         newest: row.get("newest"),
         batches: batches.0,
         pending: None,
+        out_of_range: None,
     })
 }
 
 pub(super) async fn cut(
     pool: &PgPool,
     after: Option<Key>,
+    floor: Key,
     cutoff: DateTime<Utc>,
     batch_size: i64,
     sink: &mut Sink,
 ) -> Result<()> {
-    if let Some(first) = next_day(pool, after.map(|k| k.ts), true, cutoff).await? {
-        partitions::ensure_months(pool, "scenario_metrics_archive", first, cutoff).await?;
+    let from = super::start(after, floor);
+    if let Some(first) = next_day(pool, Some(from.ts), true, cutoff).await? {
+        // From the first batch's lower bound: late samples in a month
+        // between earlier runs' batches and this run's first day need
+        // their partition too.
+        let lo = after.filter(|a| *a >= floor).map_or(first, |a| a.ts);
+        partitions::ensure_months(pool, "scenario_metrics_archive", lo.max(floor.ts), cutoff)
+            .await?;
     }
-    walk(pool, after, cutoff, batch_size, sink).await
+    walk(pool, after, floor, cutoff, batch_size, sink).await
 }
 
 /// Where the batches a walk cuts go.
@@ -148,16 +157,19 @@ const MAX_WINDOW_DAYS: i64 = 92;
 async fn walk(
     pool: &PgPool,
     after: Option<Key>,
+    floor: Key,
     cutoff: DateTime<Utc>,
     batch_size: i64,
     out: &mut impl Emit,
 ) -> Result<()> {
-    let Some(mut day) = next_day(pool, after.map(|k| k.ts), true, cutoff).await? else {
+    let from = super::start(after, floor);
+    let Some(mut day) = next_day(pool, Some(from.ts), true, cutoff).await? else {
         return Ok(());
     };
+    let after = Some(from);
     let mut cutter = Cutter::new(
         batch_size,
-        after.unwrap_or(Key {
+        after.filter(|a| *a > floor).unwrap_or(Key {
             ts: day - Duration::days(1),
             id: Uuid::max(),
         }),

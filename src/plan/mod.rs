@@ -67,6 +67,76 @@ pub struct Eligible {
     /// Unfinished batches of earlier runs: their count, and the bound above
     /// which this run plans.
     pub pending: Option<(i64, Key)>,
+    /// Rows never archived: their time is before the floor, or infinite.
+    pub out_of_range: Option<OutOfRange>,
+}
+
+/// The key just below the floor: rows older than `policy.floor` (and rows
+/// at ±infinity) are never archived, only counted and named.
+pub(crate) fn floor_key(policy: &Policy) -> Key {
+    Key {
+        ts: policy.floor_time() - chrono::Duration::microseconds(1),
+        id: Uuid::max(),
+    }
+}
+
+/// Where a walk starts: above `after`, and never below the floor.
+pub(crate) fn start(after: Option<Key>, floor: Key) -> Key {
+    after.filter(|a| *a > floor).unwrap_or(floor)
+}
+
+/// Rows a run will never archive because their time is before the floor
+/// or infinite: how many, and a few of them by id.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct OutOfRange {
+    /// The kind.
+    pub kind: Option<Kind>,
+    /// How many rows.
+    pub rows: i64,
+    /// Up to five of them: (id, time as PostgreSQL prints it).
+    pub examples: Vec<(Uuid, String)>,
+}
+
+impl OutOfRange {
+    fn into_option(self) -> Option<Self> {
+        (self.rows > 0).then_some(self)
+    }
+}
+
+/// Counts and names `kind`'s rows whose time is before the floor or
+/// infinite (read off the keyset index; nothing is decoded as a time).
+pub async fn out_of_range(pool: &PgPool, kind: Kind, policy: &Policy) -> Result<OutOfRange> {
+    let (table, ts, indexed) = match kind {
+        Kind::Logs => ("scenario_logs", "received_at", "received_at"),
+        Kind::Reports => ("reports", "created_at", "created_at"),
+        Kind::Metrics => ("scenario_metrics", "\"timestamp\"", metrics::DAY),
+    };
+    let (floor, at_infinity) = match kind {
+        Kind::Metrics => ("($1 AT TIME ZONE 'UTC')", "'infinity'::timestamp"),
+        _ => ("$1", "'infinity'::timestamptz"),
+    };
+    let filter = format!("({indexed} < {floor} OR {indexed} = {at_infinity})");
+    let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {table} WHERE {filter}"
+    )))
+    .bind(policy.floor_time())
+    .fetch_one(pool)
+    .await?;
+    let examples = if rows == 0 {
+        Vec::new()
+    } else {
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT id, {ts}::text FROM {table} WHERE {filter} ORDER BY id LIMIT 5"
+        )))
+        .bind(policy.floor_time())
+        .fetch_all(pool)
+        .await?
+    };
+    Ok(OutOfRange {
+        kind: Some(kind),
+        rows,
+        examples,
+    })
 }
 
 /// The cut-off for a policy age, by the database's clock.
@@ -93,24 +163,22 @@ pub async fn cutoff(pool: &PgPool, kind: Kind, policy: &Policy) -> Result<DateTi
 pub async fn dry_run(pool: &PgPool, kind: Kind, opts: &PlanOptions) -> Result<Eligible> {
     let cutoff = cutoff(pool, kind, &opts.policy).await?;
     let pending = ledger::open_high_water(pool, kind).await?;
+    let floor = floor_key(&opts.policy);
     let after = pending.map(|(k, _)| k);
+    let from = Some(start(after, floor));
     let mut e = match kind {
-        Kind::Logs => keyset::eligible(pool, keyset::LOGS, after, cutoff, opts.batch_size).await?,
-        Kind::Metrics => metrics::eligible(pool, after, cutoff, opts.batch_size).await?,
+        Kind::Logs => keyset::eligible(pool, keyset::LOGS, from, cutoff, opts.batch_size).await?,
+        Kind::Metrics => metrics::eligible(pool, after, floor, cutoff, opts.batch_size).await?,
         Kind::Reports => {
-            let mut e = keyset::eligible(
-                pool,
-                keyset::REPORTS,
-                after,
-                cutoff,
-                opts.reports_batch_size,
-            )
-            .await?;
-            e.missing = Some(missing_reports(pool, after, cutoff, reports_root(opts)?).await?);
+            let mut e =
+                keyset::eligible(pool, keyset::REPORTS, from, cutoff, opts.reports_batch_size)
+                    .await?;
+            e.missing = Some(missing_reports(pool, from, cutoff, reports_root(opts)?).await?);
             e
         }
     };
     e.pending = pending.map(|(k, n)| (n, k));
+    e.out_of_range = out_of_range(pool, kind, &opts.policy).await?.into_option();
     Ok(e)
 }
 
@@ -245,14 +313,27 @@ async fn cut(
     cutoff: DateTime<Utc>,
     sink: &mut Sink,
 ) -> Result<()> {
+    let floor = floor_key(&opts.policy);
     match kind {
-        Kind::Logs => keyset::cut(pool, keyset::LOGS, after, cutoff, opts.batch_size, sink).await,
-        Kind::Metrics => metrics::cut(pool, after, cutoff, opts.batch_size, sink).await,
+        Kind::Logs => {
+            keyset::cut(
+                pool,
+                keyset::LOGS,
+                after,
+                floor,
+                cutoff,
+                opts.batch_size,
+                sink,
+            )
+            .await
+        }
+        Kind::Metrics => metrics::cut(pool, after, floor, cutoff, opts.batch_size, sink).await,
         Kind::Reports => {
             keyset::cut(
                 pool,
                 keyset::REPORTS,
                 after,
+                floor,
                 cutoff,
                 opts.reports_batch_size,
                 sink,

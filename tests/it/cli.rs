@@ -215,6 +215,7 @@ async fn a_worker_exits_zero_on_sigterm() {
         .env("DATABASE_URL", &db.url)
         .env("QUEUE_URL", &cfg.url)
         .env("ARCHIVER_QUEUE", &cfg.queue)
+        .env("ARCHIVER_KINDS", "logs,metrics")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -5,6 +5,7 @@
 mod cli;
 mod failures;
 mod fleet;
+mod hardening;
 mod helpers;
 mod logs;
 mod metrics;

@@ -248,6 +248,7 @@ async fn run_batch(db: &TestDb, d: &Dirs, batch: Uuid) {
     let exec = archiver::execute::Executor {
         pool: db.pool.clone(),
         reports: Some(std::sync::Arc::new(ctx)),
+        kinds: None,
     };
     let (publisher, mut consumer) = inline::queue();
     publisher
