@@ -518,3 +518,78 @@ async fn a_late_row_in_a_gap_month_finds_its_partition() {
     assert_eq!(live, 0);
     db.cleanup().await;
 }
+
+#[tokio::test]
+async fn logs_are_plain_text_in_a_pipe_and_json_on_request() {
+    let db = TestDb::new().await;
+    db.load_logs(1_000).await;
+    // Piped (as cron's log file is): no escape codes.
+    let o = planner(&db, &["--logs", "-v", "--batch-size", "200"]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(err.contains("batch done"), "debug lines are there: {err}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "no ANSI escape codes in a pipe: {err:?}"
+    );
+
+    // JSON: every line one object; a batch's lines carry its id and kind.
+    db.load_logs(1_000).await;
+    let mut c = Command::new(env!("CARGO_BIN_EXE_planner"));
+    let o = c
+        .args(["--logs", "-v", "--batch-size", "200"])
+        .env("DATABASE_URL", &db.url)
+        .env("ARCHIVER_LOG_FORMAT", "json")
+        .env_remove("QUEUE_URL")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", out(&o));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    let batch_lines: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|v| v["message"] == "batch done")
+        .collect();
+    assert!(!batch_lines.is_empty(), "{lines:?}");
+    for v in batch_lines {
+        assert!(
+            v["span"]["archive_batch_id"]
+                .as_str()
+                .is_some_and(|s| s.len() == 36),
+            "{v}"
+        );
+        assert_eq!(v["span"]["kind"], "logs", "{v}");
+        assert!(
+            v["rows"].as_i64().is_some(),
+            "event fields are top-level: {v}"
+        );
+    }
+    // A failing command's last line is JSON too.
+    let o = Command::new(env!("CARGO_BIN_EXE_planner"))
+        .args(["--reports"])
+        .env("DATABASE_URL", &db.url)
+        .env("ARCHIVER_LOG_FORMAT", "json")
+        .env_remove("QUEUE_URL")
+        .env_remove("REPORTS_ROOT")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let last = String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    let v: serde_json::Value =
+        serde_json::from_str(&last).unwrap_or_else(|e| panic!("{e}: {last}"));
+    assert_eq!(v["level"], "ERROR");
+    assert!(
+        v["message"].as_str().unwrap().contains("REPORTS_ROOT"),
+        "{v}"
+    );
+    assert_eq!(v["exit"], 2);
+    db.cleanup().await;
+}
