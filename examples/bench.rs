@@ -42,6 +42,7 @@ use clap::Parser;
 use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
+use secrecy::ExposeSecret;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, PgPool, Row};
 use std::sync::atomic::Ordering;
@@ -612,7 +613,7 @@ impl Bench {
     /// The planner publishing to RabbitMQ, `n` workers consuming.
     async fn workers(&self, n: usize, probe: &mut Probe) -> Result<Moved> {
         let cfg = AmqpConfig {
-            url: self.args.amqp_url.clone(),
+            url: self.args.amqp_url.clone().into(),
             queue: format!("bench.{}", Uuid::new_v4()),
             delivery_limit: 5,
         };
@@ -919,7 +920,8 @@ struct Broker {
 
 impl Broker {
     async fn open(cfg: &AmqpConfig) -> Result<Broker> {
-        let conn = Connection::connect(&cfg.url, ConnectionProperties::default()).await?;
+        let conn =
+            Connection::connect(cfg.url.expose_secret(), ConnectionProperties::default()).await?;
         let channel = conn.create_channel().await?;
         amqp::declare(&channel, cfg).await?;
         Ok(Broker { conn, channel })

@@ -39,6 +39,7 @@ use aws_sdk_sqs::types::QueueAttributeName;
 use clap::Parser;
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Connection, ConnectionProperties};
+use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
 use std::time::{Duration, Instant};
@@ -196,7 +197,7 @@ impl Bench {
             Method::RecordOnly => self.plan(method, &NullPublisher, "inline").await?,
             Method::Amqp => {
                 let cfg = AmqpConfig {
-                    url: self.args.amqp_url.clone(),
+                    url: self.args.amqp_url.clone().into(),
                     queue: format!("bench.publish.{}", Uuid::new_v4().simple()),
                     delivery_limit: 5,
                 };
@@ -292,7 +293,8 @@ impl Bench {
 }
 
 async fn remove_amqp(cfg: &AmqpConfig) -> Result<()> {
-    let conn = Connection::connect(&cfg.url, ConnectionProperties::default()).await?;
+    let conn =
+        Connection::connect(cfg.url.expose_secret(), ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     for q in [cfg.queue.clone(), cfg.dead_queue()] {
         ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())

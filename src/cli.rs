@@ -17,6 +17,7 @@ use crate::transport::{BatchMessage, Publisher, inline};
 use crate::worker::{self, WorkerOptions};
 use crate::{db, ledger, monitoring, report, retention, telemetry};
 use clap::{Args, Parser, Subcommand};
+use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 use std::path::{Path, PathBuf};
@@ -29,14 +30,14 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone, Args)]
 pub struct Common {
     /// PostgreSQL URL (`postgresql+asyncpg://` accepted).
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: Option<String>,
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_parser = secret)]
+    pub database_url: Option<SecretString>,
     /// Broker URL: `amqp://…` for RabbitMQ; an SQS queue URL
     /// (`https://sqs.<region>.amazonaws.com/<account>/<name>`, or
     /// `http://host:port/<account>/<name>` for an SQS-compatible server) or
     /// `sqs://<name>` for SQS; unset for inline (no broker).
-    #[arg(long, env = "QUEUE_URL", hide_env_values = true)]
-    pub queue_url: Option<String>,
+    #[arg(long, env = "QUEUE_URL", hide_env_values = true, value_parser = secret)]
+    pub queue_url: Option<SecretString>,
     /// RabbitMQ work queue name (with `<name>.dlx` and `<name>.dead`); an
     /// SQS queue is named by QUEUE_URL (with `<name>-dead`).
     #[arg(long, env = "ARCHIVER_QUEUE", default_value = "archiver.batches")]
@@ -73,6 +74,11 @@ pub struct Common {
     /// Compression of archived reports: zstd or gzip.
     #[arg(long, env = "ARCHIVER_REPORTS_COMPRESSION", default_value = "zstd")]
     pub compression: Compression,
+}
+
+/// URLs that may hold a password are kept as secrets from the start.
+fn secret(s: &str) -> std::result::Result<SecretString, std::convert::Infallible> {
+    Ok(SecretString::from(s))
 }
 
 fn rest_ratio(s: &str) -> std::result::Result<f64, String> {
@@ -123,7 +129,15 @@ impl Common {
     }
 
     fn queue(&self) -> Result<QueueConfig> {
-        QueueConfig::parse(self.queue_url.as_deref(), &self.queue, self.delivery_limit)
+        QueueConfig::parse(
+            self.queue_url.as_ref().map(|u| u.expose_secret()),
+            &self.queue,
+            self.delivery_limit,
+        )
+    }
+
+    fn database_url(&self) -> Option<&str> {
+        self.database_url.as_ref().map(|u| u.expose_secret())
     }
 }
 
@@ -311,7 +325,7 @@ pub async fn planner_main(cli: PlannerCli) -> ExitCode {
 pub const PLANNER_LOCK: i64 = 0x6172_6368_6976_6572;
 
 async fn run_planner(cli: &PlannerCli) -> Result<bool> {
-    let opts = config::database_options(cli.common.database_url.as_deref(), "archiver-planner")?;
+    let opts = config::database_options(cli.common.database_url(), "archiver-planner")?;
     let queue = cli.common.queue()?;
     match &cli.command {
         Some(PlannerCommand::Migrate) => {
@@ -717,7 +731,7 @@ async fn redrive(
         return Ok(true);
     }
     let _lock = take_lock(&config::database_options(
-        common.database_url.as_deref(),
+        common.database_url(),
         "archiver-planner",
     )?)
     .await?;
@@ -898,7 +912,7 @@ pub async fn worker_main(cli: WorkerCli) -> ExitCode {
 }
 
 async fn run_worker(cli: &WorkerCli, shutdown: CancellationToken) -> Result<()> {
-    let opts = config::database_options(cli.common.database_url.as_deref(), "archiver-worker")?;
+    let opts = config::database_options(cli.common.database_url(), "archiver-worker")?;
     let queue = cli.common.queue()?;
     if queue == QueueConfig::Inline {
         return Err(Error::config(
@@ -985,5 +999,32 @@ pub fn parse<T: Parser>(program: &str) -> T {
             std::process::exit(2);
         }
         Err(e) => e.exit(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parsed_settings_never_show_urls_in_debug() {
+        let cli = PlannerCli::try_parse_from([
+            "planner",
+            "--logs",
+            "--database-url",
+            "postgresql://app:hunter2@db:5432/app",
+            "--queue-url",
+            "amqp://guest:swordfish@rabbit:5672/%2f",
+        ])
+        .unwrap();
+        let shown = format!("{cli:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("swordfish"),
+            "{shown}"
+        );
+        assert_eq!(
+            cli.common.database_url(),
+            Some("postgresql://app:hunter2@db:5432/app")
+        );
     }
 }

@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::transport::sqs::SqsConfig;
 use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::PgConnectOptions;
 use std::str::FromStr;
 use std::time::Duration;
@@ -54,14 +55,14 @@ pub fn timestamp_floor(s: &str) -> std::result::Result<NaiveDate, String> {
 }
 
 /// Where batches travel between planner and workers.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum QueueConfig {
     /// No broker: the planner executes its batches itself.
     Inline,
     /// RabbitMQ at this `amqp://` or `amqps://` URL.
     Amqp {
-        /// The broker URL (may hold a password: never log it).
-        url: String,
+        /// The broker URL (holds a password: redacted from `Debug`).
+        url: SecretString,
         /// The work queue; `<queue>.dlx` and `<queue>.dead` go with it.
         queue: String,
         /// Deliveries after which the broker dead-letters a message.
@@ -101,14 +102,33 @@ impl QueueConfig {
                 "must be at least 1",
             ));
         }
-        let scheme = url.split("://").next().unwrap_or_default();
+        // Never echo the URL: it may hold a password, with or without a
+        // scheme in front of it.
+        let Some((scheme, _)) = url.split_once("://") else {
+            return Err(Error::config(
+                "QUEUE_URL",
+                "not a URL (no scheme://): expected amqp://user:pass@host:5672/vhost, an SQS queue URL or sqs://<name>",
+            ));
+        };
+        let scheme = if scheme.len() <= 10
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '+')
+        {
+            scheme
+        } else {
+            "(not shown)"
+        };
         match scheme {
             "amqp" | "amqps" => {
                 url.parse::<lapin::uri::AMQPUri>().map_err(|e| {
-                    Error::config("QUEUE_URL", format!("not a valid AMQP URL: {e}"))
+                    Error::config(
+                        "QUEUE_URL",
+                        format!("not a valid AMQP URL: {}", redact(&e.to_string(), url)),
+                    )
                 })?;
                 Ok(QueueConfig::Amqp {
-                    url: url.to_string(),
+                    url: SecretString::from(url),
                     queue: queue.to_string(),
                     delivery_limit,
                 })
@@ -191,6 +211,56 @@ fn scrub(message: &str, url: &str) -> String {
     message.replace(url, "<DATABASE_URL>")
 }
 
+/// Removes a URL, and its user-info (user:password), from a message.
+fn redact(message: &str, url: &str) -> String {
+    let mut m = message.replace(url, "<QUEUE_URL>");
+    if let Some((_, rest)) = url.split_once("://")
+        && let Some((userinfo, _)) = rest.split_once('@')
+        && !userinfo.is_empty()
+    {
+        m = m.replace(userinfo, "<credentials>");
+        if let Some((_, password)) = userinfo.split_once(':')
+            && !password.is_empty()
+        {
+            m = m.replace(password, "<password>");
+        }
+    }
+    m
+}
+
+impl PartialEq for QueueConfig {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (QueueConfig::Inline, QueueConfig::Inline) => true,
+            (
+                QueueConfig::Amqp {
+                    url: a,
+                    queue: qa,
+                    delivery_limit: da,
+                },
+                QueueConfig::Amqp {
+                    url: b,
+                    queue: qb,
+                    delivery_limit: db,
+                },
+            ) => a.expose_secret() == b.expose_secret() && qa == qb && da == db,
+            (
+                QueueConfig::Sqs {
+                    queue_url_or_name: a,
+                    delivery_limit: da,
+                },
+                QueueConfig::Sqs {
+                    queue_url_or_name: b,
+                    delivery_limit: db,
+                },
+            ) => a == b && da == db,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for QueueConfig {}
+
 /// Describes the server a set of options points at, without the password.
 pub fn describe(opts: &PgConnectOptions) -> String {
     format!(
@@ -227,6 +297,34 @@ mod tests {
         }
         let e = database_options(None, "t").unwrap_err().to_string();
         assert!(e.contains("DATABASE_URL: not set"), "{e}");
+    }
+
+    #[test]
+    fn queue_url_errors_and_debug_never_show_the_password() {
+        for bad in [
+            "guest:hunter2@rabbit:5672",
+            "guest:hunter2@rabbit:5672/%2f",
+            "amqp://guest:hunter2@rabbit:notaport/%2f",
+            "amqp://guest:hunter2@[::1/%2f",
+            "kafka://guest:hunter2@rabbit",
+            "user:hunter2@host://x",
+            "https://guest:hunter2@example.com/not-a-queue",
+            "hunter2",
+        ] {
+            let e = QueueConfig::parse(Some(bad), "q", 5)
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("QUEUE_URL: "), "{bad}: {e}");
+            assert!(!e.contains("hunter2"), "{bad}: {e}");
+        }
+        let q = QueueConfig::parse(Some("amqp://guest:hunter2@rabbit:5672/%2f"), "q", 5).unwrap();
+        assert!(!format!("{q:?}").contains("hunter2"), "{q:?}");
+        let cfg = crate::transport::amqp::AmqpConfig {
+            url: "amqp://guest:hunter2@rabbit:5672/%2f".into(),
+            queue: "q".into(),
+            delivery_limit: 5,
+        };
+        assert!(!format!("{cfg:?}").contains("hunter2"), "{cfg:?}");
     }
 
     #[test]

@@ -21,14 +21,15 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
+use secrecy::{ExposeSecret, SecretString};
 use std::future::Future;
 use std::time::Duration;
 
 /// Where and how to reach the broker.
 #[derive(Debug, Clone)]
 pub struct AmqpConfig {
-    /// `amqp://` URL (holds credentials: never logged).
-    pub url: String,
+    /// `amqp://` URL (holds credentials: redacted from `Debug`, never logged).
+    pub url: SecretString,
     /// Work queue name.
     pub queue: String,
     /// Deliveries before the broker dead-letters a message.
@@ -58,7 +59,11 @@ async fn open(cfg: &AmqpConfig, name: &str) -> Result<(Connection, Channel)> {
     let props =
         // Named after the queue too, so operators (and tests) can tell fleets apart.
         ConnectionProperties::default().with_connection_name(LongString::from(format!("{name} {}", cfg.queue)));
-    let conn = timed("connect", Connection::connect(&cfg.url, props)).await?;
+    let conn = timed(
+        "connect",
+        Connection::connect(cfg.url.expose_secret(), props),
+    )
+    .await?;
     let channel = timed("channel.open", conn.create_channel()).await?;
     timed(
         "confirm.select",

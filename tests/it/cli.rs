@@ -4,6 +4,7 @@
 use crate::helpers::{TestDb, amqp_config, delete_queues, queue_depth};
 use archiver::transport::Publisher;
 use archiver::transport::amqp::AmqpPublisher;
+use secrecy::ExposeSecret;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -68,7 +69,7 @@ async fn a_dry_run_changes_nothing_and_publishes_nothing() {
     let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("dry-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&root).unwrap();
-    c.env("QUEUE_URL", &cfg.url)
+    c.env("QUEUE_URL", cfg.url.expose_secret())
         .env("ARCHIVER_QUEUE", &cfg.queue)
         .env("REPORTS_ROOT", &root);
     let o = output(c).await;
@@ -213,7 +214,7 @@ async fn a_worker_exits_zero_on_sigterm() {
     let cfg = amqp_config();
     let child = Command::new(env!("CARGO_BIN_EXE_worker"))
         .env("DATABASE_URL", &db.url)
-        .env("QUEUE_URL", &cfg.url)
+        .env("QUEUE_URL", cfg.url.expose_secret())
         .env("ARCHIVER_QUEUE", &cfg.queue)
         .env("ARCHIVER_KINDS", "logs,metrics")
         .stdout(Stdio::null())

@@ -7,6 +7,7 @@ use archiver::plan;
 use archiver::transport::Publisher;
 use archiver::transport::amqp::{AmqpConfig, AmqpConsumer, AmqpPublisher};
 use archiver::worker::{self, WorkerOptions, WorkerStats};
+use secrecy::ExposeSecret;
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -44,7 +45,7 @@ fn planner(db: &TestDb, cfg: &AmqpConfig, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_planner"))
         .args(args)
         .env("DATABASE_URL", &db.url)
-        .env("QUEUE_URL", &cfg.url)
+        .env("QUEUE_URL", cfg.url.expose_secret())
         .env("ARCHIVER_QUEUE", &cfg.queue)
         .env_remove("REPORTS_ROOT")
         .output()
@@ -268,9 +269,12 @@ async fn batches_whose_messages_were_lost_are_republished_by_the_next_run() {
         .await
         .unwrap();
     // The broker loses every message; an hour and a half passes.
-    let conn = lapin::Connection::connect(&cfg.url, lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
+    let conn = lapin::Connection::connect(
+        cfg.url.expose_secret(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
     conn.create_channel()
         .await
         .unwrap()
@@ -287,7 +291,7 @@ async fn batches_whose_messages_were_lost_are_republished_by_the_next_run() {
     let mut c = Command::new(env!("CARGO_BIN_EXE_planner"));
     c.args(["--logs"])
         .env("DATABASE_URL", &db.url)
-        .env("QUEUE_URL", &cfg.url)
+        .env("QUEUE_URL", cfg.url.expose_secret())
         .env("ARCHIVER_QUEUE", &cfg.queue);
     let o = c
         .env("ARCHIVER_RESCUE_AFTER_MINUTES", "120")

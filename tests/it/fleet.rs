@@ -7,6 +7,7 @@ use archiver::plan;
 use archiver::transport::amqp::{AmqpConfig, AmqpConsumer, AmqpPublisher};
 use archiver::transport::{BatchMessage, Consumer, Publisher};
 use archiver::worker::{self, Disposition, WorkerOptions, WorkerStats};
+use secrecy::ExposeSecret;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tokio::task::JoinHandle;
@@ -180,9 +181,12 @@ async fn malformed_and_unknown_messages_are_dead_lettered_and_the_worker_goes_on
     let cfg = amqp_config();
     let publisher = AmqpPublisher::connect(cfg.clone()).await.unwrap();
     // Garbage and a forged batch id go first, real work after them.
-    let conn = lapin::Connection::connect(&cfg.url, lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
+    let conn = lapin::Connection::connect(
+        cfg.url.expose_secret(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
     let ch = conn.create_channel().await.unwrap();
     for body in [
         b"this is not json".to_vec(),

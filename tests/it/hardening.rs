@@ -10,6 +10,7 @@ use archiver::plan::{self, PlanOptions, Planned};
 use archiver::transport::amqp::{AmqpConsumer, AmqpPublisher};
 use archiver::transport::{BatchMessage, Publisher, inline};
 use archiver::worker::{self, Disposition, WorkerOptions};
+use secrecy::ExposeSecret;
 use sqlx::Row;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -206,7 +207,7 @@ fn worker_bin(db: &TestDb, envs: &[(&str, &str)], args: &[&str]) -> std::process
     let mut c = Command::new(env!("CARGO_BIN_EXE_worker"));
     c.args(args)
         .env("DATABASE_URL", &db.url)
-        .env("QUEUE_URL", &cfg.url)
+        .env("QUEUE_URL", cfg.url.expose_secret())
         .env("ARCHIVER_QUEUE", &cfg.queue)
         .env_remove("REPORTS_ROOT")
         .env_remove("ARCHIVER_KINDS");
@@ -591,5 +592,64 @@ async fn logs_are_plain_text_in_a_pipe_and_json_on_request() {
         "{v}"
     );
     assert_eq!(v["exit"], 2);
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_broker_url_with_a_password_is_never_printed() {
+    let db = TestDb::new().await;
+    db.load_logs(200).await;
+    let cfg = amqp_config();
+    let port = url::Url::parse(&crate::helpers::amqp_url())
+        .unwrap()
+        .port()
+        .unwrap_or(5672);
+    for url in [
+        // Refused by the broker (wrong password), nobody listening, no scheme.
+        format!("amqp://guest:hunter2@127.0.0.1:{port}/%2f"),
+        "amqp://guest:hunter2@127.0.0.1:1/%2f".to_string(),
+        format!("guest:hunter2@127.0.0.1:{port}"),
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_planner"))
+            .args(["--logs"])
+            .env("DATABASE_URL", &db.url)
+            .env("QUEUE_URL", &url)
+            .env("ARCHIVER_QUEUE", &cfg.queue)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{url}: {}", out(&o));
+        assert!(!out(&o).contains("hunter2"), "{url}: {}", out(&o));
+    }
+    // A worker retrying a broker it cannot log in to says so, and never
+    // prints the password, at debug level too.
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["--kinds", "logs", "-v"])
+        .env("DATABASE_URL", &db.url)
+        .env(
+            "QUEUE_URL",
+            format!("amqp://guest:hunter2@127.0.0.1:{port}/%2f"),
+        )
+        .env("ARCHIVER_QUEUE", &cfg.queue)
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let mut text = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = err.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    })
+    .await;
+    child.kill().await.unwrap();
+    assert!(!text.is_empty(), "the worker says why it cannot consume");
+    assert!(!text.contains("hunter2"), "{text}");
     db.cleanup().await;
 }

@@ -4,6 +4,7 @@
 use archiver::config::Policy;
 use archiver::plan::PlanOptions;
 use archiver::transport::amqp::AmqpConfig;
+use secrecy::ExposeSecret;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Row};
 use std::process::Output;
@@ -25,7 +26,7 @@ pub fn amqp_url() -> String {
 /// A RabbitMQ config with a queue no other test uses.
 pub fn amqp_config() -> AmqpConfig {
     AmqpConfig {
-        url: amqp_url(),
+        url: amqp_url().into(),
         queue: format!("test.{}", Uuid::new_v4().simple()),
         delivery_limit: 5,
     }
@@ -306,9 +307,12 @@ pub async fn wait_queue_empty(cfg: &AmqpConfig) {
 
 /// Messages ready in a queue (declares nothing if it does not exist: returns None).
 pub async fn queue_depth(cfg: &AmqpConfig, queue: &str) -> Option<u32> {
-    let conn = lapin::Connection::connect(&cfg.url, lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
+    let conn = lapin::Connection::connect(
+        cfg.url.expose_secret(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
     let ch = conn.create_channel().await.unwrap();
     let opts = lapin::options::QueueDeclareOptions {
         passive: true,
@@ -324,9 +328,12 @@ pub async fn queue_depth(cfg: &AmqpConfig, queue: &str) -> Option<u32> {
 
 /// Takes every message from a queue: (payload, x-archiver-error header).
 pub async fn drain(cfg: &AmqpConfig, queue: &str) -> Vec<(String, Option<String>)> {
-    let conn = lapin::Connection::connect(&cfg.url, lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
+    let conn = lapin::Connection::connect(
+        cfg.url.expose_secret(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
     let ch = conn.create_channel().await.unwrap();
     let mut out = Vec::new();
     while let Some(m) = ch
@@ -356,9 +363,12 @@ pub async fn drain(cfg: &AmqpConfig, queue: &str) -> Vec<(String, Option<String>
 
 /// Deletes a test's queues and exchange (quorum queues are not free).
 pub async fn delete_queues(cfg: &AmqpConfig) {
-    let conn = lapin::Connection::connect(&cfg.url, lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
+    let conn = lapin::Connection::connect(
+        cfg.url.expose_secret(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
     let ch = conn.create_channel().await.unwrap();
     for q in [cfg.queue.clone(), cfg.dead_queue()] {
         let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
