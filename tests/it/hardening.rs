@@ -463,8 +463,25 @@ async fn sentinel_timestamps_are_never_archived_and_are_named() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["out_of_range"][0]["rows"], 4, "{v}");
 
-    // A floor later than the data: nothing is archived, and the setting
-    // error names the flag when it is not a date.
+    // Reports too: the dry run and the plan skip a report at -infinity.
+    let (root, _archive) = reports_fixture(&db, 2).await;
+    let bad: Uuid = sqlx::query_scalar(
+        "INSERT INTO reports (scenario_id, format, file_path, created_at)
+         VALUES (gen_random_uuid(), 'csv', 'x.csv', '-infinity') RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let mut opts = plan_options(100, "test");
+    opts.reports_root = Some(root);
+    let e = plan::dry_run(&db.pool, Kind::Reports, &opts).await.unwrap();
+    assert_eq!(e.rows, 2);
+    let o = e.out_of_range.expect("the sentinel report is counted");
+    assert_eq!((o.rows, o.examples[0].0), (1, bad));
+    let planned = plan_only(&db, Kind::Reports, &opts).await;
+    assert_eq!(planned.rows, 2);
+
+    // A floor that is not a date is a setting error naming the flag.
     let o = planner(
         &db,
         &["--dry-run", "--logs", "--timestamp-floor", "1970-13-01"],
