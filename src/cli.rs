@@ -195,7 +195,8 @@ pub enum PlannerCommand {
         #[arg(long)]
         to: PathBuf,
     },
-    /// Jobs, batches by status, and dead batches with their reasons.
+    /// Jobs, batches by status, dead batches with their reasons, and
+    /// archived reports whose local file was left in place (and why).
     Status {
         /// Machine-readable output.
         #[arg(long)]
