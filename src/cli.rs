@@ -2,7 +2,9 @@
 //! call [`planner_main`] and [`worker_main`]; flags are parsed and checked
 //! first, heavy objects built second, and every error becomes one line and a
 //! documented exit status: 0 done, 1 failed, 2 bad flag or setting,
-//! 3 another planner is running.
+//! 3 another planner is running, 4 done but archived reports' local files
+//! were left in place (each with its reason: `planner status`; the next
+//! `planner --reports` run retries them).
 
 use crate::config::{self, Policy, QueueConfig};
 use crate::error::{Error, Result};
@@ -107,6 +109,7 @@ impl Common {
                 format!("{} is not a directory", root.display()),
             ));
         }
+        crate::execute::reports::check_root(root).map_err(|r| Error::config("REPORTS_ROOT", r))?;
         let ctx = ReportsContext {
             root: root.clone(),
             store: self.object_store().await?,
@@ -217,7 +220,8 @@ pub enum PlannerCommand {
         #[arg(long)]
         to: PathBuf,
     },
-    /// Jobs, batches by status, and dead batches with their reasons.
+    /// Jobs, batches by status, dead batches with their reasons, and
+    /// archived reports whose local file was left in place (and why).
     Status {
         /// Machine-readable output.
         #[arg(long)]
@@ -305,6 +309,7 @@ fn fail(program: &str, e: &Error) -> ExitCode {
     let code = match e {
         Error::Config { .. } => 2,
         Error::Locked(_) => 3,
+        Error::LeftInPlace(_) => 4,
         _ => 1,
     };
     telemetry::fatal(program, &e.to_string(), code);
@@ -428,6 +433,10 @@ async fn run_planner(cli: &PlannerCli) -> Result<bool> {
         return dry_run(&pool, &kinds, &plan_opts).await;
     }
     let _lock = take_lock(&opts).await?;
+    let reports = kinds.contains(&Kind::Reports);
+    if reports {
+        retry_left_files(&cli.common.executor(&pool).await?).await?;
+    }
     let ok = match broker(&queue).await? {
         None => {
             let exec = cli.common.executor(&pool).await?;
@@ -446,7 +455,41 @@ async fn run_planner(cli: &PlannerCli) -> Result<bool> {
             ok
         }
     };
+    if ok && reports {
+        check_left_files(&pool).await?;
+    }
     Ok(ok)
+}
+
+/// Before planning reports: retries deleting the local files earlier runs
+/// left in place, and says how that went.
+async fn retry_left_files(exec: &Executor) -> Result<()> {
+    let Some(ctx) = &exec.reports else {
+        return Ok(());
+    };
+    let r = crate::execute::reports::retry_left_files(exec, ctx).await?;
+    if r.tried > 0 {
+        println!(
+            "reports: retried {} local file(s) left in place by earlier runs: {} deleted, {} still left",
+            r.tried, r.deleted, r.left
+        );
+    }
+    Ok(())
+}
+
+/// After a run with reports: archived reports whose local file is still on
+/// disk make the exit status 4, with the first few named.
+async fn check_left_files(pool: &PgPool) -> Result<()> {
+    let (total, left) = crate::execute::reports::left_files(pool, 5).await?;
+    if total == 0 {
+        return Ok(());
+    }
+    for f in &left {
+        eprintln!("planner: {}", report::left_file(f));
+    }
+    Err(Error::LeftInPlace(format!(
+        "reports: {total} archived report(s) still have their local file in place (listed by `planner status`); the next run retries them"
+    )))
 }
 
 /// A retention period must outlast the archive age of its kind, or rows
@@ -510,6 +553,14 @@ async fn dry_run(pool: &PgPool, kinds: &[Kind], opts: &PlanOptions) -> Result<bo
             opts.batch_size
         };
         println!("{}", report::eligible(&e, size));
+        if kind == Kind::Reports {
+            let (left, _) = crate::execute::reports::left_files(pool, 0).await?;
+            if left > 0 {
+                println!(
+                    "reports: {left} archived report(s) still have their local file in place; a run retries deleting them (see planner status)"
+                );
+            }
+        }
     }
     Ok(true)
 }
@@ -536,18 +587,24 @@ fn wanted(kind: Kind, opts: &PlanOptions, explicit_reports: bool) -> Result<bool
 }
 
 async fn restore_report(pool: &PgPool, common: &Common, id: uuid::Uuid, to: &Path) -> Result<bool> {
-    let key: Option<String> =
-        sqlx::query_scalar("SELECT object_key FROM reports_archive WHERE id = $1")
-            .bind(id)
-            .fetch_optional(pool)
-            .await?
-            .flatten();
-    let key = key.ok_or_else(|| {
-        Error::config(
+    let row: Option<(Option<String>, Option<i64>, Option<String>)> = sqlx::query_as(
+        "SELECT object_key, file_size_bytes, sha256 FROM reports_archive WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    let (Some(key), Some(size), Some(sha256)) = row.unwrap_or_default() else {
+        return Err(Error::config(
             "restore-report",
-            format!("report {id} is not in reports_archive"),
-        )
-    })?;
+            format!(
+                "report {id} is not in reports_archive (or has no object key, size and SHA-256)"
+            ),
+        ));
+    };
+    let expected = objects::Original {
+        size: size.max(0) as u64,
+        sha256,
+    };
     if to.exists() {
         return Err(Error::config(
             "--to",
@@ -555,9 +612,9 @@ async fn restore_report(pool: &PgPool, common: &Common, id: uuid::Uuid, to: &Pat
         ));
     }
     let store = common.object_store().await?;
-    let n = store.restore(&key, to).await?;
+    let n = store.restore_checked(&key, to, Some(&expected)).await?;
     println!(
-        "restored report {id} from {} to {} ({} bytes, SHA-256 verified)",
+        "restored report {id} from {} to {} ({} bytes, SHA-256 verified against reports_archive)",
         store.location(&key),
         to.display(),
         n
@@ -659,10 +716,12 @@ async fn status(pool: &PgPool, json: bool, policy: &Policy) -> Result<bool> {
             out_of_range.push(o);
         }
     }
+    let (left_total, left) = crate::execute::reports::left_files(pool, 20).await?;
     if json {
         let v = serde_json::json!({
             "jobs": jobs, "open_batches": counts, "dead_batches": dead,
             "out_of_range": out_of_range,
+            "local_files_left": { "total": left_total, "oldest": left },
         });
         println!(
             "{}",
@@ -673,6 +732,7 @@ async fn status(pool: &PgPool, json: bool, policy: &Policy) -> Result<bool> {
         for o in &out_of_range {
             println!("{}", report::out_of_range(o));
         }
+        println!("{}", report::left_files(left_total, &left));
     }
     Ok(true)
 }

@@ -98,6 +98,11 @@ pub enum Error {
     /// corrupt object, missing or unreadable file, invalid key or request.
     #[error("refused: {0}")]
     Refused(String),
+    /// A run archived what it should, but left archived reports' local files
+    /// in place (each with its reason in `reports_archive`): the planner's
+    /// exit status 4.
+    #[error("{0}")]
+    LeftInPlace(String),
 }
 
 /// Shorthand for the library's results.
@@ -123,6 +128,7 @@ impl Error {
             | Error::Schema(_)
             | Error::Locked(_)
             | Error::JobFailed(_)
+            | Error::LeftInPlace(_)
             | Error::Refused(_) => Class::Permanent,
         }
     }

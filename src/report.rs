@@ -216,6 +216,34 @@ pub fn status(jobs: &[JobRow], counts: &[BatchCount], dead: &[DeadBatch]) -> Str
     s.trim_end().to_string()
 }
 
+/// One archived report whose local file is still on disk, and why.
+pub fn left_file(f: &crate::execute::reports::LeftFile) -> String {
+    format!(
+        "report {} archived {}, file left in place: {}: {}",
+        f.id,
+        time(f.archived_at),
+        f.file_path,
+        f.reason
+            .as_deref()
+            .unwrap_or("never tried (its worker stopped after the commit)")
+    )
+}
+
+/// `planner status`: archived reports whose local file is still there.
+pub fn left_files(total: i64, oldest: &[crate::execute::reports::LeftFile]) -> String {
+    let mut s = format!("archived reports with their local file left in place: {total}");
+    for f in oldest {
+        s.push_str(&format!("\n  {}", left_file(f)));
+    }
+    if total > oldest.len() as i64 {
+        s.push_str(&format!("\n  … and {} more", total - oldest.len() as i64));
+    }
+    if total > 0 {
+        s.push_str("\n  fix the cause (or remove the file), then: planner --reports retries them");
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

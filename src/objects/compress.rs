@@ -10,7 +10,8 @@
 //! output to the async side, which writes them to a file or into S3 parts.
 //! Bounded channels of two chunks between the stages keep memory bounded.
 
-use super::{Compression, Encoding, ObjectMeta};
+use super::source::{Source, SourceReader};
+use super::{Compression, Encoding, ObjectMeta, Original};
 use crate::{Error, Result};
 use async_compression::tokio::bufread::{GzipDecoder, ZstdDecoder};
 use bytes::Bytes;
@@ -45,25 +46,24 @@ const CHUNK: usize = 1 << 20;
 const DEPTH: usize = 2;
 
 /// Reads the file's first MiB to choose its encoding.
-pub(crate) async fn choose_encoding(path: &Path, compression: Compression) -> Result<Encoding> {
-    let owned = path.to_path_buf();
+pub(crate) async fn choose_encoding(source: &Source, compression: Compression) -> Result<Encoding> {
+    let owned = source.clone();
     let sample = tokio::task::spawn_blocking(move || read_sample(&owned))
         .await
-        .map_err(|e| Error::Storage(format!("inspecting {}: {e}", path.display())))?
-        .map_err(|e| source_error(path, e))?;
+        .map_err(|e| Error::Storage(format!("inspecting {}: {e}", source.path().display())))?
+        .map_err(|e| source_error(source.path(), e))?;
     choose(&sample, compression).await
 }
 
-fn read_sample(path: &Path) -> io::Result<Vec<u8>> {
-    let mut file = std::fs::File::open(path)?;
+fn read_sample(source: &Source) -> io::Result<Vec<u8>> {
     let mut sample = vec![0; SAMPLE_SIZE];
-    let n = read_full(&mut file, &mut sample)?;
+    let n = read_full(&mut source.reader(), &mut sample)?;
     sample.truncate(n);
     Ok(sample)
 }
 
 /// Fills `buf` from `file`; short only at the end of the file.
-fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> io::Result<usize> {
+fn read_full(file: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
         match file.read(&mut buf[filled..]) {
@@ -117,12 +117,11 @@ pub(crate) struct HashPass {
     stop: Arc<AtomicBool>,
 }
 
-/// Starts hashing the file at `path`.
-pub(crate) fn hash_file(path: &Path) -> HashPass {
+/// Starts hashing `source`.
+pub(crate) fn hash_file(source: &Source) -> HashPass {
     let stop = Arc::new(AtomicBool::new(false));
-    let (owned, flag) = (path.to_path_buf(), stop.clone());
+    let (mut file, flag) = (source.reader(), stop.clone());
     let handle = tokio::task::spawn_blocking(move || {
-        let mut file = std::fs::File::open(&owned)?;
         let mut hasher = Sha256::new();
         let mut size = 0;
         let mut buf = vec![0; CHUNK];
@@ -139,7 +138,7 @@ pub(crate) fn hash_file(path: &Path) -> HashPass {
         }
     });
     HashPass {
-        path: path.to_path_buf(),
+        path: source.path().to_path_buf(),
         handle,
         stop,
     }
@@ -320,15 +319,9 @@ pub(crate) struct EncodedFile {
     digest: Option<(u64, String)>,
 }
 
-/// Opens `path` and starts encoding it with `encoding`.
-pub(crate) async fn encode_file(path: &Path, encoding: Encoding) -> Result<EncodedFile> {
-    let file = File::open(path).await.map_err(|e| source_error(path, e))?;
-    let size_hint = file
-        .metadata()
-        .await
-        .map_err(|e| source_error(path, e))?
-        .len();
-    let file = file.into_std().await;
+/// Starts encoding `source` with `encoding`.
+pub(crate) async fn encode_file(source: &Source, encoding: Encoding) -> Result<EncodedFile> {
+    let (path, size_hint, file) = (source.path(), source.len_at_open(), source.reader());
     let (raw_tx, raw_rx) = std::sync::mpsc::sync_channel(DEPTH);
     let (out_tx, out_rx) = mpsc::channel(DEPTH);
     let reader = tokio::task::spawn_blocking(move || read_chunks(file, &raw_tx));
@@ -348,7 +341,7 @@ pub(crate) async fn encode_file(path: &Path, encoding: Encoding) -> Result<Encod
 /// is passed on to the encoder; returns the size and hex SHA-256 of the
 /// whole file, or `None` if it stopped early.
 fn read_chunks(
-    mut file: std::fs::File,
+    mut file: SourceReader,
     tx: &SyncSender<io::Result<Bytes>>,
 ) -> Option<(u64, String)> {
     let mut hasher = Sha256::new();
@@ -506,6 +499,26 @@ fn decoder<'a, R: AsyncRead + Unpin + Send + 'a>(
         Encoding::Zstd => Box::new(ZstdDecoder::new(buffered)),
         Encoding::Gzip => Box::new(GzipDecoder::new(buffered)),
         Encoding::Identity => Box::new(buffered),
+    }
+}
+
+/// Refuses an object whose metadata disagrees with what the ledger
+/// recorded for it (another file's object under this key, or metadata
+/// rewritten): its bytes would verify against the wrong digest.
+pub(crate) fn check_expected(
+    key: &str,
+    meta: &ObjectMeta,
+    expected: Option<&Original>,
+) -> Result<()> {
+    match expected {
+        Some(want) if want.size != meta.original_size || want.sha256 != meta.original_sha256 => {
+            Err(Error::Refused(format!(
+                "{key} is not the archived file: its metadata says {} bytes with SHA-256 {}, \
+                 reports_archive recorded {} bytes with SHA-256 {}; nothing restored",
+                meta.original_size, meta.original_sha256, want.size, want.sha256
+            )))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -714,7 +727,9 @@ mod tests {
         let file = Scratch::new(&bytes);
         let sha256 = hex::encode(Sha256::digest(&bytes));
 
-        let mut identity = encode_file(&file.0, Encoding::Identity).await.unwrap();
+        let mut identity = encode_file(&Source::open(&file.0).unwrap(), Encoding::Identity)
+            .await
+            .unwrap();
         assert!(identity.digest().is_err(), "a digest before the end");
         assert_eq!(identity.size_hint(), bytes.len() as u64);
         assert_eq!(read_in_pieces(&mut identity, 700_001).await, bytes);
@@ -725,11 +740,15 @@ mod tests {
 
         let text = "2026-01-01T00:00:03Z,scenario-42,cpu,73.25,ok\n".repeat(60_000);
         let file = Scratch::new(text.as_bytes());
-        let mut zstd = encode_file(&file.0, Encoding::Zstd).await.unwrap();
+        let mut zstd = encode_file(&Source::open(&file.0).unwrap(), Encoding::Zstd)
+            .await
+            .unwrap();
         let compressed = read_in_pieces(&mut zstd, 3_000).await;
         assert!(compressed.len() * 10 < text.len());
         assert_eq!(zstd::decode_all(&compressed[..]).unwrap(), text.as_bytes());
-        let mut gzip = encode_file(&file.0, Encoding::Gzip).await.unwrap();
+        let mut gzip = encode_file(&Source::open(&file.0).unwrap(), Encoding::Gzip)
+            .await
+            .unwrap();
         let compressed = read_in_pieces(&mut gzip, 1 << 20).await;
         let mut decoded = Vec::new();
         flate2::read::GzDecoder::new(&compressed[..])
@@ -745,7 +764,8 @@ mod tests {
         // thread's error must reach the async side, classified as
         // `source_error` does, and no digest is claimed.
         let dir = std::env::temp_dir();
-        let mut encoded = encode_file(&dir, Encoding::Zstd).await.unwrap();
+        let dir_source = Source::unchecked(std::fs::File::open(&dir).unwrap(), &dir);
+        let mut encoded = encode_file(&dir_source, Encoding::Zstd).await.unwrap();
         let err = loop {
             match encoded.next().await {
                 Ok(Some(_)) => continue,

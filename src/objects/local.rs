@@ -5,7 +5,9 @@
 //! object or none.
 
 use super::compress::{self, local_error};
-use super::{Compression, Encoding, ObjectMeta, ObjectStore, Stored, check_key, verify};
+use super::{
+    Compression, Encoding, ObjectMeta, ObjectStore, Original, Source, Stored, check_key, verify,
+};
 use crate::{Error, Result};
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
@@ -66,7 +68,7 @@ fn meta_path(path: &Path) -> PathBuf {
 /// Streams `source` through its encoder into `tmp`; returns the bytes
 /// written and the original's size and SHA-256.
 async fn write_encoded(
-    source: &Path,
+    source: &Source,
     encoding: Encoding,
     tmp: &Path,
 ) -> Result<(u64, u64, String)> {
@@ -116,9 +118,9 @@ async fn commit(tmp: &Path, path: &Path, meta: &ObjectMeta) -> Result<()> {
 
 #[async_trait]
 impl ObjectStore for LocalStore {
-    async fn put_file(
+    async fn put_source(
         &self,
-        source: &Path,
+        source: &Source,
         key_base: &str,
         compression: Compression,
     ) -> Result<Stored> {
@@ -164,10 +166,16 @@ impl ObjectStore for LocalStore {
         Ok(self.read_meta(&path).await?.map(|meta| (size, meta)))
     }
 
-    async fn restore(&self, key: &str, dest: &Path) -> Result<u64> {
+    async fn restore_checked(
+        &self,
+        key: &str,
+        dest: &Path,
+        expected: Option<&Original>,
+    ) -> Result<u64> {
         let Some((_, meta)) = self.head(key).await? else {
             return Err(Error::Refused(format!("no object {}", self.location(key))));
         };
+        compress::check_expected(key, &meta, expected)?;
         let path = self.object_path(key)?;
         let file = File::open(&path).await.map_err(|e| local_error(&path, e))?;
         compress::restore_verified(file, key, &meta, dest).await

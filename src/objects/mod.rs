@@ -13,6 +13,7 @@ mod lifecycle;
 pub mod local;
 mod multipart;
 pub mod s3;
+pub mod source;
 
 use crate::{Error, Result};
 use async_trait::async_trait;
@@ -24,6 +25,7 @@ use uuid::Uuid;
 
 pub use local::LocalStore;
 pub use s3::S3Store;
+pub use source::Source;
 
 /// The prefix every archived report's key starts with.
 pub const REPORTS_PREFIX: &str = "archived-reports/";
@@ -141,28 +143,52 @@ pub struct Stored {
     pub meta: ObjectMeta,
 }
 
+/// What an archived file must decode to, as the ledger recorded it
+/// (`reports_archive.file_size_bytes` and `sha256`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Original {
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256, lowercase hex.
+    pub sha256: String,
+}
+
 /// A place report files are archived to and restored from.
 #[async_trait]
 pub trait ObjectStore: Send + Sync + std::fmt::Debug {
-    /// Streams the file at `path` into object `<key_base><suffix>`:
+    /// Streams the open file `source` into object `<key_base><suffix>`:
     /// compressed with `compression` unless a sample (the first 1 MiB) shows
     /// it does not shrink (then [`Encoding::Identity`]). Memory stays bounded
     /// whatever the file's size (S3: multipart upload of 8 MiB parts, two in
     /// memory at most; a file smaller than one part is a single PutObject).
+    /// Every pass reads the same open file (never its path again).
     /// Overwrites an existing object with the same key, so retries are
     /// idempotent. Stores the original size, SHA-256 and encoding as
     /// metadata, with `Content-Encoding` when compressed; verifies the
     /// stored object (size and metadata) before returning it.
     ///
-    /// A missing or unreadable `path` is [`Error::Refused`]; a file that
-    /// changes while it is read is [`Error::Storage`] (retry later), and
-    /// nothing is stored for it.
+    /// An unreadable file is [`Error::Refused`]; a file that changes while
+    /// it is read is [`Error::Storage`] (retry later), and nothing is stored
+    /// for it.
+    async fn put_source(
+        &self,
+        source: &Source,
+        key_base: &str,
+        compression: Compression,
+    ) -> Result<Stored>;
+
+    /// [`ObjectStore::put_source`] of the file at `path`, opened once
+    /// (symlinks followed; never blocking on a FIFO). A missing, unreadable
+    /// or non-regular file is [`Error::Refused`].
     async fn put_file(
         &self,
         path: &Path,
         key_base: &str,
         compression: Compression,
-    ) -> Result<Stored>;
+    ) -> Result<Stored> {
+        let source = Source::open(path)?;
+        self.put_source(&source, key_base, compression).await
+    }
 
     /// Stored size and metadata of an object; `None` if it does not exist or
     /// lacks the archiver's metadata (an incomplete or foreign object, which
@@ -171,10 +197,23 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
 
     /// Downloads and decodes the object into `dest` through a temporary file
     /// beside it, renamed into place only once the original size and SHA-256
-    /// from the object's metadata match. A mismatch, undecodable bytes or a
-    /// missing object is [`Error::Refused`] and leaves no file at `dest`.
-    /// Returns the restored size.
-    async fn restore(&self, key: &str, dest: &Path) -> Result<u64>;
+    /// from the object's metadata match — and, given `expected` (what the
+    /// ledger recorded), match it too: an object whose metadata disagrees
+    /// with the ledger is refused before a byte is downloaded. A mismatch,
+    /// undecodable bytes or a missing object is [`Error::Refused`] and
+    /// leaves no file at `dest`; so is an object in an archive storage class
+    /// (Glacier), with what to do about it. Returns the restored size.
+    async fn restore_checked(
+        &self,
+        key: &str,
+        dest: &Path,
+        expected: Option<&Original>,
+    ) -> Result<u64>;
+
+    /// [`ObjectStore::restore_checked`] against the object's own metadata.
+    async fn restore(&self, key: &str, dest: &Path) -> Result<u64> {
+        self.restore_checked(key, dest, None).await
+    }
 
     /// Idempotently applies, then reads back and verifies, a lifecycle rule
     /// on `prefix` (a trailing `/` is added if missing): transition to

@@ -8,7 +8,9 @@
 use super::compress::{self, EncodedFile};
 use super::lifecycle::{self, Wanted};
 use super::multipart;
-use super::{Compression, Encoding, ObjectMeta, ObjectStore, Stored, check_key, verify};
+use super::{
+    Compression, Encoding, ObjectMeta, ObjectStore, Original, Source, Stored, check_key, verify,
+};
 use crate::{Error, Result};
 use async_trait::async_trait;
 use aws_config::meta::region::RegionProviderChain;
@@ -103,6 +105,43 @@ impl S3Store {
         Ok(sent)
     }
 
+    /// Why an object cannot be read now: it sits in an archive storage
+    /// class (Glacier, Deep Archive, an archive tier of Intelligent-Tiering)
+    /// and must first be restored from it, which takes hours.
+    async fn in_archive_tier(&self, key: &str) -> Error {
+        let head = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .ok();
+        let class = head
+            .as_ref()
+            .and_then(|h| h.storage_class())
+            .map_or_else(|| "an archive".to_owned(), |c| c.as_str().to_owned());
+        let restoring = head
+            .as_ref()
+            .and_then(|h| h.restore())
+            .is_some_and(|r| r.contains("ongoing-request=\"true\""));
+        let state = if restoring {
+            "a restore from the archive tier is in progress; run this again once it has finished"
+                .to_owned()
+        } else {
+            format!(
+                "restore it from the archive tier first (e.g. `aws s3api restore-object --bucket {} \
+                 --key {key} --restore-request Days=7`), wait until `aws s3api head-object` no longer \
+                 shows ongoing-request=\"true\", then run this again",
+                self.bucket
+            )
+        };
+        Error::Refused(format!(
+            "{} is in the {class} storage class and cannot be read until it is restored: {state}",
+            self.location(key)
+        ))
+    }
+
     async fn lifecycle_rules(&self) -> Result<Vec<LifecycleRule>> {
         match self
             .client
@@ -152,20 +191,21 @@ pub(super) fn check_unchanged(source: &EncodedFile, path: &Path, meta: &ObjectMe
 
 #[async_trait]
 impl ObjectStore for S3Store {
-    async fn put_file(
+    async fn put_source(
         &self,
-        path: &Path,
+        file: &Source,
         key_base: &str,
         compression: Compression,
     ) -> Result<Stored> {
         let start = std::time::Instant::now();
-        let encoding = compress::choose_encoding(path, compression).await?;
+        let path = file.path();
+        let encoding = compress::choose_encoding(file, compression).await?;
         let key = format!("{key_base}{}", encoding.suffix());
         check_key(&key)?;
         // The first pass (size and SHA-256, for the metadata) runs beside
         // the encoder, which fills the first part meanwhile.
-        let hashing = compress::hash_file(path);
-        let mut source = compress::encode_file(path, encoding).await?;
+        let hashing = compress::hash_file(file);
+        let mut source = compress::encode_file(file, encoding).await?;
         let part_size = multipart::part_size(source.size_hint());
         let first = source.read_up_to(part_size).await?;
         tracing::debug!(%key, elapsed_ms = start.elapsed().as_millis(), "first part encoded");
@@ -214,7 +254,12 @@ impl ObjectStore for S3Store {
             .map(|meta| (size, meta)))
     }
 
-    async fn restore(&self, key: &str, dest: &Path) -> Result<u64> {
+    async fn restore_checked(
+        &self,
+        key: &str,
+        dest: &Path,
+        expected: Option<&Original>,
+    ) -> Result<u64> {
         check_key(key)?;
         let out = match self
             .client
@@ -228,11 +273,15 @@ impl ObjectStore for S3Store {
             Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
                 return Err(Error::Refused(format!("no object {}", self.location(key))));
             }
+            Err(e) if e.code() == Some("InvalidObjectState") => {
+                return Err(self.in_archive_tier(key).await);
+            }
             Err(e) => return Err(sdk_error("GetObject", key, e)),
         };
         let meta = out.metadata().and_then(from_metadata).ok_or_else(|| {
             Error::Refused(format!("{} has no archiver metadata", self.location(key)))
         })?;
+        compress::check_expected(key, &meta, expected)?;
         let body = Box::pin(out.body.into_async_read());
         compress::restore_verified(body, key, &meta, dest).await
     }
@@ -341,6 +390,9 @@ fn classify(code: Option<&str>, status: u16, what: String) -> Error {
         return Error::Storage(what);
     }
     match code {
+        Some("InvalidObjectState") => Error::Refused(format!(
+            "the object is in an archive storage class (Glacier): restore it from the archive tier first: {what}"
+        )),
         Some("NoSuchBucket") => Error::config("REPORTS_ARCHIVE_BUCKET", what),
         _ if status == 403 => Error::config(
             "REPORTS_ARCHIVE_BUCKET",
@@ -375,5 +427,10 @@ mod tests {
         assert_eq!(class(Some("AccessDenied"), 403), Class::Permanent);
         assert_eq!(class(Some("NoSuchBucket"), 404), Class::Permanent);
         assert_eq!(class(Some("InvalidArgument"), 400), Class::Permanent);
+        let glacier = classify(Some("InvalidObjectState"), 403, String::new());
+        assert!(
+            matches!(&glacier, Error::Refused(m) if m.contains("Glacier")),
+            "{glacier}"
+        );
     }
 }

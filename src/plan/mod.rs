@@ -183,12 +183,14 @@ pub async fn dry_run(pool: &PgPool, kind: Kind, opts: &PlanOptions) -> Result<El
 }
 
 fn reports_root(opts: &PlanOptions) -> Result<&std::path::Path> {
-    opts.reports_root.as_deref().ok_or_else(|| {
+    let root = opts.reports_root.as_deref().ok_or_else(|| {
         Error::config(
             "REPORTS_ROOT",
             "not set: the directory report files must live under",
         )
-    })
+    })?;
+    crate::execute::reports::check_root(root).map_err(|r| Error::config("REPORTS_ROOT", r))?;
+    Ok(root)
 }
 
 /// Eligible reports whose file is missing, unreadable or outside `root`.

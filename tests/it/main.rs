@@ -12,6 +12,7 @@ mod metrics;
 mod monitoring;
 mod objects;
 mod planning;
+mod report_safety;
 mod reports;
 mod retention;
 mod spec_queries;

@@ -345,9 +345,10 @@ async fn a_crash_at_any_step_is_repaired_by_redelivery() {
     assert_eq!(objects_in(&d.archive), 3, "one object each");
     assert!(files.iter().all(|(p, _)| !p.exists()), "no local file");
 
-    // Crash after commit, before the local delete: files back, flag unset.
-    for (p, _) in &files {
-        std::fs::write(p, b"still here").unwrap();
+    // Crash after commit, before the local delete: files back (as they were
+    // archived: a changed file is kept, see report_safety), flag unset.
+    for (i, (p, _)) in files.iter().enumerate() {
+        std::fs::write(p, csv(1000 + i)).unwrap();
     }
     sqlx::query("UPDATE reports_archive SET deleted_locally = false")
         .execute(&db.pool)
