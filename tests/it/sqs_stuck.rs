@@ -218,3 +218,77 @@ async fn stopping_during_a_long_poll_hands_back_what_it_receives() {
         let _ = client.delete_queue().queue_url(url).send().await;
     }
 }
+
+/// Rescue (issue 10, "Also"): the queue holds messages of every kind, so a
+/// backlog of logs must not hide that every metrics message was lost.
+#[tokio::test]
+async fn a_backlog_of_one_kind_does_not_hide_lost_messages_of_another() {
+    use crate::helpers::{amqp_config, delete_queues, ok, queue_depth};
+    use archiver::transport::Publisher;
+    use archiver::transport::amqp::AmqpPublisher;
+    let db = TestDb::new().await;
+    db.load_logs(3_000).await;
+    archiver::demo::load_metrics(&db.pool, 3_000, 5, 3 * 365)
+        .await
+        .unwrap();
+    let cfg = amqp_config();
+    let publisher = AmqpPublisher::connect(cfg.clone()).await.unwrap();
+    let metrics = plan::plan(
+        &db.pool,
+        Kind::Metrics,
+        &plan_options(500, "amqp"),
+        &publisher,
+    )
+    .await
+    .unwrap();
+    // Every metrics message is lost...
+    let conn = lapin::Connection::connect(&cfg.url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    conn.create_channel()
+        .await
+        .unwrap()
+        .queue_purge(cfg.queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let _ = conn.close(200, "".into()).await;
+    // ...while the logs' wait, more of them than metrics batches.
+    let logs = plan::plan(&db.pool, Kind::Logs, &plan_options(50, "amqp"), &publisher)
+        .await
+        .unwrap();
+    assert!(
+        metrics.batches >= 1 && logs.batches > metrics.batches,
+        "{metrics:?} {logs:?}"
+    );
+    assert_eq!(
+        queue_depth(&cfg, &cfg.queue).await,
+        Some(logs.batches as u32)
+    );
+    sqlx::query("UPDATE archive_batches SET published_at = now() - interval '90 minutes'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let out = ok(&std::process::Command::new(env!("CARGO_BIN_EXE_planner"))
+        .args(["--metrics"])
+        .env("DATABASE_URL", &db.url)
+        .env("QUEUE_URL", &cfg.url)
+        .env("ARCHIVER_QUEUE", &cfg.queue)
+        .env("ARCHIVER_RESCUE_AFTER_MINUTES", "60")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap());
+    assert!(
+        out.contains(&format!(
+            "metrics: republished {} batch(es)",
+            metrics.batches
+        )),
+        "{out}"
+    );
+    assert_eq!(
+        queue_depth(&cfg, &cfg.queue).await,
+        Some((logs.batches + metrics.batches) as u32)
+    );
+    publisher.close().await.unwrap();
+    delete_queues(&cfg).await;
+    db.cleanup().await;
+}
