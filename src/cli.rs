@@ -162,7 +162,7 @@ pub struct PlannerCli {
     pub metrics_age_days: u32,
     /// Republish pending batches whose message went out longer ago than
     /// this (minutes) and may have been lost; skipped while the queue holds
-    /// at least as many messages as there are pending batches.
+    /// at least as many messages as there are pending batches of all kinds.
     #[arg(long, env = "ARCHIVER_RESCUE_AFTER_MINUTES", default_value_t = 1440,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub rescue_after_minutes: u64,
