@@ -184,7 +184,7 @@ pub struct PlannerCli {
     pub metrics_age_days: u32,
     /// Republish pending batches whose message went out longer ago than
     /// this (minutes) and may have been lost; skipped while the queue holds
-    /// at least as many messages as there are pending batches.
+    /// at least as many messages as there are pending batches of all kinds.
     #[arg(long, env = "ARCHIVER_RESCUE_AFTER_MINUTES", default_value_t = 1440,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub rescue_after_minutes: u64,
@@ -674,20 +674,23 @@ impl Backlog for SqsPublisher {
 
 /// Republishes pending batches of `kind` older than `age`, unless the queue
 /// already holds a message for every pending batch (a long backlog draining
-/// must not be duplicated). A republished batch that also arrives the first
-/// way runs once: the ledger makes the second delivery a no-op.
+/// must not be duplicated). The queue is shared by every kind, so its depth
+/// is compared with the pending batches of every kind: compared with one
+/// kind's alone, a backlog of another kind would hide lost messages. A
+/// republished batch that also arrives the first way runs once: the ledger
+/// makes the second delivery a no-op.
 async fn rescue(pool: &PgPool, publisher: &dyn Backlog, kind: Kind, age: Duration) -> Result<()> {
     let stale = ledger::stale_batches(pool, kind, age).await?;
     if stale.is_empty() {
         return Ok(());
     }
     let (pending, ready) = (
-        ledger::pending_count(pool, kind).await?,
+        ledger::pending_count(pool, None).await?,
         publisher.ready().await?,
     );
     if i64::from(ready) >= pending {
         println!(
-            "{kind}: {} pending batch(es) older than the rescue age, but the queue holds {ready} message(s) for {pending} pending: none lost",
+            "{kind}: {} pending batch(es) older than the rescue age, but the queue holds {ready} message(s) for {pending} pending of all kinds: none lost",
             stale.len()
         );
         return Ok(());
@@ -699,7 +702,7 @@ async fn rescue(pool: &PgPool, publisher: &dyn Backlog, kind: Kind, age: Duratio
     publisher.publish(&messages).await?;
     ledger::mark_published(pool, &stale).await?;
     println!(
-        "{kind}: republished {} batch(es) whose messages may have been lost (pending {pending}, queue holds {ready})",
+        "{kind}: republished {} batch(es) whose messages may have been lost (pending {pending} of all kinds, queue holds {ready})",
         stale.len()
     );
     Ok(())

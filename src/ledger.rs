@@ -556,12 +556,13 @@ pub async fn stale_batches(
     .await?)
 }
 
-/// Counts pending batches of a kind.
-pub async fn pending_count(pool: &PgPool, kind: Kind) -> Result<i64> {
+/// Counts pending batches of a kind, or of every kind (`None`).
+pub async fn pending_count(pool: &PgPool, kind: Option<Kind>) -> Result<i64> {
     Ok(sqlx::query_scalar(
-        "SELECT count(*) FROM archive_batches WHERE kind = $1 AND status = 'pending'",
+        "SELECT count(*) FROM archive_batches
+         WHERE status = 'pending' AND ($1::text IS NULL OR kind = $1)",
     )
-    .bind(kind.as_str())
+    .bind(kind.map(|k| k.as_str()))
     .fetch_one(pool)
     .await?)
 }

@@ -19,7 +19,7 @@ mod publisher;
 mod queues;
 mod target;
 
-pub use consumer::SqsConsumer;
+pub use consumer::{RECEIVE_LEASE, SqsConsumer};
 pub use dead::{dead_messages, redrive_dead};
 pub use publisher::SqsPublisher;
 pub use queues::{QueueUrls, ensure_queues, lookup_queues};
@@ -63,7 +63,9 @@ pub struct SqsConfig {
     /// How long a received message is hidden from other consumers; a
     /// heartbeat renews it every third of this while its batch runs.
     pub visibility_timeout: Duration,
-    /// Long-polling wait of one receive (1 to 20 s).
+    /// Long-polling wait of one receive (1 to 20 s). A stopping worker
+    /// waits for its poll in flight to end (to hand back what it gets), so
+    /// this bounds how long stopping takes beyond the batches in flight.
     pub wait_time: Duration,
 }
 
@@ -87,7 +89,7 @@ impl SqsConfig {
             region: target.region,
             delivery_limit,
             visibility_timeout: Duration::from_secs(60),
-            wait_time: Duration::from_secs(20),
+            wait_time: Duration::from_secs(10),
         })
     }
 
@@ -106,6 +108,11 @@ impl SqsConfig {
         // At least 1 s: an empty queue must not turn into a busy loop.
         self.wait_time.as_secs().clamp(1, 20) as i32
     }
+
+    /// The visibility a receive asks for (see [`RECEIVE_LEASE`]).
+    fn lease_secs(&self) -> i32 {
+        self.visibility_secs().min(RECEIVE_LEASE.as_secs() as i32)
+    }
 }
 
 /// A client configured from the standard AWS environment and credential
@@ -120,12 +127,8 @@ pub async fn client_from_env(cfg: &SqsConfig) -> Client {
         .region(region)
         .load()
         .await;
-    let timeouts = TimeoutConfig::builder()
-        .connect_timeout(Duration::from_secs(10))
-        // A receive long-polls for up to 20 s.
-        .operation_attempt_timeout(cfg.wait_time + Duration::from_secs(20))
-        .build();
-    let mut builder = aws_sdk_sqs::config::Builder::from(&shared).timeout_config(timeouts);
+    let mut builder =
+        aws_sdk_sqs::config::Builder::from(&shared).timeout_config(timeout_config(cfg));
     if let Some(endpoint) = &cfg.endpoint {
         builder = builder.endpoint_url(endpoint);
     }
@@ -137,6 +140,17 @@ pub async fn client_from_env(cfg: &SqsConfig) -> Client {
         "transport: SQS"
     );
     Client::from_conf(config)
+}
+
+/// The client's timeouts for `cfg`.
+pub fn timeout_config(cfg: &SqsConfig) -> TimeoutConfig {
+    TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(10))
+        // Well beyond a receive's long poll: a receive abandoned by this
+        // timeout may still take messages on the server (they come back
+        // after the receive lease).
+        .operation_attempt_timeout(Duration::from_secs(cfg.wait_secs() as u64 + 20))
+        .build()
 }
 
 /// Maps an SDK failure: refused credentials or access, a missing queue and
@@ -301,7 +315,13 @@ mod tests {
         let c = SqsConfig::new("sqs://q", 5).unwrap();
         assert_eq!(c.dead_name(), "q-dead");
         assert_eq!(c.visibility_timeout, Duration::from_secs(60));
-        assert_eq!(c.wait_time, Duration::from_secs(20));
+        assert_eq!(c.wait_time, Duration::from_secs(10));
+        assert_eq!(c.lease_secs(), 10);
+        let short = SqsConfig {
+            visibility_timeout: Duration::from_secs(2),
+            ..c.clone()
+        };
+        assert_eq!(short.lease_secs(), 2);
         for bad in [0, 1001] {
             let e = SqsConfig::new("sqs://q", bad).unwrap_err().to_string();
             assert!(e.starts_with("ARCHIVER_DELIVERY_LIMIT: "), "{e}");

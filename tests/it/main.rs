@@ -17,3 +17,4 @@ mod reports;
 mod retention;
 mod spec_queries;
 mod sqs;
+mod sqs_stuck;

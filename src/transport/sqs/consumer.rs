@@ -2,6 +2,19 @@
 //! slots, a heartbeat per held message that keeps it invisible to other
 //! workers while its batch runs, and settling by delete or by making the
 //! message visible again.
+//!
+//! No received message may sit invisible while nobody works on it:
+//!
+//! - A receive asks only for a short lease ([`RECEIVE_LEASE`]); the heartbeat
+//!   extends it to the visibility timeout at once. A message the server hands
+//!   to a long poll whose client is gone (a killed worker, a client-side
+//!   timeout, a lost reply: the server cannot tell) is visible again after
+//!   the lease, not after the whole visibility timeout.
+//! - A long poll runs in a task of its own: when the caller stops waiting
+//!   for it (shutdown), its reply is still taken, and `stop` hands back what
+//!   it received.
+//! - Settling stops the heartbeat first and waits for an extension in flight,
+//!   so a late extension cannot hide a message that was just handed back.
 
 use super::{
     ERROR_ATTRIBUTE, QUEUE_ATTRIBUTE, QueueUrls, SqsConfig, attribute_text, client_from_env,
@@ -21,6 +34,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The visibility a receive asks for; the heartbeat extends it to the
+/// visibility timeout as soon as the message is held. A message received by
+/// a poll nobody reads any more is visible again after this.
+pub const RECEIVE_LEASE: Duration = Duration::from_secs(10);
 
 /// Consumes the work queue, holding at most `concurrency` messages.
 pub struct SqsConsumer {
@@ -34,6 +53,9 @@ pub struct SqsConsumer {
     outstanding: Arc<AtomicUsize>,
     /// Receipt handles of the messages held, by message id.
     in_hand: HashMap<String, Weak<Receipt>>,
+    /// The long poll in flight, if any: its messages are held even when the
+    /// `receive` that started it was cancelled.
+    polling: Option<JoinHandle<Result<Vec<Message>>>>,
     /// A receive has succeeded: from now on every failure is waited out.
     polled: bool,
     stopped: bool,
@@ -85,17 +107,27 @@ struct Held {
     body: String,
     receive_count: u32,
     receipt: Option<Arc<Receipt>>,
-    heartbeat: Option<JoinHandle<()>>,
+    heartbeat: Option<Heartbeat>,
     _slot: Slot,
+}
+
+/// A held message's heartbeat task and the token that ends it.
+struct Heartbeat {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
 }
 
 impl Held {
     /// Stops the heartbeat and gives up the receipt: from now on a new
     /// receipt of this message is a new delivery. Returns the newest handle.
+    /// An extension in flight is waited for (not aborted: its request may
+    /// already be on its way, and landing after a hand-back it would hide
+    /// the message for a whole visibility timeout).
     async fn release(&mut self) -> String {
+        tracing::debug!(message_id = self.message_id, "settling");
         if let Some(h) = self.heartbeat.take() {
-            h.abort();
-            let _ = h.await;
+            h.stop.cancel();
+            let _ = h.task.await;
         }
         self.receipt
             .take()
@@ -109,7 +141,7 @@ impl Drop for Held {
     // message comes back when its visibility timeout ends.
     fn drop(&mut self) {
         if let Some(h) = &self.heartbeat {
-            h.abort();
+            h.stop.cancel();
         }
     }
 }
@@ -126,6 +158,7 @@ impl SqsConsumer {
             buffer: VecDeque::new(),
             outstanding: Arc::new(AtomicUsize::new(0)),
             in_hand: HashMap::new(),
+            polling: None,
             polled: false,
             stopped: false,
         }
@@ -137,7 +170,9 @@ impl SqsConsumer {
         Self::new(client, cfg, concurrency)
     }
 
-    /// One long poll for as many messages as there are free slots.
+    /// One long poll for as many messages as there are free slots. The
+    /// receive runs in a task of its own: if this future is dropped, the
+    /// next `poll` (or `stop`) takes its reply.
     async fn poll(&mut self) -> Result<()> {
         let queues = match &self.queues {
             Some(q) => q.clone(),
@@ -153,23 +188,35 @@ impl SqsConsumer {
                 q
             }
         };
-        let free = self
-            .capacity
-            .saturating_sub(self.outstanding.load(Ordering::SeqCst));
-        let messages = receive(
-            &queues.client,
-            &queues.urls.work,
-            &self.cfg.name,
-            free,
-            self.cfg.wait_secs(),
-            self.cfg.visibility_secs(),
-        )
-        .await?;
+        if self.polling.is_none() {
+            let free = self
+                .capacity
+                .saturating_sub(self.outstanding.load(Ordering::SeqCst));
+            let q = queues.clone();
+            let (wait, lease) = (self.cfg.wait_secs(), self.cfg.lease_secs());
+            self.polling = Some(tokio::spawn(async move {
+                receive(&q.client, &q.urls.work, &q.cfg.name, free, wait, lease).await
+            }));
+        }
+        let polling = self.polling.as_mut().expect("set above");
+        let received = polling.await;
+        self.polling = None;
+        let messages = received.map_err(|e| Error::Broker(format!("SQS receive task: {e}")))??;
+        self.take(messages, &queues);
+        Ok(())
+    }
+
+    /// Holds the messages of one receive.
+    fn take(&mut self, messages: Vec<Message>, queues: &Arc<Queues>) {
+        tracing::debug!(
+            queue = %self.cfg.name,
+            ids = ?messages.iter().filter_map(|m| m.message_id()).collect::<Vec<_>>(),
+            "received"
+        );
         self.in_hand.retain(|_, r| r.strong_count() > 0);
         for m in messages {
-            self.hold(m, &queues);
+            self.hold(m, queues);
         }
-        Ok(())
     }
 
     fn hold(&mut self, m: Message, queues: &Arc<Queues>) {
@@ -196,11 +243,16 @@ impl SqsConsumer {
         self.in_hand
             .insert(message_id.clone(), Arc::downgrade(&receipt));
         self.outstanding.fetch_add(1, Ordering::SeqCst);
-        let heartbeat = tokio::spawn(heartbeat(
-            queues.clone(),
-            receipt.clone(),
-            message_id.clone(),
-        ));
+        let stop = CancellationToken::new();
+        let heartbeat = Heartbeat {
+            task: tokio::spawn(heartbeat(
+                queues.clone(),
+                receipt.clone(),
+                message_id.clone(),
+                stop.clone(),
+            )),
+            stop,
+        };
         self.buffer.push_back(Held {
             queues: queues.clone(),
             message_id,
@@ -252,6 +304,21 @@ impl Consumer for SqsConsumer {
 
     async fn stop(&mut self) {
         self.stopped = true;
+        // A long poll in flight (its receive was cancelled): what it gets
+        // is handed back below rather than left invisible.
+        if let (Some(mut polling), Some(q)) = (self.polling.take(), self.queues.clone()) {
+            let bound = self.cfg.wait_time + Duration::from_secs(25);
+            match tokio::time::timeout(bound, &mut polling).await {
+                Ok(Ok(Ok(messages))) => self.take(messages, &q),
+                Ok(Ok(Err(e))) => tracing::debug!("the last long poll failed: {e}"),
+                Ok(Err(e)) => tracing::warn!("the last long poll's task failed: {e}"),
+                Err(_) => {
+                    // What it may have received is visible again after the lease.
+                    polling.abort();
+                    tracing::warn!("the last long poll did not end within {bound:?}; left behind");
+                }
+            }
+        }
         let mut receipts = Vec::new();
         for mut held in self.buffer.drain(..) {
             receipts.push(held.release().await);
@@ -268,13 +335,23 @@ fn is_gone(code: &str) -> bool {
     matches!(code, "ReceiptHandleIsInvalid" | "MessageNotInflight")
 }
 
-/// Renews the visibility timeout every third of it until aborted.
-async fn heartbeat(queues: Arc<Queues>, receipt: Arc<Receipt>, message_id: String) {
+/// Extends the visibility timeout at once (a receive asks only for a short
+/// lease), then every third of it, until `stop`; an extension in flight
+/// runs to its end.
+async fn heartbeat(
+    queues: Arc<Queues>,
+    receipt: Arc<Receipt>,
+    message_id: String,
+    stop: CancellationToken,
+) {
     let period = (queues.cfg.visibility_timeout / 3).max(Duration::from_millis(500));
-    let mut wait = period;
+    let mut wait = Duration::ZERO;
     let mut failing = false;
     loop {
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.cancelled() => return,
+        }
         let extended = queues
             .set_visibility(&receipt.current(), queues.cfg.visibility_secs())
             .await;
