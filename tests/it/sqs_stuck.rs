@@ -12,6 +12,7 @@ use archiver::worker::{self, WorkerOptions};
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_sqs::types::QueueAttributeName;
+use secrecy::ExposeSecret;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -242,9 +243,12 @@ async fn a_backlog_of_one_kind_does_not_hide_lost_messages_of_another() {
     .await
     .unwrap();
     // Every metrics message is lost...
-    let conn = lapin::Connection::connect(&cfg.url, lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
+    let conn = lapin::Connection::connect(
+        cfg.url.expose_secret(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
     conn.create_channel()
         .await
         .unwrap()
@@ -271,7 +275,7 @@ async fn a_backlog_of_one_kind_does_not_hide_lost_messages_of_another() {
     let out = ok(&std::process::Command::new(env!("CARGO_BIN_EXE_planner"))
         .args(["--metrics"])
         .env("DATABASE_URL", &db.url)
-        .env("QUEUE_URL", &cfg.url)
+        .env("QUEUE_URL", cfg.url.expose_secret())
         .env("ARCHIVER_QUEUE", &cfg.queue)
         .env("ARCHIVER_RESCUE_AFTER_MINUTES", "60")
         .env_remove("RUST_LOG")
