@@ -122,6 +122,7 @@ async fn execute_with_retry(
             Ok(o) => return Ok(o),
             Err(e) => e,
         };
+        crate::db::discard_stale(&err);
         match err.class() {
             Class::Permanent => return Err(err),
             Class::Transient if transient >= opts.transient_tries => return Err(err),
