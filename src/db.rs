@@ -497,3 +497,50 @@ pub async fn check_migrated(pool: &PgPool) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_names_are_read_from_migrations() {
+        let (b, d) = index_names(
+            "-- no-transaction\n-- CREATE INDEX not_this ON t (x);\n\
+             CREATE INDEX CONCURRENTLY IF NOT EXISTS a_idx\n ON t (x);",
+        );
+        assert_eq!((b, d), (vec!["a_idx".to_string()], vec![]));
+        let (b, d) = index_names("DROP INDEX CONCURRENTLY IF EXISTS public.\"b_idx\";");
+        assert_eq!((b, d), (vec![], vec!["b_idx".to_string()]));
+        let (b, _) = index_names("create unique index c_idx on t(x)");
+        assert_eq!(b, vec!["c_idx".to_string()]);
+        // Every embedded no-transaction migration names what it builds.
+        let ours = OurIndexes::from_migrations();
+        assert!(
+            ours.built
+                .contains(&("scenario_logs_received_at_id_idx".into(), 2))
+        );
+        assert!(ours.dropped_later("scenario_metrics_day_scenario_idx", 4));
+        assert!(!ours.dropped_later("scenario_metrics_day_scenario_ts_idx", 9));
+    }
+
+    #[test]
+    fn index_definitions_are_rebuilt_concurrently() {
+        assert_eq!(
+            concurrently("CREATE INDEX a ON public.t USING btree (x)"),
+            "CREATE INDEX CONCURRENTLY a ON public.t USING btree (x)"
+        );
+        assert_eq!(
+            concurrently("CREATE UNIQUE INDEX a ON public.t USING btree (x)"),
+            "CREATE UNIQUE INDEX CONCURRENTLY a ON public.t USING btree (x)"
+        );
+    }
+
+    #[test]
+    fn connections_older_than_a_read_only_error_are_stale() {
+        assert!(!is_stale(Duration::from_secs(3600)), "none seen yet");
+        READ_ONLY_SEEN.store(millis_now(), Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(is_stale(Duration::from_secs(1)), "opened before");
+        assert!(!is_stale(Duration::ZERO), "opened after");
+    }
+}

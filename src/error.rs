@@ -222,7 +222,7 @@ mod tests {
         assert_eq!(sqlstate_class("57P01"), Class::Unavailable);
         assert_eq!(sqlstate_class("40001"), Class::Transient);
         assert_eq!(sqlstate_class("55P03"), Class::Transient);
-        assert_eq!(sqlstate_class("53300"), Class::Transient);
+        assert_eq!(sqlstate_class("53300"), Class::Unavailable);
         assert_eq!(sqlstate_class("23505"), Class::Permanent);
         assert_eq!(sqlstate_class("42P01"), Class::Permanent);
     }
