@@ -310,6 +310,10 @@ fn concurrently(def: &str) -> String {
 /// finds and rebuilds it otherwise).
 async fn drop_invalid(conn: &mut PgConnection, name: &str) {
     if let Ok(Some(_)) = invalid_index(conn, name).await {
+        // Bounded: a dump holding the table makes the drop wait too.
+        let _ = sqlx::query("SET lock_timeout = '10s'")
+            .execute(&mut *conn)
+            .await;
         let sql = format!("DROP INDEX CONCURRENTLY IF EXISTS {name}");
         if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(sql))
             .execute(&mut *conn)
@@ -414,19 +418,19 @@ async fn run_index_ddl(
         .await;
     stop.cancel();
     let blockers = reporter.await.unwrap_or_default();
-    sqlx::query("RESET lock_timeout")
-        .execute(&mut *conn)
-        .await?;
-    run.map_err(|e| {
+    if let Err(e) = run {
         let waited = if blockers.is_empty() {
             String::new()
         } else {
             format!(" (it was waiting for {blockers})")
         };
-        Error::Schema(format!(
+        return Err(Error::Schema(format!(
             "{what}: {e}{waited}; nothing is recorded: run `planner migrate` again once they end"
-        ))
-    })?;
+        )));
+    }
+    sqlx::query("RESET lock_timeout")
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 

@@ -445,6 +445,13 @@ async fn a_planner_that_loses_its_lock_session_stops_publishing_and_exits_non_ze
         || async { count(&db.pool, running).await == 1 },
     )
     .await;
+    // Held up, but with its lock: its heartbeats find the lock and it runs on.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
     let lock_holder: i32 = sqlx::query_scalar(
         "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted
            AND ((classid::bigint << 32) | objid::bigint) = $1",
