@@ -76,6 +76,17 @@ pub struct Common {
     /// Compression of archived reports: zstd or gzip.
     #[arg(long, env = "ARCHIVER_REPORTS_COMPRESSION", default_value = "zstd")]
     pub compression: Compression,
+    /// Longest a batch's SQL statement may run before the server cancels
+    /// it (500ms, 60s, 2min; 0: no limit). A batch that times out is
+    /// retried, and parked after the delivery limit if it always does.
+    #[arg(long, env = "ARCHIVER_STATEMENT_TIMEOUT", default_value = "60s",
+          value_parser = config::parse_timeout)]
+    pub statement_timeout: Duration,
+    /// Longest a batch's session may sit idle inside its transaction before
+    /// the server ends it, releasing its row locks (0: no limit).
+    #[arg(long, env = "ARCHIVER_IDLE_IN_TRANSACTION_TIMEOUT", default_value = "30s",
+          value_parser = config::parse_timeout)]
+    pub idle_in_transaction_timeout: Duration,
 }
 
 /// URLs that may hold a password are kept as secrets from the start.
@@ -141,6 +152,17 @@ impl Common {
 
     fn database_url(&self) -> Option<&str> {
         self.database_url.as_ref().map(|u| u.expose_secret())
+    }
+
+    /// Connection options for sessions that execute batches.
+    fn batch_options(&self, opts: &PgConnectOptions) -> PgConnectOptions {
+        config::batch_options(
+            opts,
+            config::BatchTimeouts {
+                statement: self.statement_timeout,
+                idle_in_transaction: self.idle_in_transaction_timeout,
+            },
+        )
     }
 }
 
@@ -210,8 +232,17 @@ pub struct PlannerCli {
 /// Planner subcommands.
 #[derive(Debug, Clone, Subcommand)]
 pub enum PlannerCommand {
-    /// Apply the schema migrations and exit.
-    Migrate,
+    /// Apply the schema migrations and exit. Index builds wait for older
+    /// transactions (a running pg_dump) with no lock timeout, saying what
+    /// they wait for; INVALID indexes of ours are rebuilt.
+    Migrate {
+        /// Give up an index build after waiting this long for older
+        /// transactions (the migration is then not recorded; run again).
+        /// Unset: wait as long as it takes.
+        #[arg(long, env = "ARCHIVER_MIGRATE_INDEX_WAIT", value_name = "SECONDS",
+              value_parser = clap::value_parser!(u64).range(1..))]
+        index_wait: Option<u64>,
+    },
     /// Download an archived report, decompress it and verify its SHA-256.
     RestoreReport {
         /// The report's id.
@@ -333,9 +364,10 @@ async fn run_planner(cli: &PlannerCli) -> Result<bool> {
     let opts = config::database_options(cli.common.database_url(), "archiver-planner")?;
     let queue = cli.common.queue()?;
     match &cli.command {
-        Some(PlannerCommand::Migrate) => {
+        Some(PlannerCommand::Migrate { index_wait }) => {
             let pool = db::connect(&opts, 2, Duration::from_secs(30)).await?;
-            db::migrate(&pool).await?;
+            let index_wait = index_wait.map(Duration::from_secs);
+            db::migrate_with(&pool, db::MigrateOptions { index_wait }).await?;
             println!("schema is up to date ({})", config::describe(&opts));
             return Ok(true);
         }
@@ -432,33 +464,120 @@ async fn run_planner(cli: &PlannerCli) -> Result<bool> {
     if cli.dry_run {
         return dry_run(&pool, &kinds, &plan_opts).await;
     }
-    let _lock = take_lock(&opts).await?;
+    let lock = LockWatch::start(take_lock(&opts).await?);
     let reports = kinds.contains(&Kind::Reports);
-    if reports {
-        retry_left_files(&cli.common.executor(&pool).await?).await?;
-    }
-    let ok = match broker(&queue).await? {
-        None => {
-            let exec = cli.common.executor(&pool).await?;
-            run_inline(&exec, &kinds, &plan_opts, cli.common.worker_options()).await?
+    let work = async {
+        if reports {
+            retry_left_files(&cli.common.executor(&pool).await?).await?;
         }
-        Some((publisher, name)) => {
-            let age = Duration::from_secs(cli.rescue_after_minutes * 60);
-            for &kind in &kinds {
-                rescue(&pool, publisher.as_ref(), kind, age).await?;
+        match broker(&queue).await? {
+            None => {
+                // Batches run on sessions of their own, with the batch
+                // timeouts; planning keeps `pool`.
+                let batch_pool = db::connect(
+                    &cli.common.batch_options(&opts),
+                    u32::from(cli.common.concurrency) + 1,
+                    Duration::from_secs(30),
+                )
+                .await?;
+                let exec = cli.common.executor(&batch_pool).await?;
+                run_inline(
+                    &pool,
+                    &exec,
+                    &kinds,
+                    &plan_opts,
+                    cli.common.worker_options(),
+                )
+                .await
             }
-            let (planned, ok) = plan_kinds(&pool, &kinds, &plan_opts, publisher.as_ref()).await;
-            publisher.close().await?;
-            for p in &planned {
-                println!("{}", report::published(p, &name));
+            Some((publisher, name)) => {
+                let age = Duration::from_secs(cli.rescue_after_minutes * 60);
+                for &kind in &kinds {
+                    adopt_abandoned(&pool, publisher.as_ref(), kind).await?;
+                    rescue(&pool, publisher.as_ref(), kind, age).await?;
+                }
+                let (planned, ok) = plan_kinds(&pool, &kinds, &plan_opts, publisher.as_ref()).await;
+                publisher.close().await?;
+                for p in &planned {
+                    println!("{}", report::published(p, &name));
+                }
+                Ok(ok)
             }
-            ok
         }
     };
+    // Losing the lock's session stops the run wherever it is (publishing
+    // included): another planner may hold the lock by now.
+    let ok = tokio::select! {
+        r = work => r?,
+        e = lock.lost() => return Err(e),
+    };
+    lock.still_held().await?;
     if ok && reports {
         check_left_files(&pool).await?;
     }
     Ok(ok)
+}
+
+/// How often the planner checks the session holding its advisory lock, and
+/// how long it waits for an answer. Their sum (12 s) is well under the time
+/// the server takes to notice a vanished client and release the lock (TCP
+/// keepalives: 30 s idle at least, see `config::database_options`), so a
+/// planner cut off from the database stops before another can start.
+const LOCK_HEARTBEAT: Duration = Duration::from_secs(2);
+const LOCK_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The planner lock's session, checked every [`LOCK_HEARTBEAT`] by a task
+/// of its own.
+struct LockWatch {
+    lost: tokio::sync::watch::Receiver<Option<String>>,
+    _task: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+impl LockWatch {
+    fn start(mut conn: PgConnection) -> Self {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LOCK_HEARTBEAT).await;
+                let check = sqlx::query_scalar::<_, bool>(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
+                       AND pid = pg_backend_pid() AND ((classid::bigint << 32) | objid::bigint) = $1)",
+                )
+                .bind(PLANNER_LOCK)
+                .fetch_one(&mut conn);
+                let why = match tokio::time::timeout(LOCK_HEARTBEAT_TIMEOUT, check).await {
+                    Ok(Ok(true)) => continue,
+                    Ok(Ok(false)) => "the session no longer holds it".to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("no answer within {LOCK_HEARTBEAT_TIMEOUT:?}"),
+                };
+                let _ = tx.send(Some(why));
+                return;
+            }
+        });
+        LockWatch {
+            lost: rx,
+            _task: tokio_util::task::AbortOnDropHandle::new(task),
+        }
+    }
+
+    /// Resolves once the lock's session is lost, with the error to exit on.
+    async fn lost(&self) -> Error {
+        let mut rx = self.lost.clone();
+        let why = match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.clone().unwrap_or_default(),
+            Err(_) => "the lock watcher stopped".to_string(),
+        };
+        Error::LockLost(why)
+    }
+
+    /// Fails if the lock's session was lost at any point of the run.
+    async fn still_held(&self) -> Result<()> {
+        match self.lost.borrow().clone() {
+            Some(why) => Err(Error::LockLost(why)),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Before planning reports: retries deleting the local files earlier runs
@@ -672,6 +791,41 @@ impl Backlog for SqsPublisher {
     }
 }
 
+/// Adopts the jobs of `kind` that an earlier broker-mode planner started and
+/// died in while planning (the advisory lock says no planner is running
+/// now): their batches are all recorded; those whose message may not have
+/// gone out are published again (a batch runs once however often it is
+/// delivered), and each job completes when its batches do. A job that died
+/// before recording any batch is marked failed. Says what it did.
+async fn adopt_abandoned(pool: &PgPool, publisher: &dyn Backlog, kind: Kind) -> Result<()> {
+    for a in ledger::adopt_abandoned_jobs(pool, kind).await? {
+        if a.batches == 0 {
+            println!(
+                "{kind}: job {} was left {} by a planner that stopped before recording any batch: marked failed",
+                a.job, a.status
+            );
+            continue;
+        }
+        let messages: Vec<BatchMessage> = a
+            .unpublished
+            .iter()
+            .map(|&id| BatchMessage::new(id, kind))
+            .collect();
+        if !messages.is_empty() {
+            publisher.publish(&messages).await?;
+            ledger::mark_published(pool, &a.unpublished).await?;
+        }
+        println!(
+            "{kind}: job {} was left {} by a planner that stopped while planning: adopted ({} batch(es) recorded, {} republished); it completes when its batches do",
+            a.job,
+            a.status,
+            a.batches,
+            messages.len()
+        );
+    }
+    Ok(())
+}
+
 /// Republishes pending batches of `kind` older than `age`, unless the queue
 /// already holds a message for every pending batch (a long backlog draining
 /// must not be duplicated). The queue is shared by every kind, so its depth
@@ -869,12 +1023,12 @@ async fn plan_kinds(
 }
 
 async fn run_inline(
+    pool: &PgPool,
     exec: &Executor,
     kinds: &[Kind],
     opts: &PlanOptions,
     wopts: WorkerOptions,
 ) -> Result<bool> {
-    let pool = &exec.pool;
     let (publisher, mut consumer) = inline::queue();
     let started = std::time::Instant::now();
     let executors = {
@@ -985,7 +1139,7 @@ async fn run_worker(cli: &WorkerCli, shutdown: CancellationToken) -> Result<()> 
     }
     let kinds = cli.served()?;
     let pool = db::connect(
-        &opts,
+        &cli.common.batch_options(&opts),
         u32::from(cli.common.concurrency) + 2,
         Duration::from_secs(600),
     )

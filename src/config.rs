@@ -182,11 +182,87 @@ pub fn database_options(url: Option<&str>, application: &str) -> Result<PgConnec
             format!("cannot be parsed: {}", scrub(&e.to_string(), raw)),
         )
     })?;
-    Ok(opts
-        .application_name(application)
+    Ok(opts.application_name(application).options([
         // A batch waits at most this long for a row lock held by the
         // application; past it the batch is retried instead of stalling.
-        .options([("lock_timeout", "30s")]))
+        ("lock_timeout", "30s"),
+        // TCP keepalives, sent by the server (sqlx 0.9 sets no socket
+        // options on its side): a client that vanished without a word (a
+        // NAT that dropped the connection, a host that died) has its
+        // session ended, its transaction rolled back and its locks (the
+        // planner's advisory lock included) released within about a minute
+        // instead of the kernel's two hours. A planner notices the loss of
+        // its lock connection sooner than that (see `LOCK_HEARTBEAT`).
+        ("tcp_keepalives_idle", "30"),
+        ("tcp_keepalives_interval", "10"),
+        ("tcp_keepalives_count", "3"),
+        // Unacknowledged data (a reply to a client that is gone) ends the
+        // session after this long too (milliseconds).
+        ("tcp_user_timeout", "60000"),
+    ]))
+}
+
+/// Limits for the sessions that execute batches (not the planner's, whose
+/// planning and dry-run counts may rightly run long).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchTimeouts {
+    /// `statement_timeout`: the server cancels a batch statement running
+    /// longer (SQLSTATE 57014): the batch is retried, and parked after the
+    /// delivery limit if it times out every time. Zero: no limit.
+    pub statement: Duration,
+    /// `idle_in_transaction_session_timeout`: the server ends the session
+    /// of a worker that stalls (frozen, cut off) inside a batch
+    /// transaction, releasing the row locks it holds. Zero: no limit.
+    pub idle_in_transaction: Duration,
+}
+
+impl Default for BatchTimeouts {
+    /// A 5,000-row batch statement takes well under a second on a healthy
+    /// server; a minute (twice the lock timeout, so a row-lock wait is
+    /// reported as such) means something is wrong. Inside a batch's
+    /// transaction the worker waits on nothing but the database, so 30 s
+    /// idle means it is stuck.
+    fn default() -> Self {
+        BatchTimeouts {
+            statement: Duration::from_secs(60),
+            idle_in_transaction: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The options of a batch-executing session: `opts` with `t`'s limits.
+pub fn batch_options(opts: &PgConnectOptions, t: BatchTimeouts) -> PgConnectOptions {
+    opts.clone().options([
+        (
+            "statement_timeout",
+            format!("{}ms", t.statement.as_millis()),
+        ),
+        (
+            "idle_in_transaction_session_timeout",
+            format!("{}ms", t.idle_in_transaction.as_millis()),
+        ),
+    ])
+}
+
+/// Parses a timeout as PostgreSQL writes one: `500ms`, `60s`, `2min`, `1h`,
+/// or a bare number of seconds; `0` is no limit. At most a day.
+pub fn parse_timeout(s: &str) -> std::result::Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let bad = || format!("{s:?} is not a timeout (e.g. 500ms, 60s, 2min, 1h; 0 for none)");
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let d = match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "min" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(bad()),
+    };
+    if d > Duration::from_secs(86_400) {
+        return Err(format!("{s:?} is longer than a day"));
+    }
+    Ok(d)
 }
 
 fn normalize_database_url(raw: &str) -> Result<String> {
@@ -325,6 +401,32 @@ mod tests {
             delivery_limit: 5,
         };
         assert!(!format!("{cfg:?}").contains("hunter2"), "{cfg:?}");
+    }
+
+    #[test]
+    fn timeouts_parse_as_postgresql_writes_them() {
+        assert_eq!(parse_timeout("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_timeout("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_timeout("45"), Ok(Duration::from_secs(45)));
+        assert_eq!(parse_timeout("2min"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_timeout("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_timeout("0"), Ok(Duration::ZERO));
+        for bad in ["", "s", "-1s", "1.5s", "10 parsecs", "2d", "25h"] {
+            assert!(parse_timeout(bad).is_err(), "{bad}");
+        }
+        let o = batch_options(
+            &database_options(Some("postgresql://u@h/db"), "t").unwrap(),
+            BatchTimeouts::default(),
+        );
+        let all = o.get_options().unwrap();
+        for want in [
+            "lock_timeout=30s",
+            "tcp_keepalives_idle=30",
+            "statement_timeout=60000ms",
+            "idle_in_transaction_session_timeout=30000ms",
+        ] {
+            assert!(all.contains(want), "{all}");
+        }
     }
 
     #[test]

@@ -81,6 +81,12 @@ pub enum Error {
     /// Another planner holds the advisory lock.
     #[error("another planner is running (advisory lock {0} is held); try again when it ends")]
     Locked(i64),
+    /// The session holding the planner's advisory lock was lost: the run
+    /// stopped, since another planner may hold the lock by now.
+    #[error(
+        "lost the session holding the planner lock ({0}): stopped so that two planners never run at once; the next run carries on from the ledger"
+    )]
+    LockLost(String),
     /// A job ended with failed batches.
     #[error("{0}")]
     JobFailed(String),
@@ -127,6 +133,7 @@ impl Error {
             | Error::Panicked(_)
             | Error::Schema(_)
             | Error::Locked(_)
+            | Error::LockLost(_)
             | Error::JobFailed(_)
             | Error::LeftInPlace(_)
             | Error::Refused(_) => Class::Permanent,
@@ -172,15 +179,59 @@ fn db_class(e: &sqlx::Error) -> Class {
 }
 
 /// SQLSTATE codes: <https://www.postgresql.org/docs/current/errcodes-appendix.html>.
+///
+/// A batch is idempotent and the ledger makes a second run a no-op, so
+/// trying again is always safe; the question is only whether it can help,
+/// and whether trying should cost the batch an attempt:
+///
+/// - **Unavailable** (wait, however long, never charged): the server cannot
+///   serve us right now but will: `08` connection exceptions (but `08P01`),
+///   `57P01` admin shutdown, `57P02` crash shutdown, `57P03` cannot connect
+///   now (starting up, recovering), `57P04` database dropped, `57P05` idle
+///   session timeout; `25006` read-only transaction (a standby, or a demoted
+///   primary right after a failover: the connection is reopened, see
+///   [`crate::db::discard_stale`]); `53000`/`53100`/`53300` insufficient
+///   resources, disk full, too many connections.
+/// - **Transient** (retried, each delivery charged, parked after the
+///   delivery limit): every `40` transaction rollback (serialization
+///   failure, deadlock, statement completion unknown); `55P03` lock not
+///   available and `57014` query canceled (lock or statement timeout, a DBA's
+///   `pg_cancel_backend`): usually load that passes, and a batch that times
+///   out every time ends parked with the reason rather than looping; `57000`
+///   operator intervention; `25P03` idle-in-transaction timeout and `25P04`
+///   transaction timeout; `53200` out of memory and `53400` configuration
+///   limit exceeded (may be this batch's size); `58` system errors (I/O);
+///   `72000` snapshot too old; `08P01` protocol violation; `XX000` internal
+///   error (e.g. "cache lookup failed" racing concurrent DDL).
+/// - **Permanent** (parked at once, with the reason): what the same batch
+///   meets again every time until someone changes something: `22` data
+///   exceptions and `23` integrity violations (the rows themselves), `42`
+///   syntax, undefined object or insufficient privilege (schema or grants),
+///   `0A` feature not supported, `21`, `24`, `25` (but those above), `26`,
+///   `2B`, `2D`, `2F`, `34`, `38`, `39`, `3B`, `3D`, `3F` (program or
+///   server-side function errors), `44` check option, `55` object not in
+///   prerequisite state (but `55P03`), `P0` PL/pgSQL `RAISE` (an
+///   application trigger refusing the delete), `F0` configuration file,
+///   `HV` foreign data wrapper, `XX001`/`XX002` data or index corrupted (an
+///   operator must repair first), and any code not listed.
 fn sqlstate_class(code: &str) -> Class {
     match code {
-        // connection exception; operator intervention (shutdown, cannot connect now)
+        "08P01" => Class::Transient,
         c if c.starts_with("08") || c.starts_with("57P") => Class::Unavailable,
-        // serialization failure, deadlock, lock not available, query canceled
-        // (statement/lock timeout), insufficient resources, system error
-        "40001" | "40P01" | "55P03" | "57014" => Class::Transient,
-        c if c.starts_with("53") || c.starts_with("58") => Class::Transient,
+        "25006" | "53000" | "53100" | "53300" => Class::Unavailable,
+        c if c.starts_with("40") || c.starts_with("58") => Class::Transient,
+        "55P03" | "57014" | "57000" | "25P03" | "25P04" | "53200" | "53400" | "72000" | "XX000" => {
+            Class::Transient
+        }
         _ => Class::Permanent,
+    }
+}
+
+/// The SQLSTATE of a database error, if it is one.
+pub fn sqlstate(e: &Error) -> Option<String> {
+    match e {
+        Error::Db(sqlx::Error::Database(db)) => db.code().map(|c| c.into_owned()),
+        _ => None,
     }
 }
 
@@ -194,9 +245,29 @@ mod tests {
         assert_eq!(sqlstate_class("57P01"), Class::Unavailable);
         assert_eq!(sqlstate_class("40001"), Class::Transient);
         assert_eq!(sqlstate_class("55P03"), Class::Transient);
-        assert_eq!(sqlstate_class("53300"), Class::Transient);
+        assert_eq!(sqlstate_class("53300"), Class::Unavailable);
         assert_eq!(sqlstate_class("23505"), Class::Permanent);
         assert_eq!(sqlstate_class("42P01"), Class::Permanent);
+    }
+
+    #[test]
+    fn failover_is_never_permanent() {
+        // A demoted primary, shutdowns, crash recovery, lost connections.
+        for c in [
+            "25006", "57P01", "57P02", "57P03", "57P04", "08000", "08003", "08006",
+        ] {
+            assert_eq!(sqlstate_class(c), Class::Unavailable, "{c}");
+        }
+        for c in [
+            "40000", "40001", "40002", "40003", "40P01", "08P01", "57014", "XX000",
+        ] {
+            assert_eq!(sqlstate_class(c), Class::Transient, "{c}");
+        }
+        for c in [
+            "22007", "23514", "42501", "0A000", "P0001", "XX001", "25P02",
+        ] {
+            assert_eq!(sqlstate_class(c), Class::Permanent, "{c}");
+        }
     }
 
     #[test]

@@ -262,6 +262,94 @@ pub async fn abandoned_inline_batches(pool: &PgPool, kind: Kind) -> Result<Vec<U
     Ok(ids)
 }
 
+/// A job an earlier broker-mode planner started and died in while planning.
+#[derive(Debug, Clone)]
+pub struct Adopted {
+    /// The job.
+    pub job: Uuid,
+    /// The status it was left in (`pending` or `running`).
+    pub status: String,
+    /// Batches it had recorded.
+    pub batches: i32,
+    /// Its pending batches whose message was never confirmed: publish
+    /// them again.
+    pub unpublished: Vec<Uuid>,
+}
+
+/// Closes the planning of `kind`'s jobs that a broker-mode planner left
+/// unfinished (the caller holds the planner lock, so that planner is
+/// gone): a job with batches is adopted (it completes when its batches do,
+/// at once if they all are), a job without any is marked failed. Returns
+/// them, with the batches to publish again.
+pub async fn adopt_abandoned_jobs(pool: &PgPool, kind: Kind) -> Result<Vec<Adopted>> {
+    let mut tx = pool.begin().await?;
+    let jobs: Vec<(Uuid, String, i32)> = sqlx::query_as(
+        "SELECT id, status, batches_planned FROM archive_jobs
+         WHERE job_type = $1 AND transport IS DISTINCT FROM 'inline' AND NOT planning_done
+           AND status IN ('pending', 'running')
+         ORDER BY created_at FOR UPDATE",
+    )
+    .bind(kind.as_str())
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut adopted = Vec::with_capacity(jobs.len());
+    for (job, status, batches) in jobs {
+        if batches == 0 {
+            fail_job(
+                &mut *tx,
+                job,
+                "planner stopped before recording any batch; closed by a later run",
+            )
+            .await?;
+            sqlx::query("UPDATE archive_jobs SET planning_done = true WHERE id = $1")
+                .bind(job)
+                .execute(&mut *tx)
+                .await?;
+            adopted.push(Adopted {
+                job,
+                status,
+                batches,
+                unpublished: Vec::new(),
+            });
+            continue;
+        }
+        let unpublished = sqlx::query_scalar(
+            "SELECT id FROM archive_batches WHERE job_id = $1 AND status = 'pending'
+               AND published_at IS NULL ORDER BY seq",
+        )
+        .bind(job)
+        .fetch_all(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE archive_jobs j SET planning_done = true, status = 'running',
+                started_at = COALESCE(started_at, now()),
+                error_message = COALESCE(error_message,
+                    'planner stopped while planning; adopted by a later run (batches recorded before it stopped are kept)')
+             WHERE id = $1",
+        )
+        .bind(job)
+        .execute(&mut *tx)
+        .await?;
+        // Every batch may be done already: complete the job now.
+        sqlx::query(
+            "UPDATE archive_jobs j SET status = 'completed', completed_at = now()
+             WHERE id = $1 AND batches_done >= batches_planned
+               AND NOT EXISTS (SELECT 1 FROM archive_batches b WHERE b.job_id = j.id AND b.status <> 'done')",
+        )
+        .bind(job)
+        .execute(&mut *tx)
+        .await?;
+        adopted.push(Adopted {
+            job,
+            status,
+            batches,
+            unpublished,
+        });
+    }
+    tx.commit().await?;
+    Ok(adopted)
+}
+
 const BATCH_SQL: &str =
     "SELECT b.job_id, b.kind, b.lo_ts, b.lo_id, b.hi_ts, b.hi_id, b.status, j.cutoff
      FROM archive_batches b JOIN archive_jobs j ON j.id = b.job_id WHERE b.id = $1";

@@ -146,6 +146,7 @@ async fn execute_with_retry(
             Ok(Err(e)) => e,
             Err(panic) => Error::Panicked(panic_message(panic.as_ref())),
         };
+        crate::db::discard_stale(&err);
         match err.class() {
             _ if matches!(err, Error::Declined { .. }) => return Err(err),
             Class::Permanent => return Err(err),

@@ -3,6 +3,7 @@
 //! `scripts/services.sh`. Each test has its own database, queues and bucket.
 
 mod cli;
+mod database;
 mod failures;
 mod fleet;
 mod hardening;
