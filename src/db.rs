@@ -397,10 +397,10 @@ async fn run_index_ddl(
         .await?;
     match opts.index_wait {
         None => tracing::info!(
-            "{what}: building with no lock timeout: it waits for transactions older than it, and blocks no one meanwhile"
+            "{what}: runs concurrently with no lock timeout: it waits for transactions older than it, and blocks no one meanwhile"
         ),
         Some(d) => tracing::info!(
-            "{what}: building; it gives up after waiting {d:?} for older transactions"
+            "{what}: runs concurrently; it gives up after waiting {d:?} for older transactions"
         ),
     }
     let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
