@@ -263,14 +263,7 @@ async fn repair_invalid(
             tracing::warn!(
                 "index {name} is INVALID (an index build that failed); dropping it (a later migration replaces it)"
             );
-            run_index_ddl(
-                pool,
-                conn,
-                &format!("DROP INDEX CONCURRENTLY IF EXISTS {name}"),
-                opts,
-                name,
-            )
-            .await?;
+            drop_index(pool, conn, name, opts).await?;
             continue;
         }
         tracing::warn!(
@@ -278,14 +271,7 @@ async fn repair_invalid(
              (e.g. a lock timeout behind a long transaction) left it unused by every query; rebuilding it"
         );
         let build = concurrently(&def);
-        run_index_ddl(
-            pool,
-            conn,
-            &format!("DROP INDEX CONCURRENTLY IF EXISTS {name}"),
-            opts,
-            name,
-        )
-        .await?;
+        drop_index(pool, conn, name, opts).await?;
         if let Err(e) = run_index_ddl(pool, conn, &build, opts, name).await {
             drop_invalid(conn, name).await;
             return Err(e);
@@ -342,14 +328,7 @@ async fn apply_index_migration(
             tracing::warn!(
                 "index {name} is INVALID (an earlier build failed); dropping it to build it again"
             );
-            run_index_ddl(
-                pool,
-                conn,
-                &format!("DROP INDEX CONCURRENTLY IF EXISTS {name}"),
-                opts,
-                name,
-            )
-            .await?;
+            drop_index(pool, conn, name, opts).await?;
         }
     }
     let what = format!("migration {} ({})", m.version, m.description);
@@ -379,6 +358,17 @@ async fn apply_index_migration(
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// Drops one of our indexes concurrently, waiting as an index build does.
+async fn drop_index(
+    pool: &PgPool,
+    conn: &mut PgConnection,
+    name: &str,
+    opts: MigrateOptions,
+) -> Result<()> {
+    let sql = format!("DROP INDEX CONCURRENTLY IF EXISTS {name}");
+    run_index_ddl(pool, conn, &sql, opts, name).await
 }
 
 /// Runs one index statement (CREATE or DROP INDEX CONCURRENTLY) with no
