@@ -336,14 +336,14 @@ impl PlannerCli {
 }
 
 /// Maps an error to its exit status, printing it on one line.
-fn fail(program: &str, e: &Error) -> ExitCode {
+fn fail(format: telemetry::LogFormat, program: &str, e: &Error) -> ExitCode {
     let code = match e {
         Error::Config { .. } => 2,
         Error::Locked(_) => 3,
         Error::LeftInPlace(_) => 4,
         _ => 1,
     };
-    telemetry::fatal(program, &e.to_string(), code);
+    telemetry::fatal(format, program, &e.to_string(), code);
     ExitCode::from(code)
 }
 
@@ -353,7 +353,7 @@ pub async fn planner_main(cli: PlannerCli) -> ExitCode {
     match run_planner(&cli).await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
-        Err(e) => fail("planner", &e),
+        Err(e) => fail(cli.common.log_format, "planner", &e),
     }
 }
 
@@ -1124,7 +1124,7 @@ pub async fn worker_main(cli: WorkerCli) -> ExitCode {
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     match run_worker(&cli, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail("worker", &e),
+        Err(e) => fail(cli.common.log_format, "worker", &e),
     }
 }
 

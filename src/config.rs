@@ -46,10 +46,14 @@ impl Policy {
     }
 }
 
-/// Parses `--timestamp-floor`: a date (YYYY-MM-DD) from year 1 on.
+/// Parses `--timestamp-floor`: a date (YYYY-MM-DD) from year 1 on and
+/// before today (a later floor would silently archive nothing).
 pub fn timestamp_floor(s: &str) -> std::result::Result<NaiveDate, String> {
     match NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d") {
-        Ok(d) if d.year() >= 1 => Ok(d),
+        Ok(d) if d.year() >= 1 && d < Utc::now().date_naive() => Ok(d),
+        Ok(_) => Err(format!(
+            "{s:?} is not before today: every row would be below it and nothing archived"
+        )),
         _ => Err(format!("{s:?} is not a date YYYY-MM-DD from year 1 on")),
     }
 }
@@ -124,7 +128,10 @@ impl QueueConfig {
                 url.parse::<lapin::uri::AMQPUri>().map_err(|e| {
                     Error::config(
                         "QUEUE_URL",
-                        format!("not a valid AMQP URL: {}", redact(&e.to_string(), url)),
+                        format!(
+                            "not a valid AMQP URL: {}",
+                            redact(&e.to_string(), url, "<QUEUE_URL>")
+                        ),
                     )
                 })?;
                 Ok(QueueConfig::Amqp {
@@ -179,7 +186,10 @@ pub fn database_options(url: Option<&str>, application: &str) -> Result<PgConnec
     let opts = PgConnectOptions::from_str(&normalized).map_err(|e| {
         Error::config(
             "DATABASE_URL",
-            format!("cannot be parsed: {}", scrub(&e.to_string(), raw)),
+            format!(
+                "cannot be parsed: {}",
+                redact(&e.to_string(), raw, "<DATABASE_URL>")
+            ),
         )
     })?;
     Ok(opts.application_name(application).options([
@@ -282,14 +292,10 @@ fn normalize_database_url(raw: &str) -> Result<String> {
     }
 }
 
-/// Removes the URL itself from a message that might quote it.
-fn scrub(message: &str, url: &str) -> String {
-    message.replace(url, "<DATABASE_URL>")
-}
-
-/// Removes a URL, and its user-info (user:password), from a message.
-fn redact(message: &str, url: &str) -> String {
-    let mut m = message.replace(url, "<QUEUE_URL>");
+/// Removes a URL (shown as `placeholder`) and its user-info (user:password)
+/// from a message that might quote them.
+fn redact(message: &str, url: &str, placeholder: &str) -> String {
+    let mut m = message.replace(url, placeholder);
     if let Some((_, rest)) = url.split_once("://")
         && let Some((userinfo, _)) = rest.split_once('@')
         && !userinfo.is_empty()

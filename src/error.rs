@@ -122,8 +122,7 @@ impl Error {
             Error::Broker(_)
             | Error::Timeout(_)
             | Error::ShuttingDown
-            | Error::Storage(_)
-            | Error::Declined { .. } => Class::Transient,
+            | Error::Storage(_) => Class::Transient,
             Error::Migrate(_)
             | Error::Config { .. }
             | Error::BadMessage(_)
@@ -131,6 +130,9 @@ impl Error {
             | Error::WrongKind { .. }
             | Error::BadBatch { .. }
             | Error::Panicked(_)
+            // Never retried in place; `worker::process` hands the message
+            // back before the class could park it.
+            | Error::Declined { .. }
             | Error::Schema(_)
             | Error::Locked(_)
             | Error::LockLost(_)

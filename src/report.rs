@@ -92,14 +92,14 @@ pub fn eligible(e: &Eligible, batch_size: i64) -> String {
 
 /// Rows never archived because their time is before the floor or infinite.
 pub fn out_of_range(o: &OutOfRange) -> String {
-    let kind = o.kind.map_or("?", Kind::as_str);
     let named: Vec<String> = o
         .examples
         .iter()
         .map(|(id, ts)| format!("{id} at {ts}"))
         .collect();
     format!(
-        "{kind}: {} row(s) with a time before the floor or infinite are never archived (fix them, or lower --timestamp-floor): {}{}",
+        "{}: {} row(s) with a time before the floor or infinite are never archived (fix them, or lower --timestamp-floor): {}{}",
+        o.kind,
         count(o.rows),
         named.join(", "),
         if o.rows > named.len() as i64 {

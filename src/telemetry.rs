@@ -4,7 +4,6 @@
 //! batch's `archive_batch_id` and `kind` among the fields of its lines.
 
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicBool, Ordering};
 use tracing_subscriber::EnvFilter;
 
 /// How log lines are written.
@@ -16,8 +15,6 @@ pub enum LogFormat {
     /// One JSON object per line (for log shippers).
     Json,
 }
-
-static JSON: AtomicBool = AtomicBool::new(false);
 
 /// Installs the global subscriber. `RUST_LOG` wins over `verbose`.
 pub fn init(verbose: bool, format: LogFormat) {
@@ -47,22 +44,19 @@ fn install(default: &str, format: LogFormat) {
         LogFormat::Text => builder
             .with_ansi(std::io::stderr().is_terminal())
             .try_init(),
-        LogFormat::Json => {
-            JSON.store(true, Ordering::Relaxed);
-            builder
-                .json()
-                .flatten_event(true)
-                .with_current_span(true)
-                .with_span_list(false)
-                .try_init()
-        }
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
     };
 }
 
 /// Prints the one line a command ends with on failure: plain text, or in
 /// JSON mode a JSON object like every other line.
-pub fn fatal(program: &str, message: &str, exit: u8) {
-    if JSON.load(Ordering::Relaxed) {
+pub fn fatal(format: LogFormat, program: &str, message: &str, exit: u8) {
+    if format == LogFormat::Json {
         let line = serde_json::json!({
             "timestamp": chrono::Utc::now().to_rfc3339(),
             "level": "ERROR",

@@ -148,7 +148,6 @@ async fn execute_with_retry(
         };
         crate::db::discard_stale(&err);
         match err.class() {
-            _ if matches!(err, Error::Declined { .. }) => return Err(err),
             Class::Permanent => return Err(err),
             Class::Transient if transient >= opts.transient_tries => return Err(err),
             Class::Transient => transient += 1,

@@ -445,7 +445,8 @@ pub struct Retried {
 /// hour ago without one: a worker that died between commit and cleanup).
 pub async fn retry_left_files(exec: &Executor, ctx: &ReportsContext) -> Result<Retried> {
     let rows = sqlx::query_as::<_, Archived>(sqlx::AssertSqlSafe(format!(
-        "{ARCHIVED_SQL} WHERE {LEFT_WHERE} ORDER BY archived_at, id LIMIT 10000"
+        "{ARCHIVED_SQL} WHERE {LEFT_WHERE}
+         ORDER BY local_delete_tried_at NULLS FIRST, archived_at, id LIMIT 10000"
     )))
     .fetch_all(&exec.pool)
     .await?;

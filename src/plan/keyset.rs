@@ -90,13 +90,10 @@ pub(super) async fn cut(
     // The first batch starts where earlier runs' batches end, or, with none
     // above the floor, just below the oldest eligible row, so a late row
     // older than every partition (or the floor) never falls into it.
-    let mut lo = match after {
-        Some(a) if a >= floor => a,
-        _ => Key {
-            ts: first.ts - Duration::microseconds(1),
-            id: Uuid::max(),
-        },
-    };
+    let mut lo = super::resume(after, floor).unwrap_or(Key {
+        ts: first.ts - Duration::microseconds(1),
+        id: Uuid::max(),
+    });
     if let Some(archive) = t.archive {
         // Every month the batches' ranges span, from their lower bound:
         // a late row in a month between an earlier run's batches and this

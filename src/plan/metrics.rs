@@ -79,9 +79,10 @@ pub(super) async fn eligible(
                                        COALESCE($2, '00000000-0000-0000-0000-000000000000'::uuid))
            AND {DAY} < ($3 AT TIME ZONE 'UTC')"
     );
+    let from = super::start(after, floor);
     let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(super::start(after, floor).ts)
-        .bind(super::start(after, floor).id)
+        .bind(from.ts)
+        .bind(from.id)
         .bind(cutoff)
         .fetch_one(pool)
         .await?;
@@ -115,7 +116,7 @@ pub(super) async fn cut(
         // From the first batch's lower bound: late samples in a month
         // between earlier runs' batches and this run's first day need
         // their partition too.
-        let lo = after.filter(|a| *a >= floor).map_or(first, |a| a.ts);
+        let lo = super::resume(after, floor).map_or(first, |a| a.ts);
         partitions::ensure_months(pool, "scenario_metrics_archive", lo.max(floor.ts), cutoff)
             .await?;
     }
@@ -166,14 +167,14 @@ async fn walk(
     let Some(mut day) = next_day(pool, Some(from.ts), true, cutoff).await? else {
         return Ok(());
     };
-    let after = Some(from);
     let mut cutter = Cutter::new(
         batch_size,
-        after.filter(|a| *a > floor).unwrap_or(Key {
+        super::resume(after, floor).unwrap_or(Key {
             ts: day - Duration::days(1),
             id: Uuid::max(),
         }),
     );
+    let after = Some(from);
     let mut days = FIRST_WINDOW_DAYS;
     loop {
         let until = (day + Duration::days(days)).min(cutoff);

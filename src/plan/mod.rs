@@ -80,17 +80,23 @@ pub(crate) fn floor_key(policy: &Policy) -> Key {
     }
 }
 
+/// The earlier runs' high water to go on from, unless it is at or below
+/// the floor (then a run starts afresh just below its first row).
+pub(crate) fn resume(after: Option<Key>, floor: Key) -> Option<Key> {
+    after.filter(|a| *a > floor)
+}
+
 /// Where a walk starts: above `after`, and never below the floor.
 pub(crate) fn start(after: Option<Key>, floor: Key) -> Key {
-    after.filter(|a| *a > floor).unwrap_or(floor)
+    resume(after, floor).unwrap_or(floor)
 }
 
 /// Rows a run will never archive because their time is before the floor
 /// or infinite: how many, and a few of them by id.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct OutOfRange {
     /// The kind.
-    pub kind: Option<Kind>,
+    pub kind: Kind,
     /// How many rows.
     pub rows: i64,
     /// Up to five of them: (id, time as PostgreSQL prints it).
@@ -115,27 +121,19 @@ pub async fn out_of_range(pool: &PgPool, kind: Kind, policy: &Policy) -> Result<
         Kind::Metrics => ("($1 AT TIME ZONE 'UTC')", "'infinity'::timestamp"),
         _ => ("$1", "'infinity'::timestamptz"),
     };
-    let filter = format!("({indexed} < {floor} OR {indexed} = {at_infinity})");
-    let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT count(*) FROM {table} WHERE {filter}"
+    // One pass: the window counts every matching row before LIMIT.
+    let found: Vec<(i64, Uuid, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) OVER (), id, {ts}::text FROM {table}
+         WHERE {indexed} < {floor} OR {indexed} = {at_infinity}
+         ORDER BY id LIMIT 5"
     )))
     .bind(policy.floor_time())
-    .fetch_one(pool)
+    .fetch_all(pool)
     .await?;
-    let examples = if rows == 0 {
-        Vec::new()
-    } else {
-        sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT id, {ts}::text FROM {table} WHERE {filter} ORDER BY id LIMIT 5"
-        )))
-        .bind(policy.floor_time())
-        .fetch_all(pool)
-        .await?
-    };
     Ok(OutOfRange {
-        kind: Some(kind),
-        rows,
-        examples,
+        kind,
+        rows: found.first().map_or(0, |f| f.0),
+        examples: found.into_iter().map(|(_, id, ts)| (id, ts)).collect(),
     })
 }
 

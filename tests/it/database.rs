@@ -131,7 +131,6 @@ async fn migrate_waits_for_a_transaction_older_than_its_index_builds_and_leaves_
     let mut c = planner(&url, &["migrate"]);
     c.stdout(Stdio::piped()).stderr(Stdio::piped());
     let child = c.spawn().unwrap();
-    let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(35)).await;
     sqlx::query("COMMIT").execute(&mut dump).await.unwrap();
     let first = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
@@ -142,7 +141,6 @@ async fn migrate_waits_for_a_transaction_older_than_its_index_builds_and_leaves_
         first.status.success(),
         "migrate must wait for the old transaction, not give up: {err}"
     );
-    assert!(started.elapsed() >= Duration::from_secs(35));
     assert!(
         err.contains(&format!("waiting for pid {dump_pid}")),
         "says what it waits for: {err}"
@@ -543,15 +541,13 @@ async fn a_job_left_running_by_a_planner_that_died_while_planning_is_adopted_and
     // As if it had died after publishing half: the other half's messages
     // never went out, and planning never ended.
     drain(&cfg, &cfg.queue).await;
-    let sent: Vec<Uuid> = sqlx::query_scalar(
-        "UPDATE archive_batches SET published_at = CASE WHEN seq < $1 THEN published_at END
-         WHERE true RETURNING id",
+    sqlx::query(
+        "UPDATE archive_batches SET published_at = CASE WHEN seq < $1 THEN published_at END",
     )
     .bind((n / 2) as i32)
-    .fetch_all(&db.pool)
+    .execute(&db.pool)
     .await
     .unwrap();
-    assert_eq!(sent.len() as i64, n);
     let first_half: Vec<Uuid> = sqlx::query_scalar(
         "SELECT id FROM archive_batches WHERE published_at IS NOT NULL ORDER BY seq",
     )

@@ -269,19 +269,7 @@ async fn batches_whose_messages_were_lost_are_republished_by_the_next_run() {
         .await
         .unwrap();
     // The broker loses every message; an hour and a half passes.
-    let conn = lapin::Connection::connect(
-        cfg.url.expose_secret(),
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .unwrap();
-    conn.create_channel()
-        .await
-        .unwrap()
-        .queue_purge(cfg.queue.as_str().into(), Default::default())
-        .await
-        .unwrap();
-    let _ = conn.close(200, "".into()).await;
+    crate::helpers::purge(&cfg).await;
     sqlx::query("UPDATE archive_batches SET published_at = now() - interval '90 minutes'")
         .execute(&db.pool)
         .await

@@ -481,13 +481,14 @@ async fn sentinel_timestamps_are_never_archived_and_are_named() {
     let planned = plan_only(&db, Kind::Reports, &opts).await;
     assert_eq!(planned.rows, 2);
 
-    // A floor that is not a date is a setting error naming the flag.
-    let o = planner(
-        &db,
-        &["--dry-run", "--logs", "--timestamp-floor", "1970-13-01"],
-    );
-    assert_eq!(o.status.code(), Some(2));
-    assert!(out(&o).contains("--timestamp-floor"), "{}", out(&o));
+    // A floor that is not a date, or is not in the past, is a setting
+    // error naming the flag.
+    for bad in ["1970-13-01", "2999-01-01", "-0044-03-15", "yesterday"] {
+        let flag = format!("--timestamp-floor={bad}");
+        let o = planner(&db, &["--dry-run", "--logs", &flag]);
+        assert_eq!(o.status.code(), Some(2), "{bad}: {}", out(&o));
+        assert!(out(&o).contains("--timestamp-floor"), "{bad}: {}", out(&o));
+    }
     db.cleanup().await;
 }
 
@@ -609,6 +610,15 @@ async fn logs_are_plain_text_in_a_pipe_and_json_on_request() {
         "{v}"
     );
     assert_eq!(v["exit"], 2);
+    // An unknown format is a setting error naming the flag.
+    let o = Command::new(env!("CARGO_BIN_EXE_planner"))
+        .args(["--logs", "--dry-run"])
+        .env("DATABASE_URL", &db.url)
+        .env("ARCHIVER_LOG_FORMAT", "xml\u{1b}[31m")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", out(&o));
+    assert!(out(&o).contains("--log-format"), "{}", out(&o));
     db.cleanup().await;
 }
 

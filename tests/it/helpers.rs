@@ -326,6 +326,23 @@ pub async fn queue_depth(cfg: &AmqpConfig, queue: &str) -> Option<u32> {
     n
 }
 
+/// Drops every ready message of the work queue (a broker that lost them).
+pub async fn purge(cfg: &AmqpConfig) {
+    let conn = lapin::Connection::connect(
+        cfg.url.expose_secret(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    conn.create_channel()
+        .await
+        .unwrap()
+        .queue_purge(cfg.queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let _ = conn.close(200, "".into()).await;
+}
+
 /// Takes every message from a queue: (payload, x-archiver-error header).
 pub async fn drain(cfg: &AmqpConfig, queue: &str) -> Vec<(String, Option<String>)> {
     let conn = lapin::Connection::connect(

@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-fn endpoint() -> String {
+pub(crate) fn endpoint() -> String {
     std::env::var("ARCHIVER_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5000".into())
 }
 
@@ -93,7 +93,7 @@ async fn plan_to(db: &TestDb, publisher: &SqsPublisher, batch_size: i64) -> plan
 }
 
 /// (visible, in flight) messages of a queue.
-async fn depth(client: &Client, url: &str) -> (u64, u64) {
+pub(crate) async fn depth(client: &Client, url: &str) -> (u64, u64) {
     let a = client
         .get_queue_attributes()
         .queue_url(url)

@@ -4,6 +4,7 @@
 //! again, then two malformed messages — repeated; and a worker stopping
 //! while its long poll waits.
 use crate::helpers::{TestDb, plan_options};
+use crate::sqs::{depth, endpoint};
 use archiver::ledger::Kind;
 use archiver::plan;
 use archiver::transport::Consumer;
@@ -11,15 +12,10 @@ use archiver::transport::sqs::{self, SqsConfig, SqsConsumer, SqsPublisher, ensur
 use archiver::worker::{self, WorkerOptions};
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
-use aws_sdk_sqs::types::QueueAttributeName;
 use secrecy::ExposeSecret;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-fn endpoint() -> String {
-    std::env::var("ARCHIVER_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5000".into())
-}
 
 /// A client as the worker binary builds one (its timeouts included).
 fn client(cfg: &SqsConfig) -> Client {
@@ -71,25 +67,6 @@ impl Process {
     fn kill(self) {
         self.rt.shutdown_background();
     }
-}
-
-/// (visible, in flight) messages of a queue.
-async fn depth(client: &Client, url: &str) -> (u64, u64) {
-    let a = client
-        .get_queue_attributes()
-        .queue_url(url)
-        .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-        .send()
-        .await
-        .unwrap()
-        .attributes
-        .unwrap_or_default();
-    let n = |k| a.get(&k).map_or(0, |v| v.parse().unwrap());
-    (
-        n(QueueAttributeName::ApproximateNumberOfMessages),
-        n(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
-    )
 }
 
 /// Sends a message to a queue.
@@ -246,19 +223,7 @@ async fn a_backlog_of_one_kind_does_not_hide_lost_messages_of_another() {
     .await
     .unwrap();
     // Every metrics message is lost...
-    let conn = lapin::Connection::connect(
-        cfg.url.expose_secret(),
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .unwrap();
-    conn.create_channel()
-        .await
-        .unwrap()
-        .queue_purge(cfg.queue.as_str().into(), Default::default())
-        .await
-        .unwrap();
-    let _ = conn.close(200, "".into()).await;
+    crate::helpers::purge(&cfg).await;
     // ...while the logs' wait, more of them than metrics batches.
     let logs = plan::plan(&db.pool, Kind::Logs, &plan_options(50, "amqp"), &publisher)
         .await
