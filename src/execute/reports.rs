@@ -410,7 +410,7 @@ enum Cleaned {
 /// stays, with the reason recorded on its row; the batch is done whatever
 /// happens here (a later `planner --reports` retries). Returns how many
 /// files were left.
-async fn delete_local(exec: &Executor, ctx: &ReportsContext, batch: Uuid) -> usize {
+async fn delete_local(exec: &Executor, ctx: &ReportsContext, batch: Uuid) {
     let rows = sqlx::query_as::<_, Archived>(sqlx::AssertSqlSafe(format!(
         "{ARCHIVED_SQL} WHERE archive_batch_id = $1 AND NOT deleted_locally"
     )))
@@ -418,14 +418,13 @@ async fn delete_local(exec: &Executor, ctx: &ReportsContext, batch: Uuid) -> usi
     .fetch_all(&exec.pool)
     .await;
     match rows {
-        Ok(rows) => clean_up(exec, ctx, rows).await.1,
-        Err(e) => {
-            tracing::warn!(
-                archive_batch_id = %batch,
-                "could not list the batch's files to delete ({e}); a later run retries"
-            );
-            0
+        Ok(rows) => {
+            clean_up(exec, ctx, rows).await;
         }
+        Err(e) => tracing::warn!(
+            archive_batch_id = %batch,
+            "could not list the batch's files to delete ({e}); a later run retries"
+        ),
     }
 }
 
