@@ -1,10 +1,8 @@
-//! Settings: the database and queue URLs, policy ages, batch size, and the
+//! Settings: the database URL, policy ages, batch timeouts, and the
 //! checks that turn a bad value into a one-line error naming the setting.
 
 use crate::error::{Error, Result};
-use crate::transport::sqs::SqsConfig;
 use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, Utc};
-use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::PgConnectOptions;
 use std::str::FromStr;
 use std::time::Duration;
@@ -55,118 +53,6 @@ pub fn timestamp_floor(s: &str) -> std::result::Result<NaiveDate, String> {
             "{s:?} is not before today: every row would be below it and nothing archived"
         )),
         _ => Err(format!("{s:?} is not a date YYYY-MM-DD from year 1 on")),
-    }
-}
-
-/// Where batches travel between planner and workers.
-#[derive(Debug, Clone)]
-pub enum QueueConfig {
-    /// No broker: the planner executes its batches itself.
-    Inline,
-    /// RabbitMQ at this `amqp://` or `amqps://` URL.
-    Amqp {
-        /// The broker URL (holds a password: redacted from `Debug`).
-        url: SecretString,
-        /// The work queue; `<queue>.dlx` and `<queue>.dead` go with it.
-        queue: String,
-        /// Deliveries after which the broker dead-letters a message.
-        delivery_limit: u32,
-    },
-    /// AWS SQS (or an SQS-compatible server), standard queue.
-    Sqs {
-        /// The queue URL, or the queue's name when `QUEUE_URL` was
-        /// `sqs://<name>`; `<name>-dead` is its dead-letter queue. Turn it
-        /// into a [`SqsConfig`] with [`SqsConfig::new`].
-        queue_url_or_name: String,
-        /// Receives after which SQS moves a message to the dead-letter
-        /// queue (the redrive policy's `maxReceiveCount`).
-        delivery_limit: u32,
-    },
-}
-
-impl QueueConfig {
-    /// Reads `QUEUE_URL` (unset or empty: inline): `amqp(s)://…` for
-    /// RabbitMQ (the queue is `queue`); an SQS queue URL
-    /// (`https://sqs.<region>.amazonaws.com/<account>/<name>`, or
-    /// `http(s)://host:port/<account>/<name>` for an SQS-compatible server)
-    /// or `sqs://<name>` for SQS (the URL names the queue).
-    pub fn parse(url: Option<&str>, queue: &str, delivery_limit: u32) -> Result<Self> {
-        let Some(url) = url.map(str::trim).filter(|u| !u.is_empty()) else {
-            return Ok(QueueConfig::Inline);
-        };
-        if queue.is_empty() || queue.len() > 200 {
-            return Err(Error::config(
-                "ARCHIVER_QUEUE",
-                "must be 1 to 200 characters",
-            ));
-        }
-        if delivery_limit == 0 {
-            return Err(Error::config(
-                "ARCHIVER_DELIVERY_LIMIT",
-                "must be at least 1",
-            ));
-        }
-        // Never echo the URL: it may hold a password, with or without a
-        // scheme in front of it.
-        let Some((scheme, _)) = url.split_once("://") else {
-            return Err(Error::config(
-                "QUEUE_URL",
-                "not a URL (no scheme://): expected amqp://user:pass@host:5672/vhost, an SQS queue URL or sqs://<name>",
-            ));
-        };
-        let scheme = if scheme.len() <= 10
-            && scheme
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '+')
-        {
-            scheme
-        } else {
-            "(not shown)"
-        };
-        match scheme {
-            "amqp" | "amqps" => {
-                url.parse::<lapin::uri::AMQPUri>().map_err(|e| {
-                    Error::config(
-                        "QUEUE_URL",
-                        format!(
-                            "not a valid AMQP URL: {}",
-                            redact(&e.to_string(), url, "<QUEUE_URL>")
-                        ),
-                    )
-                })?;
-                Ok(QueueConfig::Amqp {
-                    url: SecretString::from(url),
-                    queue: queue.to_string(),
-                    delivery_limit,
-                })
-            }
-            "sqs" | "http" | "https" => {
-                let cfg = SqsConfig::new(url, delivery_limit)?;
-                Ok(QueueConfig::Sqs {
-                    queue_url_or_name: if scheme == "sqs" {
-                        cfg.name
-                    } else {
-                        url.to_string()
-                    },
-                    delivery_limit,
-                })
-            }
-            _ => Err(Error::config(
-                "QUEUE_URL",
-                format!(
-                    "unsupported scheme {scheme:?}: expected amqp://, amqps://, an SQS queue URL or sqs:// (or unset for inline)"
-                ),
-            )),
-        }
-    }
-
-    /// Short name recorded in `archive_jobs.transport`.
-    pub fn name(&self) -> &'static str {
-        match self {
-            QueueConfig::Inline => "inline",
-            QueueConfig::Amqp { .. } => "amqp",
-            QueueConfig::Sqs { .. } => "sqs",
-        }
     }
 }
 
@@ -294,7 +180,7 @@ fn normalize_database_url(raw: &str) -> Result<String> {
 
 /// Removes a URL (shown as `placeholder`) and its user-info (user:password)
 /// from a message that might quote them.
-fn redact(message: &str, url: &str, placeholder: &str) -> String {
+pub(crate) fn redact(message: &str, url: &str, placeholder: &str) -> String {
     let mut m = message.replace(url, placeholder);
     if let Some((_, rest)) = url.split_once("://")
         && let Some((userinfo, _)) = rest.split_once('@')
@@ -310,39 +196,6 @@ fn redact(message: &str, url: &str, placeholder: &str) -> String {
     m
 }
 
-impl PartialEq for QueueConfig {
-    fn eq(&self, other: &Self) -> bool {
-        match (self, other) {
-            (QueueConfig::Inline, QueueConfig::Inline) => true,
-            (
-                QueueConfig::Amqp {
-                    url: a,
-                    queue: qa,
-                    delivery_limit: da,
-                },
-                QueueConfig::Amqp {
-                    url: b,
-                    queue: qb,
-                    delivery_limit: db,
-                },
-            ) => a.expose_secret() == b.expose_secret() && qa == qb && da == db,
-            (
-                QueueConfig::Sqs {
-                    queue_url_or_name: a,
-                    delivery_limit: da,
-                },
-                QueueConfig::Sqs {
-                    queue_url_or_name: b,
-                    delivery_limit: db,
-                },
-            ) => a == b && da == db,
-            _ => false,
-        }
-    }
-}
-
-impl Eq for QueueConfig {}
-
 /// Describes the server a set of options points at, without the password.
 pub fn describe(opts: &PgConnectOptions) -> String {
     format!(
@@ -352,9 +205,6 @@ pub fn describe(opts: &PgConnectOptions) -> String {
         opts.get_database().unwrap_or("<default>")
     )
 }
-
-/// Timeout for one call to a broker; lapin can hang on a dying connection.
-pub const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[cfg(test)]
 mod tests {
@@ -382,34 +232,6 @@ mod tests {
     }
 
     #[test]
-    fn queue_url_errors_and_debug_never_show_the_password() {
-        for bad in [
-            "guest:hunter2@rabbit:5672",
-            "guest:hunter2@rabbit:5672/%2f",
-            "amqp://guest:hunter2@rabbit:notaport/%2f",
-            "amqp://guest:hunter2@[::1/%2f",
-            "kafka://guest:hunter2@rabbit",
-            "user:hunter2@host://x",
-            "https://guest:hunter2@example.com/not-a-queue",
-            "hunter2",
-        ] {
-            let e = QueueConfig::parse(Some(bad), "q", 5)
-                .unwrap_err()
-                .to_string();
-            assert!(e.starts_with("QUEUE_URL: "), "{bad}: {e}");
-            assert!(!e.contains("hunter2"), "{bad}: {e}");
-        }
-        let q = QueueConfig::parse(Some("amqp://guest:hunter2@rabbit:5672/%2f"), "q", 5).unwrap();
-        assert!(!format!("{q:?}").contains("hunter2"), "{q:?}");
-        let cfg = crate::transport::amqp::AmqpConfig {
-            url: "amqp://guest:hunter2@rabbit:5672/%2f".into(),
-            queue: "q".into(),
-            delivery_limit: 5,
-        };
-        assert!(!format!("{cfg:?}").contains("hunter2"), "{cfg:?}");
-    }
-
-    #[test]
     fn timeouts_parse_as_postgresql_writes_them() {
         assert_eq!(parse_timeout("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_timeout("60s"), Ok(Duration::from_secs(60)));
@@ -433,87 +255,5 @@ mod tests {
         ] {
             assert!(all.contains(want), "{all}");
         }
-    }
-
-    #[test]
-    fn queue_url_selects_the_transport() {
-        assert_eq!(
-            QueueConfig::parse(None, "q", 5).unwrap(),
-            QueueConfig::Inline
-        );
-        assert_eq!(
-            QueueConfig::parse(Some(" "), "q", 5).unwrap(),
-            QueueConfig::Inline
-        );
-        let amqp =
-            QueueConfig::parse(Some("amqp://guest:guest@127.0.0.1:5672/%2f"), "q", 5).unwrap();
-        assert_eq!(amqp.name(), "amqp");
-        let e = QueueConfig::parse(Some("kafka://x"), "q", 5)
-            .unwrap_err()
-            .to_string();
-        assert!(e.starts_with("QUEUE_URL: "), "{e}");
-    }
-
-    #[test]
-    fn sqs_queue_urls_and_names_select_sqs() {
-        let aws = "https://sqs.eu-west-1.amazonaws.com/123456789012/archiver-batches";
-        let q = QueueConfig::parse(Some(aws), "archiver.batches", 5).unwrap();
-        assert_eq!(
-            q,
-            QueueConfig::Sqs {
-                queue_url_or_name: aws.into(),
-                delivery_limit: 5
-            }
-        );
-        assert_eq!(q.name(), "sqs");
-        let local = "http://127.0.0.1:5000/123456789012/jobs";
-        let q = QueueConfig::parse(Some(local), "q", 3).unwrap();
-        assert_eq!(
-            q,
-            QueueConfig::Sqs {
-                queue_url_or_name: local.into(),
-                delivery_limit: 3
-            }
-        );
-        let q = QueueConfig::parse(Some("sqs://jobs"), "q", 5).unwrap();
-        assert_eq!(
-            q,
-            QueueConfig::Sqs {
-                queue_url_or_name: "jobs".into(),
-                delivery_limit: 5
-            }
-        );
-        assert_eq!(q.name(), "sqs");
-        // What the variant holds makes the same SqsConfig again.
-        let QueueConfig::Sqs {
-            queue_url_or_name,
-            delivery_limit,
-        } = QueueConfig::parse(Some(local), "q", 3).unwrap()
-        else {
-            unreachable!()
-        };
-        let cfg = SqsConfig::new(&queue_url_or_name, delivery_limit).unwrap();
-        assert_eq!(cfg.name, "jobs");
-        assert_eq!(cfg.endpoint.as_deref(), Some("http://127.0.0.1:5000"));
-        assert_eq!(cfg.delivery_limit, 3);
-    }
-
-    #[test]
-    fn bad_sqs_settings_name_the_setting() {
-        for bad in [
-            "sqs://",
-            "sqs://a.fifo",
-            "https://example.com/not-a-queue",
-            "http://127.0.0.1:5000/1/bad.name",
-        ] {
-            let e = QueueConfig::parse(Some(bad), "q", 5)
-                .unwrap_err()
-                .to_string();
-            assert!(e.starts_with("QUEUE_URL: "), "{bad}: {e}");
-        }
-        let e = QueueConfig::parse(Some("sqs://jobs"), "q", 1001)
-            .unwrap_err()
-            .to_string();
-        assert!(e.starts_with("ARCHIVER_DELIVERY_LIMIT: "), "{e}");
     }
 }

@@ -3,57 +3,11 @@
 //! message may do: a worker executes only what the planner recorded here.
 
 use crate::error::{Error, Result};
+pub use crate::vocabulary::Kind;
+use crate::vocabulary::{BatchStatus, JobStatus, JobType};
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Postgres, Row, Transaction};
-use std::fmt;
-use std::str::FromStr;
 use uuid::Uuid;
-
-/// A kind of data the archiver handles.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    /// `scenario_logs` → `scenario_logs_archive` (R1).
-    Logs,
-    /// `scenario_metrics` → daily aggregates (R2).
-    Metrics,
-    /// `reports` → object store + `reports_archive` (R3).
-    Reports,
-}
-
-impl Kind {
-    /// Every kind, in the order the planner runs them.
-    pub const ALL: [Kind; 3] = [Kind::Logs, Kind::Metrics, Kind::Reports];
-
-    /// The name used in the ledger, messages and `archive_jobs.job_type`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Logs => "logs",
-            Kind::Metrics => "metrics",
-            Kind::Reports => "reports",
-        }
-    }
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Kind {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "logs" => Ok(Kind::Logs),
-            "metrics" => Ok(Kind::Metrics),
-            "reports" => Ok(Kind::Reports),
-            other => Err(format!("unknown kind {other:?}")),
-        }
-    }
-}
 
 /// A point in a kind's keyset order: (time, id).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -90,8 +44,8 @@ pub struct Batch {
     pub lo: Option<Key>,
     /// Inclusive upper bound.
     pub hi: Key,
-    /// `pending`, `done` or `dead`.
-    pub status: String,
+    /// Whether it is still to run.
+    pub status: BatchStatus,
     /// The job's policy cut-off: only rows older than it move.
     pub cutoff: DateTime<Utc>,
 }
@@ -268,7 +222,7 @@ pub struct Adopted {
     /// The job.
     pub job: Uuid,
     /// The status it was left in (`pending` or `running`).
-    pub status: String,
+    pub status: JobStatus,
     /// Batches it had recorded.
     pub batches: i32,
     /// Its pending batches whose message was never confirmed: publish
@@ -283,7 +237,7 @@ pub struct Adopted {
 /// them, with the batches to publish again.
 pub async fn adopt_abandoned_jobs(pool: &PgPool, kind: Kind) -> Result<Vec<Adopted>> {
     let mut tx = pool.begin().await?;
-    let jobs: Vec<(Uuid, String, i32)> = sqlx::query_as(
+    let jobs: Vec<(Uuid, JobStatus, i32)> = sqlx::query_as(
         "SELECT id, status, batches_planned FROM archive_jobs
          WHERE job_type = $1 AND transport IS DISTINCT FROM 'inline' AND NOT planning_done
            AND status IN ('pending', 'running')
@@ -436,7 +390,7 @@ pub async fn complete_batch(
     .bind(c.bytes)
     .execute(&mut **tx)
     .await?;
-    let status: String = sqlx::query_scalar(
+    let status: JobStatus = sqlx::query_scalar(
         "UPDATE archive_jobs SET
             records_processed = records_processed + $2, records_archived = records_archived + $3,
             records_deleted = records_deleted + $4, bytes_archived = bytes_archived + $5,
@@ -457,7 +411,7 @@ pub async fn complete_batch(
     .bind(c.bytes)
     .fetch_one(&mut **tx)
     .await?;
-    Ok(status == "completed")
+    Ok(status == JobStatus::Completed)
 }
 
 /// Records a failed attempt (outside the failed transaction). The batch is
@@ -487,7 +441,7 @@ pub async fn record_failure(
         tx.commit().await?;
         return Ok(None);
     };
-    let dead = row.get::<String, _>("status") == "dead";
+    let dead = row.get::<BatchStatus, _>("status") == BatchStatus::Dead;
     if dead {
         let job = row.get::<Uuid, _>("job_id");
         fail_job(&mut *tx, job, &format!("batch {id} dead: {reason}")).await?;
@@ -501,10 +455,10 @@ pub async fn record_failure(
 pub struct JobRow {
     /// Job id.
     pub id: Uuid,
-    /// `logs`, `metrics` or `reports`.
-    pub job_type: String,
-    /// `pending`, `running`, `completed` or `failed`.
-    pub status: String,
+    /// What it does.
+    pub job_type: JobType,
+    /// Where it is.
+    pub status: JobStatus,
     /// Rows archived so far (aggregate rows, for metrics).
     pub records_archived: Option<i64>,
     /// Rows deleted from the hot table so far.
@@ -543,7 +497,7 @@ pub struct BatchCount {
     /// Kind.
     pub kind: String,
     /// `pending`, `done` or `dead`.
-    pub status: String,
+    pub status: BatchStatus,
     /// How many.
     pub batches: i64,
 }
@@ -575,6 +529,16 @@ pub async fn open_batch_counts(pool: &PgPool) -> Result<Vec<BatchCount>> {
     )
     .fetch_all(pool)
     .await?)
+}
+
+/// A batch's status; `None` when the ledger does not have it.
+pub async fn batch_status(pool: &PgPool, id: Uuid) -> Result<Option<BatchStatus>> {
+    Ok(
+        sqlx::query_scalar("SELECT status FROM archive_batches WHERE id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?,
+    )
 }
 
 /// Dead batches, or one batch by id (whatever its status, for redrive).
@@ -665,4 +629,127 @@ pub async fn recent_jobs(pool: &PgPool, limit: i64) -> Result<Vec<JobRow>> {
     .bind(limit)
     .fetch_all(pool)
     .await?)
+}
+
+/// Batches of `kind` that are planned but not done: pending, or dead and
+/// waiting for a redrive. Either may still write into an old month.
+pub async fn unfinished_batches(pool: &PgPool, kind: Kind) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM archive_batches WHERE kind = $1 AND status <> 'done'",
+    )
+    .bind(kind.as_str())
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Jobs of `job_type` left `pending` or `running` by a run that died: the
+/// caller holds the planner lock, so no other run is alive. They are marked
+/// failed (and counted as failures).
+pub async fn close_interrupted(pool: &PgPool, job_type: JobType) -> Result<()> {
+    let stale: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM archive_jobs WHERE job_type = $1 AND status IN ('pending', 'running')",
+    )
+    .bind(job_type)
+    .fetch_all(pool)
+    .await?;
+    for job in stale {
+        tracing::warn!(%job, "an earlier {job_type} run ended before it finished; marking it failed");
+        fail_job(pool, job, "interrupted: the run ended before it finished").await?;
+    }
+    Ok(())
+}
+
+/// Records a retention run starting (`running`).
+pub async fn start_retention_job(pool: &PgPool) -> Result<Uuid> {
+    Ok(sqlx::query_scalar(
+        "INSERT INTO archive_jobs (job_type, status, started_at) VALUES ($1, 'running', now())
+         RETURNING id",
+    )
+    .bind(JobType::Retention)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Records a retention run's end: `rows` removed, and `completed`, or
+/// `failed` with `error` (counted as a failure).
+pub async fn finish_retention_job(
+    pool: &PgPool,
+    job: Uuid,
+    rows: i64,
+    error: Option<&str>,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE archive_jobs SET status = CASE WHEN $3::text IS NULL THEN 'completed' ELSE 'failed' END,
+             completed_at = clock_timestamp(), records_processed = $2, records_deleted = $2,
+             error_message = $3, failures = CASE WHEN $3::text IS NULL THEN 0 ELSE 1 END
+         WHERE id = $1",
+    )
+    .bind(job)
+    .bind(rows)
+    .bind(error)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// One job type's figures, summed over every job of that type.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct JobTypeFigures {
+    /// `archive_jobs.job_type`.
+    pub job_type: JobType,
+    /// Times a job of this type went `failed`.
+    pub failures: i64,
+    /// Jobs now running.
+    pub running: i64,
+    /// Unix time the newest completed job completed.
+    pub last_success: Option<f64>,
+    /// Bytes archived.
+    pub bytes: i64,
+    /// Rows archived.
+    pub rows: i64,
+}
+
+/// What monitoring shows, read from the ledger in one go.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Figures {
+    /// Per job type that has jobs.
+    pub jobs: Vec<JobTypeFigures>,
+    /// Batches not done, by status.
+    pub open_batches: Vec<(BatchStatus, i64)>,
+    /// Unix time the newest batch of any kind was completed.
+    pub last_batch_done: Option<f64>,
+}
+
+/// Reads the figures monitoring renders.
+pub async fn figures(pool: &PgPool) -> Result<Figures> {
+    let jobs = sqlx::query_as(
+        "SELECT job_type::text AS job_type,
+                COALESCE(sum(failures), 0)::bigint AS failures,
+                count(*) FILTER (WHERE status = 'running') AS running,
+                extract(epoch FROM max(completed_at) FILTER (WHERE status = 'completed'))::float8
+                    AS last_success,
+                COALESCE(sum(bytes_archived), 0)::bigint AS bytes,
+                COALESCE(sum(records_archived), 0)::bigint AS rows
+         FROM archive_jobs GROUP BY job_type ORDER BY job_type",
+    )
+    .fetch_all(pool)
+    .await?;
+    let open_batches = sqlx::query_as(
+        "SELECT status::text AS status, count(*) AS n FROM archive_batches
+         WHERE status <> 'done' GROUP BY status",
+    )
+    .fetch_all(pool)
+    .await?;
+    // Index-only (archive_batches_completed_idx).
+    let last_batch_done = sqlx::query_scalar(
+        "SELECT extract(epoch FROM max(completed_at))::float8 FROM archive_batches
+         WHERE status = 'done'",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(Figures {
+        jobs,
+        open_batches,
+        last_batch_done,
+    })
 }

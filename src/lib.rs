@@ -2,6 +2,7 @@
 //! into month-partitioned archive tables, in keyset batches recorded in a
 //! ledger and executed exactly once in effect by a fleet of workers.
 //!
+//! - [`vocabulary`]: kinds, job types, job and batch statuses.
 //! - [`config`]: settings from flags and environment; policy ages.
 //! - [`error`]: the error type; its class decides retry or dead-letter.
 //! - [`db`]: connecting, and the embedded migrations.
@@ -11,34 +12,50 @@
 //! - [`execute`]: one batch, one transaction, per kind.
 //! - [`objects`]: the object store for report files: S3 or a local directory.
 //! - [`transport`]: the queue seam: inline (no broker), RabbitMQ and SQS.
-//! - [`worker`]: the unit of work and the consuming loop.
+//! - [`worker`]: the unit of work, the consuming loop, and the inline run.
 //! - [`monitoring`]: Prometheus metrics read from the ledger (R9).
 //! - [`query`]: a scenario's logs, live or with the archive (R10).
 //! - [`retention`]: dropping what is past its retention period (R12).
-//! - [`report`]: what the planner prints.
+//! - [`human`]: numbers, bytes and times as a person reads them.
+//! - [`summary`]: what the planner prints.
 //! - [`demo`]: realistic demo data for the README, tests and benchmark.
-//! - [`cli`]: the `planner` and `worker` command lines.
+//! - [`lock`]: the planner lock, held and watched for a whole run.
+//! - [`app`]: settings resolved once into pools, executor, store and queue.
+//! - [`planner`]: the planner run: plan, then publish or run inline.
+//! - [`ops`]: the operator commands: migrate, status, redrive, retention,
+//!   metrics, lifecycle, restore-report.
+//! - [`serve`]: the worker process: consume until told to stop.
+//! - [`shutdown`]: SIGTERM and SIGINT as a cancellation token.
+//! - [`cli`]: the `planner` and `worker` command lines, parsed and dispatched.
 //! - [`telemetry`]: logging setup.
 
 #![deny(missing_debug_implementations, unsafe_code)]
 #![warn(missing_docs, unreachable_pub, unused_qualifications)]
 
+pub mod app;
 pub mod cli;
 pub mod config;
 pub mod db;
 pub mod demo;
 pub mod error;
 pub mod execute;
+pub mod human;
 pub mod ledger;
+pub mod lock;
 pub mod monitoring;
 pub mod objects;
+pub mod ops;
 pub mod partitions;
 pub mod plan;
+pub mod planner;
 pub mod query;
-pub mod report;
 pub mod retention;
+pub mod serve;
+pub mod shutdown;
+pub mod summary;
 pub mod telemetry;
 pub mod transport;
+pub mod vocabulary;
 pub mod worker;
 
 pub use error::{Error, Result};

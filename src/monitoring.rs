@@ -26,8 +26,8 @@
 //! start, at 0, so that `increase()` sees the first failure.
 
 use crate::error::{Error, Result};
-use crate::ledger::Kind;
-use crate::retention;
+use crate::ledger::{self, Figures};
+use crate::vocabulary::{BatchStatus, JobType};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
@@ -36,7 +36,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::core::Collector;
 use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use std::net::SocketAddr;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -58,32 +58,11 @@ fn register<M: Collector + Clone + 'static>(registry: &Registry, metric: M) -> R
 
 /// Reads the ledger and renders every metric in the text exposition format.
 pub async fn gather(pool: &PgPool) -> Result<String> {
-    let jobs = sqlx::query(
-        "SELECT job_type::text AS job_type,
-                COALESCE(sum(failures), 0)::bigint AS failures,
-                count(*) FILTER (WHERE status = 'running') AS running,
-                extract(epoch FROM max(completed_at) FILTER (WHERE status = 'completed'))::float8
-                    AS last_success,
-                COALESCE(sum(bytes_archived), 0)::bigint AS bytes,
-                COALESCE(sum(records_archived), 0)::bigint AS rows
-         FROM archive_jobs GROUP BY job_type ORDER BY job_type",
-    )
-    .fetch_all(pool)
-    .await?;
-    let batches = sqlx::query(
-        "SELECT status::text AS status, count(*) AS n FROM archive_batches
-         WHERE status <> 'done' GROUP BY status",
-    )
-    .fetch_all(pool)
-    .await?;
-    // Index-only (archive_batches_completed_idx).
-    let last_batch: Option<f64> = sqlx::query_scalar(
-        "SELECT extract(epoch FROM max(completed_at))::float8 FROM archive_batches
-         WHERE status = 'done'",
-    )
-    .fetch_one(pool)
-    .await?;
+    render(&ledger::figures(pool).await?)
+}
 
+/// Renders the ledger's figures in the text exposition format.
+pub fn render(figures: &Figures) -> Result<String> {
     let registry = Registry::new();
     let failures = register(
         &registry,
@@ -159,40 +138,31 @@ pub async fn gather(pool: &PgPool) -> Result<String> {
         ))
         .map_err(metric_error)?,
     )?;
-    last_batch_done.set(last_batch.unwrap_or(0.0));
+    last_batch_done.set(figures.last_batch_done.unwrap_or(0.0));
 
     // Every job type from the start, at zero.
-    let types = Kind::ALL
-        .iter()
-        .map(|k| k.as_str())
-        .chain([retention::JOB_TYPE]);
-    for t in types {
+    for t in JobType::ALL.map(JobType::as_str) {
         for c in [&failures, &archived_bytes, &archived_rows] {
             c.with_label_values(&[t]);
         }
         running.with_label_values(&[t]);
     }
-    for s in ["pending", "dead"] {
-        open.with_label_values(&[s]);
+    for s in [BatchStatus::Pending, BatchStatus::Dead] {
+        open.with_label_values(&[s.as_str()]);
     }
-    for row in &jobs {
-        let t: String = row.get("job_type");
-        let count = |name: &str| u64::try_from(row.get::<i64, _>(name)).unwrap_or(0);
-        failures.with_label_values(&[&t]).inc_by(count("failures"));
-        archived_bytes
-            .with_label_values(&[&t])
-            .inc_by(count("bytes"));
-        archived_rows.with_label_values(&[&t]).inc_by(count("rows"));
-        running
-            .with_label_values(&[&t])
-            .set(row.get::<i64, _>("running"));
-        if let Some(ts) = row.get::<Option<f64>, _>("last_success") {
-            last_success.with_label_values(&[&t]).set(ts);
+    for j in &figures.jobs {
+        let t = [j.job_type.as_str()];
+        let count = |n: i64| u64::try_from(n).unwrap_or(0);
+        failures.with_label_values(&t).inc_by(count(j.failures));
+        archived_bytes.with_label_values(&t).inc_by(count(j.bytes));
+        archived_rows.with_label_values(&t).inc_by(count(j.rows));
+        running.with_label_values(&t).set(j.running);
+        if let Some(ts) = j.last_success {
+            last_success.with_label_values(&t).set(ts);
         }
     }
-    for row in &batches {
-        let s: String = row.get("status");
-        open.with_label_values(&[&s]).set(row.get::<i64, _>("n"));
+    for (status, n) in &figures.open_batches {
+        open.with_label_values(&[status.as_str()]).set(*n);
     }
 
     let mut out = Vec::new();
@@ -284,6 +254,68 @@ async fn respond(
                 "text/plain",
                 format!("cannot read the ledger: {e}\n"),
             )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::JobTypeFigures;
+
+    fn line<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(name))
+    }
+
+    #[test]
+    fn an_empty_ledger_shows_every_job_type_at_zero() {
+        let text = render(&Figures::default()).unwrap();
+        for t in ["logs", "metrics", "reports", "retention"] {
+            let name = format!("archive_job_failures_total{{job_type=\"{t}\"}} 0");
+            assert!(line(&text, &name).is_some(), "{name} in\n{text}");
+        }
+        assert!(
+            line(&text, "archive_batches{status=\"dead\"} 0").is_some(),
+            "{text}"
+        );
+        assert!(
+            line(&text, "archive_batch_last_completed_timestamp 0").is_some(),
+            "{text}"
+        );
+        // No success yet: absent, so an alert on its age cannot fire early.
+        assert!(
+            line(&text, "archive_job_last_success_timestamp{").is_none(),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn figures_become_the_named_series() {
+        let figures = Figures {
+            jobs: vec![JobTypeFigures {
+                job_type: JobType::Logs,
+                failures: 2,
+                running: 1,
+                last_success: Some(1_700_000_000.0),
+                bytes: 4096,
+                rows: 5000,
+            }],
+            open_batches: vec![(BatchStatus::Pending, 7), (BatchStatus::Dead, 1)],
+            last_batch_done: Some(1_700_000_100.0),
+        };
+        let text = render(&figures).unwrap();
+        for want in [
+            "archive_job_failures_total{job_type=\"logs\"} 2",
+            "archive_jobs_running{job_type=\"logs\"} 1",
+            "archive_job_last_success_timestamp{job_type=\"logs\"} 1700000000",
+            "archive_bytes_total{job_type=\"logs\"} 4096",
+            "archive_rows_archived_total{job_type=\"logs\"} 5000",
+            "archive_batches{status=\"pending\"} 7",
+            "archive_batches{status=\"dead\"} 1",
+            "archive_batch_last_completed_timestamp 1700000100",
+            "archive_job_failures_total{job_type=\"metrics\"} 0",
+        ] {
+            assert!(line(&text, want).is_some(), "{want} in\n{text}");
         }
     }
 }

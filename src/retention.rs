@@ -17,16 +17,14 @@
 //! queues behind it), and is recorded in `archive_jobs` as job type
 //! `retention`.
 
+use crate::config::Policy;
 use crate::error::{Error, Result};
-use crate::ledger::Kind;
+use crate::ledger;
 use crate::partitions::{next_month, partition_name, retry_ddl};
-use crate::report::{bytes, count};
+use crate::vocabulary::{JobType, Kind};
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
-
-/// The `archive_jobs.job_type` of a retention run.
-pub const JOB_TYPE: &str = "retention";
 
 /// Retention periods, in years (the spec's by default), as `planner
 /// retention` takes them.
@@ -44,6 +42,44 @@ pub struct Periods {
     #[arg(long = "reports-metadata-years", env = "ARCHIVER_REPORTS_METADATA_RETENTION_YEARS",
           default_value_t = 5, value_parser = clap::value_parser!(i32).range(1..=100))]
     pub reports_metadata_years: i32,
+}
+
+impl Periods {
+    /// Each period must outlast the archive age of its kind, or rows would
+    /// be dropped as soon as they are archived.
+    pub fn check(&self, policy: &Policy) -> Result<()> {
+        let checks = [
+            (
+                "--logs-years",
+                self.logs_years,
+                "--logs-age-days",
+                policy.logs_age_days,
+            ),
+            (
+                "--metrics-years",
+                self.metrics_years,
+                "--metrics-age-days",
+                policy.metrics_age_days,
+            ),
+            (
+                "--reports-metadata-years",
+                self.reports_metadata_years,
+                "--reports-age-days",
+                policy.reports_age_days,
+            ),
+        ];
+        for (flag, years, age_flag, age_days) in checks {
+            if i64::from(years) * 365 <= i64::from(age_days) {
+                return Err(Error::config(
+                    flag,
+                    format!(
+                        "{years} year(s) does not outlast {age_flag} {age_days}: rows would be dropped as soon as they are archived"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One monthly partition past retention.
@@ -86,60 +122,6 @@ impl Findings {
     pub fn rows(&self) -> i64 {
         self.expired.iter().map(|e| e.rows).sum::<i64>() + self.report_rows
     }
-
-    /// The lines `planner retention` prints.
-    pub fn describe(&self, dry_run: bool) -> String {
-        let verb = if dry_run { "would drop" } else { "dropped" };
-        let mut s = String::new();
-        if dry_run {
-            s.push_str("DRY RUN: nothing is changed\n");
-        }
-        for (table, years, cutoff) in &self.cutoffs {
-            s.push_str(&format!(
-                "{table}: keeps {years} years (everything from {} on)\n",
-                cutoff.format("%Y-%m-%d %H:%M UTC")
-            ));
-        }
-        if self.expired.is_empty() {
-            s.push_str("no partition is past retention\n");
-        }
-        for e in &self.expired {
-            s.push_str(&format!(
-                "  {verb} {} ({} rows, {})\n",
-                e.name,
-                count(e.rows),
-                bytes(e.bytes)
-            ));
-        }
-        let verb = if dry_run { "would delete" } else { "deleted" };
-        s.push_str(&format!(
-            "reports_archive: {verb} {} metadata rows past retention",
-            count(self.report_rows)
-        ));
-        if self.report_rows_held > 0 {
-            s.push_str(&format!(
-                "; kept {} whose local file is not deleted yet",
-                count(self.report_rows_held)
-            ));
-        }
-        s.push('\n');
-        for h in &self.held {
-            s.push_str(&format!("held: {h}\n"));
-        }
-        if dry_run {
-            s.push_str(&format!(
-                "in all: {} rows would be removed\n",
-                count(self.rows())
-            ));
-        }
-        if let Some(job) = self.job {
-            s.push_str(&format!(
-                "retention job {job}: {} rows removed",
-                count(self.removed)
-            ));
-        }
-        s.trim_end().to_owned()
-    }
 }
 
 /// The archive tables that lose partitions, with their kind and period.
@@ -158,7 +140,7 @@ pub async fn run(pool: &PgPool, periods: &Periods, dry_run: bool) -> Result<Find
         let cutoff = cutoff(pool, years).await?;
         f.cutoffs.push((table, years, cutoff));
         let (expired, mut held) = expired_partitions(pool, table, cutoff, dry_run).await?;
-        let open = open_batches(pool, kind).await?;
+        let open = ledger::unfinished_batches(pool, kind).await?;
         if open > 0 && !expired.is_empty() {
             held.push(format!(
                 "{table}: {} partition(s) past retention kept: {open} {kind} batch(es) are not done (pending or dead); run again once they are",
@@ -175,16 +157,18 @@ pub async fn run(pool: &PgPool, periods: &Periods, dry_run: bool) -> Result<Find
     if dry_run {
         return Ok(f);
     }
-    close_interrupted(pool).await?;
-    let job = start_job(pool).await?;
+    ledger::close_interrupted(pool, JobType::Retention).await?;
+    let job = ledger::start_retention_job(pool).await?;
     f.job = Some(job);
     match remove(pool, periods, &mut f).await {
         Ok(()) => {
-            finish_job(pool, job, f.removed, None).await?;
+            ledger::finish_retention_job(pool, job, f.removed, None).await?;
             Ok(f)
         }
         Err(e) => {
-            if let Err(also) = finish_job(pool, job, f.removed, Some(&e.to_string())).await {
+            if let Err(also) =
+                ledger::finish_retention_job(pool, job, f.removed, Some(&e.to_string())).await
+            {
                 tracing::error!(%job, "could not record the retention job's failure: {also}");
             }
             Err(e)
@@ -297,17 +281,6 @@ async fn expired_partitions(
     Ok((expired, held))
 }
 
-/// Batches of `kind` that are planned but not done: pending, or dead and
-/// waiting for a redrive. Either may still write into an old month.
-async fn open_batches(pool: &PgPool, kind: Kind) -> Result<i64> {
-    Ok(sqlx::query_scalar(
-        "SELECT count(*) FROM archive_batches WHERE kind = $1 AND status <> 'done'",
-    )
-    .bind(kind.as_str())
-    .fetch_one(pool)
-    .await?)
-}
-
 /// `reports_archive` rows past retention: (file gone, file still there).
 async fn report_rows(pool: &PgPool, years: i32) -> Result<(i64, i64)> {
     let row = sqlx::query(
@@ -374,48 +347,6 @@ async fn delete_report_rows(pool: &PgPool, years: i32) -> Result<i64> {
             return Ok(total);
         }
     }
-}
-
-/// Retention jobs left `running` by a run that died: the caller holds the
-/// planner lock, so no other run is alive. They are marked failed (and
-/// counted as failures).
-async fn close_interrupted(pool: &PgPool) -> Result<()> {
-    let stale: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM archive_jobs WHERE job_type = $1 AND status IN ('pending', 'running')",
-    )
-    .bind(JOB_TYPE)
-    .fetch_all(pool)
-    .await?;
-    for job in stale {
-        tracing::warn!(%job, "an earlier retention run ended before it finished; marking it failed");
-        crate::ledger::fail_job(pool, job, "interrupted: the run ended before it finished").await?;
-    }
-    Ok(())
-}
-
-async fn start_job(pool: &PgPool) -> Result<Uuid> {
-    Ok(sqlx::query_scalar(
-        "INSERT INTO archive_jobs (job_type, status, started_at) VALUES ($1, 'running', now())
-         RETURNING id",
-    )
-    .bind(JOB_TYPE)
-    .fetch_one(pool)
-    .await?)
-}
-
-async fn finish_job(pool: &PgPool, job: Uuid, rows: i64, error: Option<&str>) -> Result<()> {
-    sqlx::query(
-        "UPDATE archive_jobs SET status = CASE WHEN $3::text IS NULL THEN 'completed' ELSE 'failed' END,
-             completed_at = clock_timestamp(), records_processed = $2, records_deleted = $2,
-             error_message = $3, failures = CASE WHEN $3::text IS NULL THEN 0 ELSE 1 END
-         WHERE id = $1",
-    )
-    .bind(job)
-    .bind(rows)
-    .bind(error)
-    .execute(pool)
-    .await?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -2,11 +2,13 @@
 //! [`process`] is the unit of work (tests call it directly); [`run`] is the
 //! loop around it with bounded concurrency and clean shutdown: on
 //! cancellation no new delivery is taken and in-flight batches finish.
+//! [`run_inline`] is the same loop with no broker, over an in-process queue.
 
 use crate::error::{Class, Error, Result};
 use crate::execute::{self, Executor, Outcome};
 use crate::ledger;
-use crate::transport::{BatchMessage, Consumer, Delivery};
+use crate::transport::inline::{self, InlinePublisher};
+use crate::transport::{BatchMessage, Consumer, Delivery, Publisher};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::FutureExt;
 use std::panic::AssertUnwindSafe;
@@ -191,7 +193,7 @@ pub struct WorkerStats {
 
 /// Consumes until `shutdown` (or until the consumer has no more), executing
 /// at most `opts.concurrency` batches at once; then waits for in-flight ones.
-pub async fn run<C: Consumer>(
+pub async fn run<C: Consumer + ?Sized>(
     exec: impl Into<Executor>,
     consumer: &mut C,
     opts: WorkerOptions,
@@ -203,7 +205,7 @@ pub async fn run<C: Consumer>(
 }
 
 /// [`run`], counting into `stats` as it goes (readable while it runs).
-pub async fn run_counting<C: Consumer>(
+pub async fn run_counting<C: Consumer + ?Sized>(
     exec: impl Into<Executor>,
     consumer: &mut C,
     opts: WorkerOptions,
@@ -246,6 +248,44 @@ pub async fn run_counting<C: Consumer>(
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// What an inline run leaves: what the feed returned, the worker's
+/// counters, and the messages dead-lettered, with their reasons.
+#[derive(Debug)]
+pub struct InlineRun<T> {
+    /// The feed's own result.
+    pub fed: T,
+    /// What the worker loop did.
+    pub stats: Arc<WorkerStats>,
+    /// Payloads dead-lettered, with reasons (the in-process DLQ).
+    pub dead: Vec<(Vec<u8>, String)>,
+}
+
+/// Runs batches with no broker: the worker loop over an in-process queue
+/// that `feed` publishes into, as the planner does with no broker (and
+/// redrive, the tests and the benchmarks). Returns once `feed` is done and
+/// every message it published is settled; when `feed` fails, what it
+/// published still runs before its error is returned.
+pub async fn run_inline<T>(
+    exec: impl Into<Executor>,
+    opts: WorkerOptions,
+    feed: impl AsyncFnOnce(&InlinePublisher) -> Result<T>,
+) -> Result<InlineRun<T>> {
+    let exec: Executor = exec.into();
+    let (publisher, mut consumer) = inline::queue();
+    let executors =
+        tokio::spawn(async move { run(exec, &mut consumer, opts, CancellationToken::new()).await });
+    let fed = feed(&publisher).await;
+    publisher.close().await?;
+    let stats = executors
+        .await
+        .map_err(|e| Error::JobFailed(format!("executor task: {e}")))??;
+    Ok(InlineRun {
+        fed: fed?,
+        stats,
+        dead: publisher.dead_letters().await,
+    })
 }
 
 /// Leaves the database alone for `ratio` times what the last batch took.

@@ -8,6 +8,7 @@ pub mod reports;
 
 use crate::error::{Error, Result};
 use crate::ledger::{self, Kind};
+use crate::vocabulary::BatchStatus;
 use reports::ReportsContext;
 use sqlx::PgPool;
 use std::sync::Arc;
@@ -90,7 +91,7 @@ pub async fn execute_batch(exec: &Executor, id: Uuid, kind: Kind) -> Result<Outc
     if let Some(why) = exec.declines(kind) {
         let batch = ledger::peek_batch(&exec.pool, id).await?;
         check_kind(&batch, kind)?;
-        if batch.status == "done" {
+        if batch.status == BatchStatus::Done {
             tracing::debug!("already done; acknowledging without effect");
             return Ok(Outcome::AlreadyDone);
         }
@@ -112,7 +113,7 @@ pub async fn execute_batch(exec: &Executor, id: Uuid, kind: Kind) -> Result<Outc
         .await?;
     let batch = ledger::lock_batch(&mut tx, id).await?;
     check_kind(&batch, kind)?;
-    if batch.status == "done" {
+    if batch.status == BatchStatus::Done {
         tx.rollback().await?;
         tracing::debug!("already done; acknowledging without effect");
         return Ok(Outcome::AlreadyDone);

@@ -21,6 +21,7 @@ use super::{Executor, Outcome};
 use crate::error::{Class, Error, Result};
 use crate::ledger::{self, Batch, Counts};
 use crate::objects::{self, Compression, ObjectStore, Source, Stored};
+use crate::vocabulary::BatchStatus;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 use std::path::{Path, PathBuf};
@@ -189,7 +190,7 @@ pub(super) async fn execute(
     batch: Batch,
 ) -> Result<Outcome> {
     let id = batch.id;
-    if batch.status == "done" {
+    if batch.status == BatchStatus::Done {
         delete_local(exec, ctx, id).await;
         return Ok(Outcome::AlreadyDone);
     }
@@ -204,7 +205,7 @@ pub(super) async fn execute(
     }
     let mut tx = exec.pool.begin().await?;
     let batch = ledger::lock_batch(&mut tx, id).await?;
-    if batch.status == "done" {
+    if batch.status == BatchStatus::Done {
         tx.rollback().await?;
         delete_local(exec, ctx, id).await;
         return Ok(Outcome::AlreadyDone);
@@ -618,4 +619,27 @@ pub async fn left_files(pool: &sqlx::PgPool, limit: i64) -> Result<(i64, Vec<Lef
     .fetch_all(pool)
     .await?;
     Ok((total, rows))
+}
+
+/// Where archived report `id` is, and what its original was (size and
+/// SHA-256, to check a restore against); `None` when `reports_archive` does
+/// not have it with all three.
+pub async fn archived_object(
+    pool: &sqlx::PgPool,
+    id: Uuid,
+) -> Result<Option<(String, objects::Original)>> {
+    let row: Option<(Option<String>, Option<i64>, Option<String>)> = sqlx::query_as(
+        "SELECT object_key, file_size_bytes, sha256 FROM reports_archive WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    let (Some(key), Some(size), Some(sha256)) = row.unwrap_or_default() else {
+        return Ok(None);
+    };
+    let original = objects::Original {
+        size: size.max(0) as u64,
+        sha256,
+    };
+    Ok(Some((key, original)))
 }

@@ -7,7 +7,6 @@
 //! the queue's name.
 
 use super::{Acknowledge, BatchMessage, Consumer, Delivery, Publisher};
-use crate::config::BROKER_TIMEOUT;
 use crate::error::{Error, Result};
 use async_trait::async_trait;
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -46,6 +45,9 @@ impl AmqpConfig {
         format!("{}.dead", self.queue)
     }
 }
+
+/// Timeout for one call to the broker; lapin can hang on a dying connection.
+pub const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
 
 async fn timed<T>(what: &'static str, f: impl Future<Output = lapin::Result<T>>) -> Result<T> {
     match tokio::time::timeout(BROKER_TIMEOUT, f).await {
@@ -260,6 +262,10 @@ impl Publisher for AmqpPublisher {
         let _ = timed("connection.close", self.conn.close(200, "done".into())).await;
         Ok(())
     }
+
+    async fn backlog(&self) -> Result<Option<u32>> {
+        self.ready().await.map(Some)
+    }
 }
 
 /// Consumes the work queue with bounded prefetch, reconnecting as needed.
@@ -391,6 +397,10 @@ impl Consumer for AmqpConsumer {
             )
             .await;
         }
+    }
+
+    async fn close(&mut self) {
+        AmqpConsumer::close(self).await;
     }
 }
 

@@ -8,8 +8,11 @@
 //! the [`Acknowledge`] handle each delivery carries.
 
 pub mod amqp;
+pub mod config;
 pub mod inline;
 pub mod sqs;
+
+pub use config::QueueConfig;
 
 use crate::error::{Error, Result};
 use crate::ledger::Kind;
@@ -74,6 +77,12 @@ pub trait Publisher: Send + Sync {
 
     /// No more messages will be published.
     async fn close(&self) -> Result<()>;
+
+    /// Messages waiting in the work queue, not counting those being worked
+    /// on; `None` when this transport cannot tell.
+    async fn backlog(&self) -> Result<Option<u32>> {
+        Ok(None)
+    }
 }
 
 /// Settles one delivery. Exactly one method is called, once.
@@ -117,6 +126,33 @@ pub trait Consumer: Send {
     async fn receive(&mut self) -> Result<Option<Delivery>>;
     /// Stop taking deliveries; unsettled ones go back to the queue.
     async fn stop(&mut self);
+
+    /// Release the connection once the loop is over (after `stop`).
+    async fn close(&mut self) {}
+}
+
+/// A publisher to the configured broker (declaring its queues); `None` with
+/// no broker, where the planner runs batches itself ([`inline`]).
+pub async fn publisher(queue: &QueueConfig) -> Result<Option<Box<dyn Publisher>>> {
+    Ok(match queue {
+        QueueConfig::Inline => None,
+        QueueConfig::Amqp(cfg) => Some(Box::new(amqp::AmqpPublisher::connect(cfg.clone()).await?)),
+        QueueConfig::Sqs(cfg) => Some(Box::new(sqs::SqsPublisher::connect(cfg).await?)),
+    })
+}
+
+/// A consumer of the configured broker's work queue for a worker executing
+/// `concurrency` batches at once. It connects on its first `receive` (and
+/// reconnects as long as it takes). With no broker there is nothing to
+/// consume: a configuration error naming `QUEUE_URL`.
+pub async fn consumer(queue: &QueueConfig, concurrency: u16) -> Result<Box<dyn Consumer>> {
+    match queue {
+        QueueConfig::Inline => Err(config::no_broker()),
+        QueueConfig::Amqp(cfg) => Ok(Box::new(amqp::AmqpConsumer::new(cfg.clone(), concurrency))),
+        QueueConfig::Sqs(cfg) => Ok(Box::new(
+            sqs::SqsConsumer::from_env(cfg.clone(), concurrency).await,
+        )),
+    }
 }
 
 #[cfg(test)]

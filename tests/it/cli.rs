@@ -84,7 +84,7 @@ async fn a_dry_run_changes_nothing_and_publishes_nothing() {
     assert!(
         out.contains(&format!(
             "logs: {} eligible rows",
-            archiver::report::count(eligible)
+            archiver::human::count(eligible)
         )),
         "{out}"
     );
@@ -99,7 +99,7 @@ async fn a_dry_run_changes_nothing_and_publishes_nothing() {
     assert!(
         out.contains(&format!(
             "metrics: {} eligible samples",
-            archiver::report::count(samples)
+            archiver::human::count(samples)
         )),
         "{out}"
     );
@@ -121,7 +121,7 @@ async fn a_second_planner_exits_non_zero_while_one_holds_the_lock() {
     db.load_logs(1_000).await;
     let mut holder = db.pool.acquire().await.unwrap();
     let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(archiver::cli::PLANNER_LOCK)
+        .bind(archiver::lock::PLANNER_LOCK)
         .fetch_one(&mut *holder)
         .await
         .unwrap();
@@ -136,7 +136,7 @@ async fn a_second_planner_exits_non_zero_while_one_holds_the_lock() {
     );
     assert_eq!(everything(&db).await, before);
     sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(archiver::cli::PLANNER_LOCK)
+        .bind(archiver::lock::PLANNER_LOCK)
         .execute(&mut *holder)
         .await
         .unwrap();

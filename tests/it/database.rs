@@ -456,7 +456,7 @@ async fn a_planner_that_loses_its_lock_session_stops_publishing_and_exits_non_ze
         "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted
            AND ((classid::bigint << 32) | objid::bigint) = $1",
     )
-    .bind(archiver::cli::PLANNER_LOCK)
+    .bind(archiver::lock::PLANNER_LOCK)
     .fetch_one(&db.pool)
     .await
     .unwrap();

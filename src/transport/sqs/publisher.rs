@@ -169,4 +169,8 @@ impl Publisher for SqsPublisher {
     async fn close(&self) -> Result<()> {
         Ok(())
     }
+
+    async fn backlog(&self) -> Result<Option<u32>> {
+        self.ready().await.map(Some)
+    }
 }

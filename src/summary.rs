@@ -1,45 +1,12 @@
-//! What the planner prints: one line per kind that a person reads at a glance.
+//! What the planner prints: one line per kind that a person reads at a
+//! glance, and what `planner retention` and `planner status` print.
 
+use crate::human::{bytes, count, time};
 use crate::ledger::{BatchCount, DeadBatch, JobRow, Kind};
 use crate::plan::{Eligible, OutOfRange, Planned};
-use chrono::{DateTime, Utc};
+use crate::retention::Findings;
+use crate::vocabulary::JobType;
 use std::time::Duration;
-
-/// `1234567` → `1,234,567`.
-pub fn count(n: i64) -> String {
-    let s = n.unsigned_abs().to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    if n < 0 { format!("-{out}") } else { out }
-}
-
-/// Bytes in binary units.
-pub fn bytes(n: i64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < units.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", units[u])
-    }
-}
-
-fn time(t: Option<DateTime<Utc>>) -> String {
-    t.map_or_else(
-        || "-".into(),
-        |t| t.format("%Y-%m-%d %H:%M UTC").to_string(),
-    )
-}
 
 /// A kind this version cannot plan yet.
 pub fn not_built(kind: Kind) -> String {
@@ -126,14 +93,14 @@ pub fn published(p: &Planned, queue: &str) -> String {
 pub fn finished(job: &JobRow, elapsed: Duration) -> String {
     let moved = job.records_deleted.unwrap_or(0);
     let secs = elapsed.as_secs_f64().max(0.001);
-    let what = if job.job_type == "reports" {
+    let what = if job.job_type == JobType::Reports {
         format!(
             "{} of {} reports archived ({})",
             count(job.records_archived.unwrap_or(0)),
             count(job.records_processed.unwrap_or(0)),
             bytes(job.bytes_archived.unwrap_or(0))
         )
-    } else if job.job_type == "metrics" {
+    } else if job.job_type == JobType::Metrics {
         format!(
             "{} samples reduced to {} daily aggregates",
             count(moved),
@@ -169,7 +136,7 @@ pub fn status(jobs: &[JobRow], counts: &[BatchCount], dead: &[DeadBatch]) -> Str
         s.push_str("  none\n");
     }
     for j in jobs {
-        let done = if j.job_type == crate::retention::JOB_TYPE {
+        let done = if j.job_type == JobType::Retention {
             format!("removed {}", count(j.records_deleted.unwrap_or(0)))
         } else {
             format!("archived {}", count(j.records_archived.unwrap_or(0)))
@@ -242,6 +209,60 @@ pub fn left_files(total: i64, oldest: &[crate::execute::reports::LeftFile]) -> S
         s.push_str("\n  fix the cause (or remove the file), then: planner --reports retries them");
     }
     s
+}
+
+/// The lines `planner retention` prints.
+pub fn retention(found: &Findings, dry_run: bool) -> String {
+    let verb = if dry_run { "would drop" } else { "dropped" };
+    let mut s = String::new();
+    if dry_run {
+        s.push_str("DRY RUN: nothing is changed\n");
+    }
+    for (table, years, cutoff) in &found.cutoffs {
+        s.push_str(&format!(
+            "{table}: keeps {years} years (everything from {} on)\n",
+            cutoff.format("%Y-%m-%d %H:%M UTC")
+        ));
+    }
+    if found.expired.is_empty() {
+        s.push_str("no partition is past retention\n");
+    }
+    for e in &found.expired {
+        s.push_str(&format!(
+            "  {verb} {} ({} rows, {})\n",
+            e.name,
+            count(e.rows),
+            bytes(e.bytes)
+        ));
+    }
+    let verb = if dry_run { "would delete" } else { "deleted" };
+    s.push_str(&format!(
+        "reports_archive: {verb} {} metadata rows past retention",
+        count(found.report_rows)
+    ));
+    if found.report_rows_held > 0 {
+        s.push_str(&format!(
+            "; kept {} whose local file is not deleted yet",
+            count(found.report_rows_held)
+        ));
+    }
+    s.push('\n');
+    for h in &found.held {
+        s.push_str(&format!("held: {h}\n"));
+    }
+    if dry_run {
+        s.push_str(&format!(
+            "in all: {} rows would be removed\n",
+            count(found.rows())
+        ));
+    }
+    if let Some(job) = found.job {
+        s.push_str(&format!(
+            "retention job {job}: {} rows removed",
+            count(found.removed)
+        ));
+    }
+    s.trim_end().to_owned()
 }
 
 #[cfg(test)]

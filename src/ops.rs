@@ -1,0 +1,227 @@
+//! The operator's commands beside the planner run: `migrate`, `status`,
+//! `redrive`, `retention`, `metrics`, `lifecycle` and `restore-report`.
+//! Each takes the resolved [`App`] and says what it found or did; `Ok(false)`
+//! is a run that went through but did not succeed (exit status 1).
+
+use crate::app::App;
+use crate::config::Policy;
+use crate::db;
+use crate::error::{Error, Result};
+use crate::ledger::{self, Kind};
+use crate::transport::BatchMessage;
+use crate::{lock, monitoring, objects, plan, retention, shutdown, summary, worker};
+use std::path::Path;
+use std::time::Duration;
+
+/// Applies the schema migrations, waiting at most `index_wait` for each
+/// concurrent index build (unset: as long as it takes).
+pub async fn migrate(app: &App, index_wait: Option<Duration>) -> Result<bool> {
+    let pool = app.pool(2).await?;
+    db::migrate_with(&pool, db::MigrateOptions { index_wait }).await?;
+    println!(
+        "schema is up to date ({})",
+        crate::config::describe(&app.database)
+    );
+    Ok(true)
+}
+
+/// Jobs, open batches by status, dead batches with their reasons, rows out
+/// of range, and archived reports whose local file was left in place.
+pub async fn status(app: &App, json: bool, policy: &Policy) -> Result<bool> {
+    let pool = app.pool(2).await?;
+    let jobs = ledger::recent_jobs(&pool, 10).await?;
+    let counts = ledger::open_batch_counts(&pool).await?;
+    let dead = ledger::dead_batches(&pool, None).await?;
+    let mut out_of_range = Vec::new();
+    for kind in Kind::ALL {
+        let o = plan::out_of_range(&pool, kind, policy).await?;
+        if o.rows > 0 {
+            out_of_range.push(o);
+        }
+    }
+    let (left_total, left) = crate::execute::reports::left_files(&pool, 20).await?;
+    if json {
+        let v = serde_json::json!({
+            "jobs": jobs, "open_batches": counts, "dead_batches": dead,
+            "out_of_range": out_of_range,
+            "local_files_left": { "total": left_total, "oldest": left },
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("serializable")
+        );
+    } else {
+        println!("{}", summary::status(&jobs, &counts, &dead));
+        for o in &out_of_range {
+            println!("{}", summary::out_of_range(o));
+        }
+        println!("{}", summary::left_files(left_total, &left));
+    }
+    Ok(true)
+}
+
+/// Which dead batches to put back.
+#[derive(Debug, Clone, Copy)]
+pub enum Redrive {
+    /// One batch (left alone, and said so, when it is not dead).
+    Batch(uuid::Uuid),
+    /// Every dead batch.
+    All,
+}
+
+/// Puts dead batches back on the work queue, or runs them here with no
+/// broker; lists them only with `dry_run`. `Ok(false)`: run here, some died
+/// again.
+pub async fn redrive(app: &App, which: Redrive, dry_run: bool) -> Result<bool> {
+    let pool = app.migrated_pool(app.planning_sessions()).await?;
+    let batch = match which {
+        Redrive::Batch(id) => Some(id),
+        Redrive::All => None,
+    };
+    let dead = ledger::dead_batches(&pool, batch).await?;
+    if let (Some(id), true) = (batch, dead.is_empty()) {
+        match ledger::batch_status(&pool, id).await? {
+            Some(s) => println!("batch {id} is {s}, not dead: nothing to redrive"),
+            None => {
+                return Err(Error::config(
+                    "--batch",
+                    format!("batch {id} is not in the ledger"),
+                ));
+            }
+        }
+        return Ok(true);
+    }
+    for d in &dead {
+        println!(
+            "{} {} ({} attempts): {}",
+            d.kind,
+            d.id,
+            d.attempts,
+            d.last_error.as_deref().unwrap_or("-")
+        );
+    }
+    if dry_run || dead.is_empty() {
+        let note = if dry_run {
+            " would be redriven (dry run)"
+        } else {
+            ""
+        };
+        println!("{} dead batch(es){note}", dead.len());
+        return Ok(true);
+    }
+    let _lock = lock::take(&app.database).await?;
+    let ids: Vec<uuid::Uuid> = dead.iter().map(|d| d.id).collect();
+    let revived = ledger::revive(&pool, &ids).await?;
+    let messages: Vec<BatchMessage> = revived
+        .iter()
+        .map(|&(id, kind)| BatchMessage::new(id, kind))
+        .collect();
+    if let Some(publisher) = app.publisher().await? {
+        publisher.publish(&messages).await?;
+        ledger::mark_published(&pool, &ids).await?;
+        publisher.close().await?;
+        println!(
+            "redrove {} batch(es) to {}",
+            messages.len(),
+            app.queue.queue_name()
+        );
+        return Ok(true);
+    }
+    let exec = app.executor(&pool).await?;
+    worker::run_inline(&exec, app.worker_options(), async |p| {
+        crate::transport::Publisher::publish(p, &messages).await
+    })
+    .await?;
+    let still = ledger::dead_batches(&pool, None).await?;
+    let again = still.iter().filter(|d| ids.contains(&d.id)).count();
+    println!("ran {} batch(es) here; {again} dead again", messages.len());
+    Ok(again == 0)
+}
+
+/// Drops what is past its retention period (under the planner lock unless
+/// `dry_run`), after checking each period outlasts its kind's archive age.
+pub async fn retention(
+    app: &App,
+    periods: &retention::Periods,
+    policy: &Policy,
+    dry_run: bool,
+) -> Result<bool> {
+    periods.check(policy)?;
+    let pool = app.migrated_pool(2).await?;
+    let _lock = if dry_run {
+        None
+    } else {
+        Some(lock::take(&app.database).await?)
+    };
+    let found = retention::run(&pool, periods, dry_run).await?;
+    println!("{}", summary::retention(&found, dry_run));
+    Ok(true)
+}
+
+/// Prints the Prometheus metrics read from the ledger once, or serves them
+/// at `listen` until SIGTERM or SIGINT.
+pub async fn metrics(app: &App, listen: Option<std::net::SocketAddr>) -> Result<bool> {
+    let pool = app.migrated_pool(4).await?;
+    let Some(addr) = listen else {
+        print!("{}", monitoring::gather(&pool).await?);
+        return Ok(true);
+    };
+    monitoring::serve(pool, addr, shutdown::on_signal(), |bound| {
+        println!("serving metrics at http://{bound}/metrics");
+    })
+    .await?;
+    Ok(true)
+}
+
+/// The bucket lifecycle rule for archived reports.
+#[derive(Debug, Clone, Copy)]
+pub struct Lifecycle {
+    /// Move objects to Glacier after this many days.
+    pub glacier_after_days: i32,
+    /// Delete objects after this many days.
+    pub expire_after_days: i32,
+}
+
+/// Applies and verifies the lifecycle rule (shows it only, with `dry_run`).
+pub async fn lifecycle(app: &App, rule: Lifecycle, dry_run: bool) -> Result<bool> {
+    let store = app.object_store().await?;
+    let said = store
+        .apply_lifecycle(
+            objects::REPORTS_PREFIX,
+            rule.glacier_after_days,
+            rule.expire_after_days,
+            dry_run,
+        )
+        .await?;
+    println!("{said}");
+    Ok(true)
+}
+
+/// Downloads archived report `id` to `to` (which must not exist),
+/// decompressing it and checking its size and SHA-256 against the record.
+pub async fn restore_report(app: &App, id: uuid::Uuid, to: &Path) -> Result<bool> {
+    let pool = app.pool(2).await?;
+    let Some((key, expected)) = crate::execute::reports::archived_object(&pool, id).await? else {
+        return Err(Error::config(
+            "restore-report",
+            format!(
+                "report {id} is not in reports_archive (or has no object key, size and SHA-256)"
+            ),
+        ));
+    };
+    if to.exists() {
+        return Err(Error::config(
+            "--to",
+            format!("{} exists; not overwriting it", to.display()),
+        ));
+    }
+    let store = app.object_store().await?;
+    let n = store.restore_checked(&key, to, Some(&expected)).await?;
+    println!(
+        "restored report {id} from {} to {} ({} bytes, SHA-256 verified against reports_archive)",
+        store.location(&key),
+        to.display(),
+        n
+    );
+    Ok(true)
+}
