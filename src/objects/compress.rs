@@ -450,6 +450,21 @@ impl EncodedFile {
         })
     }
 
+    /// Fails unless the encoder read exactly the bytes `meta` describes
+    /// (the first pass hashed them): a file that changed while it was
+    /// archived is not stored.
+    pub(crate) fn check_unchanged(&self, meta: &ObjectMeta) -> Result<()> {
+        let (size, sha256) = self.digest()?;
+        if size == meta.original_size && sha256 == meta.original_sha256 {
+            return Ok(());
+        }
+        Err(Error::Storage(format!(
+            "{} changed while it was archived ({} bytes became {size}); nothing was stored",
+            self.path.display(),
+            meta.original_size
+        )))
+    }
+
     /// Size and hex SHA-256 of the bytes read, once [`EncodedFile::next`]
     /// has returned `None`.
     pub(crate) fn digest(&self) -> Result<(u64, String)> {

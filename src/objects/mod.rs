@@ -9,9 +9,7 @@
 //! same object. A restore decodes and verifies against that metadata.
 
 mod compress;
-mod lifecycle;
 pub mod local;
-mod multipart;
 pub mod s3;
 pub mod source;
 
