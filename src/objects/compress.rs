@@ -11,8 +11,8 @@
 //! Bounded channels of two chunks between the stages keep memory bounded.
 
 use super::source::{Source, SourceReader};
-use super::{Compression, Encoding, ObjectMeta, Original};
-use crate::{Error, Result};
+use super::store::{Compression, Encoding, ObjectMeta, Original};
+use crate::error::{Error, Result};
 use async_compression::tokio::bufread::{GzipDecoder, ZstdDecoder};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};

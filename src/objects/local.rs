@@ -5,10 +5,10 @@
 //! object or none.
 
 use super::compress::{self, local_error};
-use super::{
-    Compression, Encoding, ObjectMeta, ObjectStore, Original, Source, Stored, check_key, verify,
-};
-use crate::{Error, Result};
+use super::key::check_key;
+use super::source::Source;
+use super::store::{Compression, Encoding, ObjectMeta, ObjectStore, Original, Stored, verify};
+use crate::error::{Error, Result};
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
 use tokio::fs::File;

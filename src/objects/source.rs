@@ -6,7 +6,7 @@
 //! Opening never blocks on a FIFO or a device (`O_NONBLOCK`) and anything
 //! but a regular file is refused.
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};

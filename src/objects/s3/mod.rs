@@ -16,9 +16,9 @@ mod wire;
 
 use crate::error::{Error, Result};
 use crate::objects::compress;
-use crate::objects::{
-    Compression, ObjectMeta, ObjectStore, Original, Source, Stored, check_key, verify,
-};
+use crate::objects::key::check_key;
+use crate::objects::source::Source;
+use crate::objects::store::{Compression, ObjectMeta, ObjectStore, Original, Stored, verify};
 use async_trait::async_trait;
 use aws_config::meta::region::RegionProviderChain;
 use aws_sdk_s3::Client;

@@ -7,8 +7,8 @@
 
 use super::wire::{sdk_error, to_metadata};
 use crate::error::{Error, Result};
-use crate::objects::ObjectMeta;
 use crate::objects::compress::EncodedFile;
+use crate::objects::store::ObjectMeta;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};

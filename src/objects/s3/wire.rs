@@ -6,7 +6,7 @@
 //! rules) maps its failure through [`sdk_error`].
 
 use crate::error::Error;
-use crate::objects::{Encoding, ObjectMeta};
+use crate::objects::store::{Encoding, ObjectMeta};
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use std::collections::HashMap;
