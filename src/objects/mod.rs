@@ -10,12 +10,14 @@
 //!
 //! Where things are: the trait and its vocabulary in `store`, the key
 //! layout in `key`, the backends in [`s3`] and [`local`], the file being
-//! archived in [`source`]; the byte pipeline of both directions, and its
-//! file-system helpers, in `compress`.
+//! archived in [`source`]; a file goes out through `encode` and comes back
+//! through `restore`, with the file-system helpers of both in `fs`.
 
-mod compress;
+mod encode;
+mod fs;
 mod key;
 pub mod local;
+mod restore;
 pub mod s3;
 pub mod source;
 mod store;

@@ -15,8 +15,9 @@ mod multipart;
 mod wire;
 
 use crate::error::{Error, Result};
-use crate::objects::compress;
+use crate::objects::encode;
 use crate::objects::key::check_key;
+use crate::objects::restore;
 use crate::objects::source::Source;
 use crate::objects::store::{Compression, ObjectMeta, ObjectStore, Original, Stored, verify};
 use async_trait::async_trait;
@@ -153,13 +154,13 @@ impl ObjectStore for S3Store {
         compression: Compression,
     ) -> Result<Stored> {
         let start = std::time::Instant::now();
-        let encoding = compress::choose_encoding(file, compression).await?;
+        let encoding = encode::choose_encoding(file, compression).await?;
         let key = format!("{key_base}{}", encoding.suffix());
         check_key(&key)?;
         // The first pass (size and SHA-256, for the metadata) runs beside
         // the encoder, which fills the first part meanwhile.
-        let hashing = compress::hash_file(file);
-        let mut source = compress::encode_file(file, encoding).await?;
+        let hashing = encode::hash_file(file);
+        let mut source = encode::encode_file(file, encoding).await?;
         let part_size = multipart::part_size(source.size_hint());
         let first = source.read_up_to(part_size).await?;
         tracing::debug!(%key, elapsed_ms = start.elapsed().as_millis(), "first part encoded");
@@ -235,9 +236,9 @@ impl ObjectStore for S3Store {
         let meta = out.metadata().and_then(from_metadata).ok_or_else(|| {
             Error::Refused(format!("{} has no archiver metadata", self.location(key)))
         })?;
-        compress::check_expected(key, &meta, expected)?;
+        restore::check_expected(key, &meta, expected)?;
         let body = Box::pin(out.body.into_async_read());
-        compress::restore_verified(body, key, &meta, dest).await
+        restore::restore_verified(body, key, &meta, dest).await
     }
 
     async fn apply_lifecycle(

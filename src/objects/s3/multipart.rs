@@ -7,7 +7,7 @@
 
 use super::wire::{sdk_error, to_metadata};
 use crate::error::{Error, Result};
-use crate::objects::compress::EncodedFile;
+use crate::objects::encode::EncodedFile;
 use crate::objects::store::ObjectMeta;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::primitives::ByteStream;
