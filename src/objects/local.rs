@@ -4,11 +4,13 @@
 //! directory, is fsynced and renamed into place, so a reader sees a whole
 //! object or none.
 
-use super::compress::{self, local_error};
-use super::{
-    Compression, Encoding, ObjectMeta, ObjectStore, Original, Source, Stored, check_key, verify,
-};
-use crate::{Error, Result};
+use super::encode;
+use super::fs::{local_error, sync_parent, temp_path};
+use super::key::check_key;
+use super::restore;
+use super::source::Source;
+use super::store::{Compression, Encoding, ObjectMeta, ObjectStore, Original, Stored, verify};
+use crate::error::{Error, Result};
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
 use tokio::fs::File;
@@ -72,7 +74,7 @@ async fn write_encoded(
     encoding: Encoding,
     tmp: &Path,
 ) -> Result<(u64, u64, String)> {
-    let mut encoded = compress::encode_file(source, encoding).await?;
+    let mut encoded = encode::encode_file(source, encoding).await?;
     let mut out = File::create(tmp).await.map_err(|e| local_error(tmp, e))?;
     let mut written = 0;
     while let Some(chunk) = encoded.next().await? {
@@ -89,7 +91,7 @@ async fn write_encoded(
 
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename.
 async fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = compress::temp_path(path)?;
+    let tmp = temp_path(path)?;
     let written = async {
         let mut file = File::create(&tmp).await?;
         file.write_all(bytes).await?;
@@ -113,7 +115,7 @@ async fn commit(tmp: &Path, path: &Path, meta: &ObjectMeta) -> Result<()> {
         .map_err(|e| local_error(path, e))?;
     let json = serde_json::to_vec_pretty(meta).map_err(|e| Error::Storage(e.to_string()))?;
     write_atomic(&meta_path(path), &json).await?;
-    compress::sync_parent(path).await
+    sync_parent(path).await
 }
 
 #[async_trait]
@@ -124,7 +126,7 @@ impl ObjectStore for LocalStore {
         key_base: &str,
         compression: Compression,
     ) -> Result<Stored> {
-        let encoding = compress::choose_encoding(source, compression).await?;
+        let encoding = encode::choose_encoding(source, compression).await?;
         let key = format!("{key_base}{}", encoding.suffix());
         let path = self.object_path(&key)?;
         if let Some(dir) = path.parent() {
@@ -132,7 +134,7 @@ impl ObjectStore for LocalStore {
                 .await
                 .map_err(|e| local_error(dir, e))?;
         }
-        let tmp = compress::temp_path(&path)?;
+        let tmp = temp_path(&path)?;
         let (stored_size, original_size, original_sha256) =
             match write_encoded(source, encoding, &tmp).await {
                 Ok(done) => done,
@@ -175,10 +177,10 @@ impl ObjectStore for LocalStore {
         let Some((_, meta)) = self.head(key).await? else {
             return Err(Error::Refused(format!("no object {}", self.location(key))));
         };
-        compress::check_expected(key, &meta, expected)?;
+        restore::check_expected(key, &meta, expected)?;
         let path = self.object_path(key)?;
         let file = File::open(&path).await.map_err(|e| local_error(&path, e))?;
-        compress::restore_verified(file, key, &meta, dest).await
+        restore::restore_verified(file, key, &meta, dest).await
     }
 
     async fn apply_lifecycle(&self, prefix: &str, _: i32, _: i32, _: bool) -> Result<String> {

@@ -6,7 +6,8 @@
 //! Opening never blocks on a FIFO or a device (`O_NONBLOCK`) and anything
 //! but a regular file is refused.
 
-use crate::{Error, Result};
+use super::fs::source_error;
+use crate::error::{Error, Result};
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -39,7 +40,7 @@ impl Source {
     pub fn open(path: &Path) -> Result<Source> {
         let file = open_options(true)
             .open(path)
-            .map_err(|e| super::compress::source_error(path, e))?;
+            .map_err(|e| source_error(path, e))?;
         Source::from_file(file, path)
     }
 
@@ -53,9 +54,7 @@ impl Source {
 
     /// Wraps an open file; refuses anything but a regular file.
     pub fn from_file(file: File, path: &Path) -> Result<Source> {
-        let meta = file
-            .metadata()
-            .map_err(|e| super::compress::source_error(path, e))?;
+        let meta = file.metadata().map_err(|e| source_error(path, e))?;
         if !meta.file_type().is_file() {
             return Err(Error::Refused(format!(
                 "{}: not a regular file ({})",

@@ -1,7 +1,6 @@
-//! The byte pipeline both backends share: choosing an encoding from a
-//! sample, streaming a file through an encoder while hashing what was read,
-//! and decoding an object into a file that appears only once its size and
-//! SHA-256 match the object's metadata.
+//! Encoding a file on its way out: choosing the encoding from a sample,
+//! and streaming the file through the encoder while hashing what was read
+//! (plus, for the S3 backend, a hashing pass of its own ahead of the body).
 //!
 //! Encoding runs on two blocking threads, so that reading and hashing
 //! overlap with the codec and none of it runs on the async runtime: one
@@ -10,28 +9,22 @@
 //! output to the async side, which writes them to a file or into S3 parts.
 //! Bounded channels of two chunks between the stages keep memory bounded.
 
+use super::fs::{read_full, source_error};
 use super::source::{Source, SourceReader};
-use super::{Compression, Encoding, ObjectMeta, Original};
-use crate::{Error, Result};
-use async_compression::tokio::bufread::{GzipDecoder, ZstdDecoder};
+use super::store::{Compression, Encoding, ObjectMeta};
+use crate::error::{Error, Result};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use std::io::{self, Read, Write};
-use std::path::{Path, PathBuf};
-use std::pin::Pin;
+use std::io::{self, Write};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender};
-use std::task::{Context, Poll, ready};
-use tokio::fs::File;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter, ReadBuf};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 /// How much of a file decides whether it is worth compressing.
 const SAMPLE_SIZE: usize = 1 << 20;
-/// Read and write buffer of the streaming paths.
-pub(crate) const IO_BUFFER: usize = 256 << 10;
 /// Compression is kept when the sample shrinks to at most 95 % of its size:
 /// below that saving, decompressing on restore costs more than it is worth.
 const KEEP_RATIO: (usize, usize) = (95, 100);
@@ -46,7 +39,7 @@ const CHUNK: usize = 1 << 20;
 const DEPTH: usize = 2;
 
 /// Reads the file's first MiB to choose its encoding.
-pub(crate) async fn choose_encoding(source: &Source, compression: Compression) -> Result<Encoding> {
+pub(super) async fn choose_encoding(source: &Source, compression: Compression) -> Result<Encoding> {
     let owned = source.clone();
     let sample = tokio::task::spawn_blocking(move || read_sample(&owned))
         .await
@@ -60,20 +53,6 @@ fn read_sample(source: &Source) -> io::Result<Vec<u8>> {
     let n = read_full(&mut source.reader(), &mut sample)?;
     sample.truncate(n);
     Ok(sample)
-}
-
-/// Fills `buf` from `file`; short only at the end of the file.
-fn read_full(file: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }
 
 /// Compresses the sample in memory and keeps the codec only if it pays.
@@ -97,28 +76,17 @@ fn compressed_len(data: &[u8], compression: Compression) -> io::Result<u64> {
     Ok(encoder.finish()?.0)
 }
 
-/// A missing or unreadable source file will not get better by retrying.
-pub(crate) fn source_error(path: &Path, e: io::Error) -> Error {
-    let what = format!("cannot read {}: {e}", path.display());
-    match e.kind() {
-        io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied | io::ErrorKind::IsADirectory => {
-            Error::Refused(what)
-        }
-        _ => Error::Storage(what),
-    }
-}
-
 /// Size and hex SHA-256 of a whole file, computed on a blocking thread
 /// that starts at once (the S3 backend's first pass: its metadata must
 /// precede the body). Dropping it stops the thread at its next chunk.
-pub(crate) struct HashPass {
+pub(super) struct HashPass {
     path: PathBuf,
     handle: JoinHandle<io::Result<(u64, String)>>,
     stop: Arc<AtomicBool>,
 }
 
 /// Starts hashing `source`.
-pub(crate) fn hash_file(source: &Source) -> HashPass {
+pub(super) fn hash_file(source: &Source) -> HashPass {
     let stop = Arc::new(AtomicBool::new(false));
     let (mut file, flag) = (source.reader(), stop.clone());
     let handle = tokio::task::spawn_blocking(move || {
@@ -146,7 +114,7 @@ pub(crate) fn hash_file(source: &Source) -> HashPass {
 
 impl HashPass {
     /// The file's size and hex SHA-256.
-    pub(crate) async fn finish(mut self) -> Result<(u64, String)> {
+    pub(super) async fn finish(mut self) -> Result<(u64, String)> {
         (&mut self.handle)
             .await
             .map_err(|e| Error::Storage(format!("hashing {}: {e}", self.path.display())))?
@@ -157,45 +125,6 @@ impl HashPass {
 impl Drop for HashPass {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-/// Counts and hashes the bytes read through it.
-#[derive(Debug)]
-pub(crate) struct Hashing<R> {
-    inner: R,
-    hasher: Sha256,
-    count: u64,
-}
-
-impl<R> Hashing<R> {
-    pub(crate) fn new(inner: R) -> Self {
-        Hashing {
-            inner,
-            hasher: Sha256::new(),
-            count: 0,
-        }
-    }
-
-    /// Bytes read so far and their hex SHA-256.
-    pub(crate) fn digest(&self) -> (u64, String) {
-        (self.count, hex::encode(self.hasher.clone().finalize()))
-    }
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for Hashing<R> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
-        let new = &buf.filled()[before..];
-        this.hasher.update(new);
-        this.count += new.len() as u64;
-        Poll::Ready(Ok(()))
     }
 }
 
@@ -309,7 +238,7 @@ impl Write for Chunker {
 /// and hashes, the other encodes — while the async side takes the encoded
 /// bytes in chunks. Memory stays bounded: [`DEPTH`] chunks wait between
 /// the stages. Dropping it stops both threads at their next chunk.
-pub(crate) struct EncodedFile {
+pub(super) struct EncodedFile {
     path: PathBuf,
     size_hint: u64,
     chunks: mpsc::Receiver<Bytes>,
@@ -320,7 +249,7 @@ pub(crate) struct EncodedFile {
 }
 
 /// Starts encoding `source` with `encoding`.
-pub(crate) async fn encode_file(source: &Source, encoding: Encoding) -> Result<EncodedFile> {
+pub(super) async fn encode_file(source: &Source, encoding: Encoding) -> Result<EncodedFile> {
     let (path, size_hint, file) = (source.path(), source.len_at_open(), source.reader());
     let (raw_tx, raw_rx) = std::sync::mpsc::sync_channel(DEPTH);
     let (out_tx, out_rx) = mpsc::channel(DEPTH);
@@ -393,13 +322,13 @@ fn encode_chunks(
 
 impl EncodedFile {
     /// The file's size when it was opened.
-    pub(crate) fn size_hint(&self) -> u64 {
+    pub(super) fn size_hint(&self) -> u64 {
         self.size_hint
     }
 
     /// The next chunk of encoded bytes; `None` at the end, once the whole
     /// file was read and encoded.
-    pub(crate) async fn next(&mut self) -> Result<Option<Bytes>> {
+    pub(super) async fn next(&mut self) -> Result<Option<Bytes>> {
         if let Some(chunk) = self.pending.take() {
             return Ok(Some(chunk));
         }
@@ -413,7 +342,7 @@ impl EncodedFile {
     }
 
     /// Up to `limit` encoded bytes; fewer only at the end.
-    pub(crate) async fn read_up_to(&mut self, limit: usize) -> Result<Bytes> {
+    pub(super) async fn read_up_to(&mut self, limit: usize) -> Result<Bytes> {
         let mut part = Vec::with_capacity(limit);
         while part.len() < limit {
             let Some(chunk) = self.next().await? else {
@@ -450,9 +379,24 @@ impl EncodedFile {
         })
     }
 
+    /// Fails unless the encoder read exactly the bytes `meta` describes
+    /// (the first pass hashed them): a file that changed while it was
+    /// archived is not stored.
+    pub(super) fn check_unchanged(&self, meta: &ObjectMeta) -> Result<()> {
+        let (size, sha256) = self.digest()?;
+        if size == meta.original_size && sha256 == meta.original_sha256 {
+            return Ok(());
+        }
+        Err(Error::Storage(format!(
+            "{} changed while it was archived ({} bytes became {size}); nothing was stored",
+            self.path.display(),
+            meta.original_size
+        )))
+    }
+
     /// Size and hex SHA-256 of the bytes read, once [`EncodedFile::next`]
     /// has returned `None`.
-    pub(crate) fn digest(&self) -> Result<(u64, String)> {
+    pub(super) fn digest(&self) -> Result<(u64, String)> {
         self.digest.clone().ok_or_else(|| {
             Error::Storage(format!(
                 "{}: digest asked for before the end",
@@ -462,185 +406,10 @@ impl EncodedFile {
     }
 }
 
-/// Marks an error of the reader an object is restored from, so that it is
-/// not mistaken for the object's bytes failing to decode.
-#[derive(Debug)]
-struct SourceFailed(io::Error);
-
-impl std::fmt::Display for SourceFailed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl std::error::Error for SourceFailed {}
-
-/// Tags every error of `R` as [`SourceFailed`].
-struct Tagged<R>(R);
-
-impl<R: AsyncRead + Unpin> AsyncRead for Tagged<R> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0)
-            .poll_read(cx, buf)
-            .map_err(|e| io::Error::new(e.kind(), SourceFailed(e)))
-    }
-}
-
-fn decoder<'a, R: AsyncRead + Unpin + Send + 'a>(
-    reader: R,
-    encoding: Encoding,
-) -> Box<dyn AsyncRead + Unpin + Send + 'a> {
-    let buffered = BufReader::with_capacity(IO_BUFFER, Tagged(reader));
-    match encoding {
-        Encoding::Zstd => Box::new(ZstdDecoder::new(buffered)),
-        Encoding::Gzip => Box::new(GzipDecoder::new(buffered)),
-        Encoding::Identity => Box::new(buffered),
-    }
-}
-
-/// Refuses an object whose metadata disagrees with what the ledger
-/// recorded for it (another file's object under this key, or metadata
-/// rewritten): its bytes would verify against the wrong digest.
-pub(crate) fn check_expected(
-    key: &str,
-    meta: &ObjectMeta,
-    expected: Option<&Original>,
-) -> Result<()> {
-    match expected {
-        Some(want) if want.size != meta.original_size || want.sha256 != meta.original_sha256 => {
-            Err(Error::Refused(format!(
-                "{key} is not the archived file: its metadata says {} bytes with SHA-256 {}, \
-                 reports_archive recorded {} bytes with SHA-256 {}; nothing restored",
-                meta.original_size, meta.original_sha256, want.size, want.sha256
-            )))
-        }
-        _ => Ok(()),
-    }
-}
-
-/// Decodes `object` (stored under `key` with `meta`) into `dest`, through a
-/// temporary file beside it that is renamed into place only when the size
-/// and SHA-256 match. Any failure leaves nothing at `dest` and no temp file.
-pub(crate) async fn restore_verified<R>(
-    object: R,
-    key: &str,
-    meta: &ObjectMeta,
-    dest: &Path,
-) -> Result<u64>
-where
-    R: AsyncRead + Unpin + Send,
-{
-    let tmp = temp_path(dest)?;
-    let outcome = decode_into(object, key, meta, &tmp).await;
-    let renamed = match outcome {
-        Ok(()) => tokio::fs::rename(&tmp, dest)
-            .await
-            .map_err(|e| local_error(dest, e)),
-        Err(e) => Err(e),
-    };
-    if let Err(e) = renamed {
-        let _ = tokio::fs::remove_file(&tmp).await;
-        return Err(e);
-    }
-    sync_parent(dest).await?;
-    Ok(meta.original_size)
-}
-
-async fn decode_into<R>(object: R, key: &str, meta: &ObjectMeta, tmp: &Path) -> Result<()>
-where
-    R: AsyncRead + Unpin + Send,
-{
-    let mut reader = Hashing::new(decoder(object, meta.encoding));
-    let file = File::create(tmp).await.map_err(|e| local_error(tmp, e))?;
-    let mut out = BufWriter::with_capacity(IO_BUFFER, file);
-    let mut buf = vec![0; IO_BUFFER];
-    loop {
-        let n = reader
-            .read(&mut buf)
-            .await
-            .map_err(|e| read_error(key, e))?;
-        if n == 0 {
-            break;
-        }
-        out.write_all(&buf[..n])
-            .await
-            .map_err(|e| local_error(tmp, e))?;
-    }
-    out.flush().await.map_err(|e| local_error(tmp, e))?;
-    let (size, sha256) = reader.digest();
-    if size != meta.original_size || sha256 != meta.original_sha256 {
-        return Err(Error::Refused(format!(
-            "{key} is corrupt: restored {size} bytes with SHA-256 {sha256}, its metadata says {} bytes with {}",
-            meta.original_size, meta.original_sha256
-        )));
-    }
-    out.into_inner()
-        .sync_all()
-        .await
-        .map_err(|e| local_error(tmp, e))
-}
-
-/// A failure to read the object is worth a retry; bytes that do not decode are not.
-fn read_error(key: &str, e: io::Error) -> Error {
-    if e.get_ref().is_some_and(|inner| inner.is::<SourceFailed>()) {
-        Error::Storage(format!("reading {key}: {e}"))
-    } else {
-        Error::Refused(format!("{key} is corrupt: it does not decode: {e}"))
-    }
-}
-
-/// A local filesystem failure while writing: a missing directory or a
-/// denied permission stays that way until someone acts; anything else (a
-/// full disk, an I/O error) may pass.
-pub(crate) fn local_error(path: &Path, e: io::Error) -> Error {
-    let what = format!("{}: {e}", path.display());
-    match e.kind() {
-        io::ErrorKind::NotFound
-        | io::ErrorKind::PermissionDenied
-        | io::ErrorKind::ReadOnlyFilesystem => Error::Refused(what),
-        _ => Error::Storage(what),
-    }
-}
-
-/// A unique temporary name in the same directory as `path` (so that the
-/// final rename is atomic).
-pub(crate) fn temp_path(path: &Path) -> Result<PathBuf> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::Refused(format!("{} names no file", path.display())))?;
-    let tmp = format!(
-        ".{}.{}.tmp",
-        name.to_string_lossy(),
-        uuid::Uuid::new_v4().simple()
-    );
-    Ok(path.with_file_name(tmp))
-}
-
-/// Makes a rename in `path`'s directory durable.
-pub(crate) async fn sync_parent(path: &Path) -> Result<()> {
-    let Some(dir) = path.parent().map(|p| {
-        if p.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            p
-        }
-    }) else {
-        return Ok(());
-    };
-    let dir = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || std::fs::File::open(&dir)?.sync_all())
-        .await
-        .map_err(|e| Error::Storage(format!("syncing a directory: {e}")))?
-        .map_err(|e| local_error(path, e))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
 
     #[tokio::test]
     async fn text_compresses_and_noise_does_not() {
@@ -775,17 +544,5 @@ mod tests {
         };
         assert!(matches!(err, Error::Refused(_)), "{err}");
         assert!(encoded.digest().is_err());
-    }
-
-    #[test]
-    fn temp_files_sit_beside_their_target() {
-        let tmp = temp_path(Path::new("/a/b/report.csv")).unwrap();
-        assert_eq!(tmp.parent(), Some(Path::new("/a/b")));
-        assert!(
-            tmp.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with(".report.csv.")
-        );
     }
 }

@@ -1,31 +1,105 @@
-//! The bucket lifecycle rule for archived objects, built and compared
-//! without a server: the S3 backend reads the bucket's rules, replaces only
-//! the archiver's own (found by its ID), and checks what it reads back.
+//! The bucket lifecycle rule for archived objects (S3 only): applying it
+//! reads the bucket's rules, replaces only the archiver's own (found by its
+//! ID), and checks what it reads back. The rule itself is built, merged and
+//! compared without a server, and unit-tested that way.
 
-use crate::{Error, Result};
+use super::wire::sdk_error;
+use crate::error::{Error, Result};
+use aws_sdk_s3::Client;
+use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::types::{
-    AbortIncompleteMultipartUpload, ExpirationStatus, LifecycleExpiration, LifecycleRule,
-    LifecycleRuleFilter, Transition, TransitionStorageClass,
+    AbortIncompleteMultipartUpload, BucketLifecycleConfiguration, ExpirationStatus,
+    LifecycleExpiration, LifecycleRule, LifecycleRuleFilter, Transition, TransitionStorageClass,
 };
 
 /// Multipart uploads abandoned by a crash are cleaned up after this many days.
 const ABORT_INCOMPLETE_DAYS: i32 = 7;
 
+/// `ObjectStore::apply_lifecycle` on `bucket`: idempotently puts the rule
+/// for `prefix` (unless `dry_run`), keeping the bucket's other rules, and
+/// verifies it by reading it back. Returns the one-line report.
+pub(super) async fn apply(
+    client: &Client,
+    bucket: &str,
+    prefix: &str,
+    glacier_days: i32,
+    expire_days: i32,
+    dry_run: bool,
+) -> Result<String> {
+    let wanted = Wanted::new(prefix, glacier_days, expire_days)?;
+    let desired = describe(&wanted.rule()?);
+    let current = read_rules(client, bucket).await?;
+    let before = wanted.find(&current).map(describe);
+    let target = format!("lifecycle rule {} on s3://{bucket}", wanted.id());
+    if before.as_deref() == Some(desired.as_str()) {
+        return Ok(format!(
+            "{target}: already in place ({desired}); nothing to change"
+        ));
+    }
+    let before = before.unwrap_or_else(|| "none".into());
+    if dry_run {
+        return Ok(format!(
+            "dry run: {target}: would change [{before}] to [{desired}]"
+        ));
+    }
+    write_rules(client, bucket, merged(&current, &wanted)?).await?;
+    let read_back = read_rules(client, bucket).await?;
+    match wanted.find(&read_back).map(describe) {
+        Some(after) if after == desired => {
+            Ok(format!("{target}: applied [{desired}] (was [{before}])"))
+        }
+        after => Err(Error::Storage(format!(
+            "{target}: read back [{}] after applying [{desired}]",
+            after.unwrap_or_else(|| "none".into())
+        ))),
+    }
+}
+
+/// The bucket's lifecycle rules; none if it has no lifecycle configuration.
+async fn read_rules(client: &Client, bucket: &str) -> Result<Vec<LifecycleRule>> {
+    match client
+        .get_bucket_lifecycle_configuration()
+        .bucket(bucket)
+        .send()
+        .await
+    {
+        Ok(out) => Ok(out.rules.unwrap_or_default()),
+        Err(e) if e.code() == Some("NoSuchLifecycleConfiguration") => Ok(Vec::new()),
+        Err(e) => Err(sdk_error("GetBucketLifecycleConfiguration", bucket, e)),
+    }
+}
+
+/// Replaces the bucket's lifecycle configuration with `rules`.
+async fn write_rules(client: &Client, bucket: &str, rules: Vec<LifecycleRule>) -> Result<()> {
+    let config = BucketLifecycleConfiguration::builder()
+        .set_rules(Some(rules))
+        .build()
+        .map_err(|e| Error::Refused(format!("lifecycle configuration: {e}")))?;
+    client
+        .put_bucket_lifecycle_configuration()
+        .bucket(bucket)
+        .lifecycle_configuration(config)
+        .send()
+        .await
+        .map_err(|e| sdk_error("PutBucketLifecycleConfiguration", bucket, e))?;
+    Ok(())
+}
+
 /// The rule the archiver wants on one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Wanted {
+struct Wanted {
     /// Key prefix, ending in `/`.
-    pub(crate) prefix: String,
+    prefix: String,
     /// Days after creation when objects move to GLACIER.
-    pub(crate) glacier_days: i32,
+    glacier_days: i32,
     /// Days after creation when objects are deleted.
-    pub(crate) expire_days: i32,
+    expire_days: i32,
 }
 
 impl Wanted {
     /// Validates the days (S3 wants expiry after the transition) and
     /// normalises the prefix to end in `/`.
-    pub(crate) fn new(prefix: &str, glacier_days: i32, expire_days: i32) -> Result<Self> {
+    fn new(prefix: &str, glacier_days: i32, expire_days: i32) -> Result<Self> {
         if glacier_days < 0 || expire_days <= glacier_days {
             return Err(Error::Refused(format!(
                 "lifecycle: need 0 <= glacier days < expiry days, got {glacier_days} and {expire_days}"
@@ -43,12 +117,12 @@ impl Wanted {
     }
 
     /// The rule's ID: one per prefix, so reapplying replaces rather than adds.
-    pub(crate) fn id(&self) -> String {
+    fn id(&self) -> String {
         format!("archiver:{}", self.prefix)
     }
 
     /// The rule as the SDK sends it.
-    pub(crate) fn rule(&self) -> Result<LifecycleRule> {
+    fn rule(&self) -> Result<LifecycleRule> {
         LifecycleRule::builder()
             .id(self.id())
             .filter(LifecycleRuleFilter::builder().prefix(&self.prefix).build())
@@ -74,7 +148,7 @@ impl Wanted {
     }
 
     /// The archiver's rule among `rules`, if there.
-    pub(crate) fn find<'a>(&self, rules: &'a [LifecycleRule]) -> Option<&'a LifecycleRule> {
+    fn find<'a>(&self, rules: &'a [LifecycleRule]) -> Option<&'a LifecycleRule> {
         let id = self.id();
         rules.iter().find(|r| r.id() == Some(id.as_str()))
     }
@@ -85,7 +159,7 @@ impl Wanted {
 /// them (filter prefix or the legacy top-level prefix, which older servers
 /// still return).
 #[allow(deprecated)]
-pub(crate) fn describe(rule: &LifecycleRule) -> String {
+fn describe(rule: &LifecycleRule) -> String {
     let prefix = rule
         .filter()
         .and_then(|f| f.prefix())
@@ -128,7 +202,7 @@ fn days(d: Option<i32>) -> String {
 }
 
 /// The bucket's rules with the archiver's replaced by (or extended with) `rule`.
-pub(crate) fn merged(current: &[LifecycleRule], wanted: &Wanted) -> Result<Vec<LifecycleRule>> {
+fn merged(current: &[LifecycleRule], wanted: &Wanted) -> Result<Vec<LifecycleRule>> {
     let id = wanted.id();
     let mut rules: Vec<LifecycleRule> = current
         .iter()

@@ -5,19 +5,18 @@
 //! A failed upload is aborted, so no parts are left behind to pay for (the
 //! lifecycle rule also aborts any a crash leaves).
 
-use super::ObjectMeta;
-use super::compress::EncodedFile;
-use super::s3::{S3Store, check_unchanged, sdk_error};
-use crate::{Error, Result};
+use super::wire::{sdk_error, to_metadata};
+use crate::error::{Error, Result};
+use crate::objects::encode::EncodedFile;
+use crate::objects::store::ObjectMeta;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
-use std::path::Path;
 use tokio::task::JoinHandle;
 
 /// The part size for ordinary files.
-pub(crate) const PART_SIZE: usize = 8 << 20;
+const PART_SIZE: usize = 8 << 20;
 /// S3 allows at most 10,000 parts; leave headroom for compressed data that
 /// came out slightly larger than its original.
 const MAX_PARTS: u64 = 10_000;
@@ -25,26 +24,27 @@ const PLANNED_PARTS: u64 = 9_000;
 
 /// The part size for a file of `original_size` bytes: 8 MiB, or larger
 /// (whole MiB) when the file would otherwise need more than 9,000 parts.
-pub(crate) fn part_size(original_size: u64) -> usize {
+pub(super) fn part_size(original_size: u64) -> usize {
     const MIB: u64 = 1 << 20;
     let needed = original_size.div_ceil(PLANNED_PARTS).div_ceil(MIB) * MIB;
     needed.max(PART_SIZE as u64) as usize
 }
 
 /// Uploads `first` and the rest of `source` as one multipart upload to
-/// `key`; returns the bytes sent. Aborts the upload on any failure.
-pub(crate) async fn upload(
-    store: &S3Store,
+/// `key` in `bucket`; returns the bytes sent. Aborts the upload on any
+/// failure, a file that changed while it was read included.
+pub(super) async fn upload(
+    client: &Client,
+    bucket: &str,
     key: &str,
     first: Bytes,
     source: &mut EncodedFile,
-    path: &Path,
     meta: &ObjectMeta,
 ) -> Result<u64> {
-    let upload = Upload::create(store, key, meta).await?;
+    let upload = Upload::create(client, bucket, key, meta).await?;
     let result = async {
         let (parts, sent) = upload.send_parts(first, source).await?;
-        check_unchanged(source, path, meta)?;
+        source.check_unchanged(meta)?;
         tracing::debug!(key, parts = parts.len(), "parts sent; completing");
         upload.complete(parts).await?;
         Ok(sent)
@@ -66,13 +66,12 @@ struct Upload {
 }
 
 impl Upload {
-    async fn create(store: &S3Store, key: &str, meta: &ObjectMeta) -> Result<Self> {
-        let out = store
-            .client
+    async fn create(client: &Client, bucket: &str, key: &str, meta: &ObjectMeta) -> Result<Self> {
+        let out = client
             .create_multipart_upload()
-            .bucket(&store.bucket)
+            .bucket(bucket)
             .key(key)
-            .set_metadata(Some(super::s3::to_metadata(meta)))
+            .set_metadata(Some(to_metadata(meta)))
             .set_content_encoding(meta.encoding.content_encoding().map(str::to_owned))
             .checksum_algorithm(ChecksumAlgorithm::Crc32)
             .send()
@@ -82,8 +81,8 @@ impl Upload {
             .upload_id
             .ok_or_else(|| Error::Storage(format!("CreateMultipartUpload {key}: no upload id")))?;
         Ok(Upload {
-            client: store.client.clone(),
-            bucket: store.bucket.clone(),
+            client: client.clone(),
+            bucket: bucket.to_owned(),
             key: key.to_owned(),
             id,
             part_size: part_size(meta.original_size),

@@ -4,37 +4,39 @@
 //! sent (that pass runs beside the encoder, which fills the first part
 //! meanwhile). Credentials come from the SDK's provider chain and are never
 //! logged.
+//!
+//! The store is here; beside it, `multipart` streams a large file in parts,
+//! `lifecycle` keeps the bucket's rule for archived objects, and `wire`
+//! holds the metadata mapping and the error classes all three share. None
+//! of them knows the store: each takes the client and the bucket.
 
-use super::compress::{self, EncodedFile};
-use super::lifecycle::{self, Wanted};
-use super::multipart;
-use super::{
-    Compression, Encoding, ObjectMeta, ObjectStore, Original, Source, Stored, check_key, verify,
-};
-use crate::{Error, Result};
+mod lifecycle;
+mod multipart;
+mod wire;
+
+use crate::error::{Error, Result};
+use crate::objects::encode;
+use crate::objects::key::check_key;
+use crate::objects::restore;
+use crate::objects::source::Source;
+use crate::objects::store::{Compression, ObjectMeta, ObjectStore, Original, Stored, verify};
 use async_trait::async_trait;
 use aws_config::meta::region::RegionProviderChain;
 use aws_sdk_s3::Client;
-use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{BehaviorVersion, Region};
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{BucketLifecycleConfiguration, LifecycleRule};
 use bytes::Bytes;
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
-
-const META_SIZE: &str = "original-size";
-const META_SHA256: &str = "original-sha256";
-const META_ENCODING: &str = "encoding";
+use wire::{from_metadata, sdk_error, to_metadata};
 
 /// Objects in one S3 bucket.
 #[derive(Clone)]
 pub struct S3Store {
-    pub(super) client: Client,
-    pub(super) bucket: String,
+    client: Client,
+    bucket: String,
 }
 
 impl std::fmt::Debug for S3Store {
@@ -141,52 +143,6 @@ impl S3Store {
             self.location(key)
         ))
     }
-
-    async fn lifecycle_rules(&self) -> Result<Vec<LifecycleRule>> {
-        match self
-            .client
-            .get_bucket_lifecycle_configuration()
-            .bucket(&self.bucket)
-            .send()
-            .await
-        {
-            Ok(out) => Ok(out.rules.unwrap_or_default()),
-            Err(e) if e.code() == Some("NoSuchLifecycleConfiguration") => Ok(Vec::new()),
-            Err(e) => Err(sdk_error(
-                "GetBucketLifecycleConfiguration",
-                &self.bucket,
-                e,
-            )),
-        }
-    }
-
-    async fn put_lifecycle_rules(&self, rules: Vec<LifecycleRule>) -> Result<()> {
-        let config = BucketLifecycleConfiguration::builder()
-            .set_rules(Some(rules))
-            .build()
-            .map_err(|e| Error::Refused(format!("lifecycle configuration: {e}")))?;
-        self.client
-            .put_bucket_lifecycle_configuration()
-            .bucket(&self.bucket)
-            .lifecycle_configuration(config)
-            .send()
-            .await
-            .map_err(|e| sdk_error("PutBucketLifecycleConfiguration", &self.bucket, e))?;
-        Ok(())
-    }
-}
-
-/// Fails unless the encoder read exactly the bytes the first pass hashed.
-pub(super) fn check_unchanged(source: &EncodedFile, path: &Path, meta: &ObjectMeta) -> Result<()> {
-    let (size, sha256) = source.digest()?;
-    if size == meta.original_size && sha256 == meta.original_sha256 {
-        return Ok(());
-    }
-    Err(Error::Storage(format!(
-        "{} changed while it was archived ({} bytes became {size}); nothing was stored",
-        path.display(),
-        meta.original_size
-    )))
 }
 
 #[async_trait]
@@ -198,14 +154,13 @@ impl ObjectStore for S3Store {
         compression: Compression,
     ) -> Result<Stored> {
         let start = std::time::Instant::now();
-        let path = file.path();
-        let encoding = compress::choose_encoding(file, compression).await?;
+        let encoding = encode::choose_encoding(file, compression).await?;
         let key = format!("{key_base}{}", encoding.suffix());
         check_key(&key)?;
         // The first pass (size and SHA-256, for the metadata) runs beside
         // the encoder, which fills the first part meanwhile.
-        let hashing = compress::hash_file(file);
-        let mut source = compress::encode_file(file, encoding).await?;
+        let hashing = encode::hash_file(file);
+        let mut source = encode::encode_file(file, encoding).await?;
         let part_size = multipart::part_size(source.size_hint());
         let first = source.read_up_to(part_size).await?;
         tracing::debug!(%key, elapsed_ms = start.elapsed().as_millis(), "first part encoded");
@@ -217,10 +172,10 @@ impl ObjectStore for S3Store {
             encoding,
         };
         let sent = if first.len() < part_size {
-            check_unchanged(&source, path, &meta)?;
+            source.check_unchanged(&meta)?;
             self.put_single(&key, first, &meta).await?
         } else {
-            multipart::upload(self, &key, first, &mut source, path, &meta).await?
+            multipart::upload(&self.client, &self.bucket, &key, first, &mut source, &meta).await?
         };
         tracing::debug!(%key, elapsed_ms = start.elapsed().as_millis(), "uploaded");
         verify(self.head(&key).await?, &key, sent, &meta)?;
@@ -281,9 +236,9 @@ impl ObjectStore for S3Store {
         let meta = out.metadata().and_then(from_metadata).ok_or_else(|| {
             Error::Refused(format!("{} has no archiver metadata", self.location(key)))
         })?;
-        compress::check_expected(key, &meta, expected)?;
+        restore::check_expected(key, &meta, expected)?;
         let body = Box::pin(out.body.into_async_read());
-        compress::restore_verified(body, key, &meta, dest).await
+        restore::restore_verified(body, key, &meta, dest).await
     }
 
     async fn apply_lifecycle(
@@ -293,144 +248,18 @@ impl ObjectStore for S3Store {
         expire_days: i32,
         dry_run: bool,
     ) -> Result<String> {
-        let wanted = Wanted::new(prefix, glacier_days, expire_days)?;
-        let desired = lifecycle::describe(&wanted.rule()?);
-        let current = self.lifecycle_rules().await?;
-        let before = wanted.find(&current).map(lifecycle::describe);
-        let target = format!("lifecycle rule {} on s3://{}", wanted.id(), self.bucket);
-        if before.as_deref() == Some(desired.as_str()) {
-            return Ok(format!(
-                "{target}: already in place ({desired}); nothing to change"
-            ));
-        }
-        let before = before.unwrap_or_else(|| "none".into());
-        if dry_run {
-            return Ok(format!(
-                "dry run: {target}: would change [{before}] to [{desired}]"
-            ));
-        }
-        self.put_lifecycle_rules(lifecycle::merged(&current, &wanted)?)
-            .await?;
-        let read_back = self.lifecycle_rules().await?;
-        match wanted.find(&read_back).map(lifecycle::describe) {
-            Some(after) if after == desired => {
-                Ok(format!("{target}: applied [{desired}] (was [{before}])"))
-            }
-            after => Err(Error::Storage(format!(
-                "{target}: read back [{}] after applying [{desired}]",
-                after.unwrap_or_else(|| "none".into())
-            ))),
-        }
+        lifecycle::apply(
+            &self.client,
+            &self.bucket,
+            prefix,
+            glacier_days,
+            expire_days,
+            dry_run,
+        )
+        .await
     }
 
     fn location(&self, key: &str) -> String {
         format!("s3://{}/{key}", self.bucket)
-    }
-}
-
-pub(super) fn to_metadata(meta: &ObjectMeta) -> HashMap<String, String> {
-    HashMap::from([
-        (META_SIZE.to_owned(), meta.original_size.to_string()),
-        (META_SHA256.to_owned(), meta.original_sha256.clone()),
-        (META_ENCODING.to_owned(), meta.encoding.as_str().to_owned()),
-    ])
-}
-
-/// The archiver's metadata, if all of it is there and well-formed.
-fn from_metadata(map: &HashMap<String, String>) -> Option<ObjectMeta> {
-    Some(ObjectMeta {
-        original_size: map.get(META_SIZE)?.parse().ok()?,
-        original_sha256: map.get(META_SHA256)?.clone(),
-        encoding: map.get(META_ENCODING)?.parse::<Encoding>().ok()?,
-    })
-}
-
-/// Error codes worth retrying whatever their HTTP status.
-const RETRYABLE_CODES: &[&str] = &[
-    "SlowDown",
-    "Throttling",
-    "ThrottlingException",
-    "RequestTimeout",
-    "RequestTimeTooSkewed",
-    "RequestLimitExceeded",
-    "TooManyRequestsException",
-    "OperationAborted",
-    "InternalError",
-    "ServiceUnavailable",
-    "ExpiredToken",
-    "NoSuchUpload",
-];
-
-/// Maps an SDK failure to the archiver's error: connection trouble,
-/// timeouts, 5xx and throttling are [`Error::Storage`] (retry); a missing
-/// bucket or denied access is a configuration error; any other refusal is
-/// [`Error::Refused`].
-pub(super) fn sdk_error<E>(op: &str, key: &str, e: SdkError<E, HttpResponse>) -> Error
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-{
-    let status = match &e {
-        SdkError::ServiceError(service) => service.raw().status().as_u16(),
-        SdkError::ConstructionFailure(_) => {
-            return Error::Refused(format!("{op} {key}: {}", DisplayErrorContext(&e)));
-        }
-        _ => return Error::Storage(format!("{op} {key}: {}", DisplayErrorContext(&e))),
-    };
-    let code = e.code().map(str::to_owned);
-    let what = format!("{op} {key}: {}", DisplayErrorContext(&e));
-    classify(code.as_deref(), status, what)
-}
-
-fn classify(code: Option<&str>, status: u16, what: String) -> Error {
-    if status >= 500
-        || status == 429
-        || status == 408
-        || code.is_some_and(|c| RETRYABLE_CODES.contains(&c))
-    {
-        return Error::Storage(what);
-    }
-    match code {
-        Some("InvalidObjectState") => Error::Refused(format!(
-            "the object is in an archive storage class (Glacier): restore it from the archive tier first: {what}"
-        )),
-        Some("NoSuchBucket") => Error::config("REPORTS_ARCHIVE_BUCKET", what),
-        _ if status == 403 => Error::config(
-            "REPORTS_ARCHIVE_BUCKET",
-            format!("access denied (check the AWS credentials and the bucket policy): {what}"),
-        ),
-        _ => Error::Refused(what),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::error::Class;
-
-    #[test]
-    fn metadata_round_trips() {
-        let meta = ObjectMeta {
-            original_size: 42,
-            original_sha256: "ab".repeat(32),
-            encoding: Encoding::Gzip,
-        };
-        assert_eq!(from_metadata(&to_metadata(&meta)), Some(meta));
-        assert_eq!(from_metadata(&HashMap::new()), None);
-    }
-
-    #[test]
-    fn failures_are_classified() {
-        let class = |code, status| classify(code, status, String::new()).class();
-        assert_eq!(class(Some("SlowDown"), 503), Class::Transient);
-        assert_eq!(class(Some("InternalError"), 500), Class::Transient);
-        assert_eq!(class(Some("RequestTimeout"), 400), Class::Transient);
-        assert_eq!(class(Some("AccessDenied"), 403), Class::Permanent);
-        assert_eq!(class(Some("NoSuchBucket"), 404), Class::Permanent);
-        assert_eq!(class(Some("InvalidArgument"), 400), Class::Permanent);
-        let glacier = classify(Some("InvalidObjectState"), 403, String::new());
-        assert!(
-            matches!(&glacier, Error::Refused(m) if m.contains("Glacier")),
-            "{glacier}"
-        );
     }
 }
