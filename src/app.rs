@@ -140,7 +140,7 @@ impl App {
                 format!("{} is not a directory", root.display()),
             ));
         }
-        crate::execute::reports::check_root(root).map_err(|r| Error::config("REPORTS_ROOT", r))?;
+        crate::schema::reports_root::check(root).map_err(|r| Error::config("REPORTS_ROOT", r))?;
         let ctx = ReportsContext {
             root: root.clone(),
             store: self.object_store().await?,

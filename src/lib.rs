@@ -8,6 +8,7 @@
 //! - [`db`]: connecting, and the embedded migrations.
 //! - [`ledger`]: `archive_jobs` and `archive_batches`, the authority.
 //! - [`partitions`]: monthly archive partitions, created ahead of batches.
+//! - [`schema`]: the facts plan and execute share: tables, keys, reports root.
 //! - [`plan`]: eligible rows → batches → ledger → messages; the dry run.
 //! - [`execute`]: one batch, one transaction, per kind.
 //! - [`objects`]: the object store for report files: S3 or a local directory.
@@ -50,6 +51,7 @@ pub mod plan;
 pub mod planner;
 pub mod query;
 pub mod retention;
+pub mod schema;
 pub mod serve;
 pub mod shutdown;
 pub mod summary;

@@ -21,6 +21,7 @@ use crate::config::Policy;
 use crate::error::{Error, Result};
 use crate::ledger;
 use crate::partitions::{next_month, partition_name, retry_ddl};
+use crate::schema;
 use crate::vocabulary::{JobType, Kind};
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use sqlx::{PgPool, Row};
@@ -127,8 +128,8 @@ impl Findings {
 /// The archive tables that lose partitions, with their kind and period.
 fn tables(p: &Periods) -> [(&'static str, Kind, i32); 2] {
     [
-        ("scenario_logs_archive", Kind::Logs, p.logs_years),
-        ("scenario_metrics_archive", Kind::Metrics, p.metrics_years),
+        (schema::LOGS_ARCHIVE, Kind::Logs, p.logs_years),
+        (schema::METRICS_ARCHIVE, Kind::Metrics, p.metrics_years),
     ]
 }
 

@@ -13,7 +13,7 @@
 
 use crate::error::Result;
 use crate::ledger::{Batch, Counts};
-use crate::plan::metrics_day_sql as day_sql;
+use crate::schema::{DAY_FROM_START, METRICS, METRICS_ARCHIVE, METRICS_DAY as DAY, bind_batch};
 use sqlx::{Postgres, Row, Transaction};
 
 /// Aggregates and deletes the samples of `batch`'s (day, scenario) range
@@ -49,25 +49,22 @@ const UNIQUE_VIOLATION: &str = "23505";
 /// One statement: delete the samples, group them, insert (or with `merge`,
 /// insert or merge) one archive row per group.
 async fn run(tx: &mut Transaction<'_, Postgres>, batch: &Batch, merge: bool) -> Result<Counts> {
-    let day = day_sql();
     let group = "scenario_id, metric_type, metric_name, unit, day";
     let on_conflict = if merge { MERGE } else { "" };
     let sql = format!(
         "WITH moved AS (
-             DELETE FROM scenario_metrics
-             -- COALESCE bounds, not an IS NULL test: generic plans keep the index range.
-             WHERE ({day}, scenario_id) > (COALESCE($1 AT TIME ZONE 'UTC', '-infinity'),
-                                          COALESCE($2, '00000000-0000-0000-0000-000000000000'::uuid))
-               AND ({day}, scenario_id) <= ($3 AT TIME ZONE 'UTC', $4)
+             DELETE FROM {METRICS}
+             WHERE ({DAY}, scenario_id) > {DAY_FROM_START}
+               AND ({DAY}, scenario_id) <= ($3 AT TIME ZONE 'UTC', $4)
                AND \"timestamp\" < $5
-             RETURNING scenario_id, metric_type, metric_name, unit, {day} AS day, value,
+             RETURNING scenario_id, metric_type, metric_name, unit, {DAY} AS day, value,
                        COALESCE(extra_data, '{{}}'::jsonb) AS extra_data
          ), g AS (
              SELECT {group}, count(*) AS n, sum(value) AS s, min(value) AS mn, max(value) AS mx,
                     array_agg(extra_data) AS ex
              FROM moved GROUP BY {group}
          ), ins AS (
-             INSERT INTO scenario_metrics_archive AS a
+             INSERT INTO {METRICS_ARCHIVE} AS a
                  (id, scenario_id, \"timestamp\", metric_type, metric_name, value, unit, extra_data,
                   archived_at, archive_batch_id, is_aggregated, aggregation_period,
                   sample_count, value_sum, value_min, value_max)
@@ -87,12 +84,7 @@ async fn run(tx: &mut Transaction<'_, Postgres>, batch: &Batch, merge: bool) -> 
          )
          SELECT (SELECT count(*) FROM moved) AS samples, (SELECT count(*) FROM ins) AS groups"
     );
-    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(batch.lo.map(|k| k.ts))
-        .bind(batch.lo.map(|k| k.id))
-        .bind(batch.hi.ts)
-        .bind(batch.hi.id)
-        .bind(batch.cutoff)
+    let row = bind_batch(sqlx::query(sqlx::AssertSqlSafe(sql)), batch)
         .bind(batch.id)
         .fetch_one(&mut **tx)
         .await?;

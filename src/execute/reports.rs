@@ -21,6 +21,7 @@ use super::{Executor, Outcome};
 use crate::error::{Class, Error, Result};
 use crate::ledger::{self, Batch, Counts};
 use crate::objects::{self, Compression, ObjectStore, Source, Stored};
+use crate::schema::{FROM_START, REPORTS, REPORTS_ARCHIVE, bind_batch, reports_root};
 use crate::vocabulary::BatchStatus;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
@@ -36,46 +37,6 @@ pub struct ReportsContext {
     pub store: Box<dyn ObjectStore>,
     /// zstd (default) or gzip.
     pub compression: Compression,
-}
-
-/// Canonicalizes the reports root and refuses the filesystem's root: with
-/// `REPORTS_ROOT=/` every file on the machine would pass the root check, and
-/// a stray `file_path` could archive and delete anything.
-pub fn check_root(root: &Path) -> std::result::Result<PathBuf, String> {
-    let canon = root
-        .canonicalize()
-        .map_err(|e| format!("{}: {e}", root.display()))?;
-    if canon.parent().is_none() {
-        return Err(format!(
-            "{} is the filesystem root: every file on the machine would count as a report file; \
-             set it to the directory reports are written under",
-            root.display()
-        ));
-    }
-    Ok(canon)
-}
-
-/// Resolves a report's `file_path` (relative paths against `root`) and
-/// refuses anything that is not a regular file under `root` once every
-/// symlink is followed. The error is the reason, for the ledger. (The dry
-/// run's check; archiving opens the file with [`open_under`].)
-pub fn resolve_under(root: &Path, file_path: &str) -> std::result::Result<PathBuf, String> {
-    let canon_root = check_root(root).map_err(|e| format!("REPORTS_ROOT {e}"))?;
-    let path = canon_root.join(file_path);
-    let canon = path
-        .canonicalize()
-        .map_err(|e| format!("{file_path}: {e}"))?;
-    if !canon.starts_with(&canon_root) {
-        return Err(format!(
-            "{file_path} resolves to {} outside REPORTS_ROOT {}: refused",
-            canon.display(),
-            canon_root.display()
-        ));
-    }
-    if !canon.is_file() {
-        return Err(format!("{file_path}: not a regular file"));
-    }
-    Ok(canon)
 }
 
 /// Why a report's file was not opened.
@@ -118,7 +79,7 @@ pub fn open_under(root: &Path, file_path: &str) -> std::result::Result<Opened, N
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::MetadataExt;
     let refused = NotOpened::Refused;
-    let canon_root = check_root(root).map_err(|e| refused(format!("REPORTS_ROOT {e}")))?;
+    let canon_root = reports_root::check(root).map_err(|e| refused(format!("REPORTS_ROOT {e}")))?;
     let canon = match canon_root.join(file_path).canonicalize() {
         Ok(p) => p,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -251,20 +212,15 @@ pub(super) async fn execute(
 }
 
 async fn load(exec: &Executor, batch: &Batch) -> Result<Vec<Report>> {
-    let rows = sqlx::query(
-        "SELECT id, scenario_id, format, file_path, generated_by, extra_data, created_at FROM reports
-         WHERE (created_at, id) > (COALESCE($1, '-infinity'::timestamptz),
-                                   COALESCE($2, '00000000-0000-0000-0000-000000000000'::uuid))
+    let sql = format!(
+        "SELECT id, scenario_id, format, file_path, generated_by, extra_data, created_at FROM {REPORTS}
+         WHERE (created_at, id) > {FROM_START}
            AND (created_at, id) <= ($3, $4) AND created_at < $5
-         ORDER BY created_at, id",
-    )
-    .bind(batch.lo.map(|k| k.ts))
-    .bind(batch.lo.map(|k| k.id))
-    .bind(batch.hi.ts)
-    .bind(batch.hi.id)
-    .bind(batch.cutoff)
-    .fetch_all(&exec.pool)
-    .await?;
+         ORDER BY created_at, id"
+    );
+    let rows = bind_batch(sqlx::query(sqlx::AssertSqlSafe(sql)), batch)
+        .fetch_all(&exec.pool)
+        .await?;
     Ok(rows
         .into_iter()
         .map(|r| Report {
@@ -607,13 +563,13 @@ pub struct LeftFile {
 /// `LEFT_WHERE`), and the oldest `limit` of them.
 pub async fn left_files(pool: &sqlx::PgPool, limit: i64) -> Result<(i64, Vec<LeftFile>)> {
     let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT count(*) FROM reports_archive WHERE {LEFT_WHERE}"
+        "SELECT count(*) FROM {REPORTS_ARCHIVE} WHERE {LEFT_WHERE}"
     )))
     .fetch_one(pool)
     .await?;
     let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT id, file_path, local_delete_error AS reason, archived_at, local_delete_tried_at AS tried_at
-         FROM reports_archive WHERE {LEFT_WHERE} ORDER BY archived_at, id LIMIT $1"
+         FROM {REPORTS_ARCHIVE} WHERE {LEFT_WHERE} ORDER BY archived_at, id LIMIT $1"
     )))
     .bind(limit)
     .fetch_all(pool)

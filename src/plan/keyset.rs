@@ -5,6 +5,7 @@ use super::{Eligible, Sink};
 use crate::error::Result;
 use crate::ledger::{Key, Kind};
 use crate::partitions;
+use crate::schema::{self, FROM_START};
 use chrono::{DateTime, Duration, Utc};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
@@ -23,22 +24,19 @@ pub(super) struct Table {
 
 pub(super) const LOGS: Table = Table {
     kind: Kind::Logs,
-    name: "scenario_logs",
+    name: schema::LOGS,
     ts: "received_at",
     bytes: "size_bytes",
-    archive: Some("scenario_logs_archive"),
+    archive: Some(schema::LOGS_ARCHIVE),
 };
 
 pub(super) const REPORTS: Table = Table {
     kind: Kind::Reports,
-    name: "reports",
+    name: schema::REPORTS,
     ts: "created_at",
     bytes: "file_size_bytes",
     archive: None,
 };
-
-/// Lower bound used when there is none: below every key.
-const FROM_START: &str = "(COALESCE($1, '-infinity'::timestamptz), COALESCE($2, '00000000-0000-0000-0000-000000000000'::uuid))";
 
 pub(super) async fn eligible(
     pool: &PgPool,

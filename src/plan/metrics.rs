@@ -9,14 +9,12 @@ use super::{Eligible, Sink};
 use crate::error::Result;
 use crate::ledger::{Key, Kind};
 use crate::partitions;
+use crate::schema::{DAY_FROM_START, METRICS, METRICS_ARCHIVE, METRICS_DAY as DAY};
 use chrono::{DateTime, Duration, Utc};
 use sqlx::postgres::PgArguments;
 use sqlx::query::QueryAs;
 use sqlx::{PgPool, Postgres, Row};
 use uuid::Uuid;
-
-/// The UTC day of a sample: the indexed expression.
-pub(super) const DAY: &str = r#"date_trunc('day', "timestamp" AT TIME ZONE 'UTC')"#;
 
 /// Decides where batches end, given (key, samples) in key order. A key's
 /// samples are never split; a batch closes once it reaches `batch_size`, or
@@ -74,10 +72,8 @@ pub(super) async fn eligible(
         "SELECT count(*) AS n,
                 count(DISTINCT (scenario_id, metric_type, metric_name, unit, {DAY})) AS groups,
                 min(\"timestamp\") AS oldest, max(\"timestamp\") AS newest
-         FROM scenario_metrics
-         WHERE ({DAY}, scenario_id) > (COALESCE($1 AT TIME ZONE 'UTC', '-infinity'),
-                                       COALESCE($2, '00000000-0000-0000-0000-000000000000'::uuid))
-           AND {DAY} < ($3 AT TIME ZONE 'UTC')"
+         FROM {METRICS}
+         WHERE ({DAY}, scenario_id) > {DAY_FROM_START} AND {DAY} < ($3 AT TIME ZONE 'UTC')"
     );
     let from = super::start(after, floor);
     let row = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -117,8 +113,7 @@ pub(super) async fn cut(
         // between earlier runs' batches and this run's first day need
         // their partition too.
         let lo = super::resume(after, floor).map_or(first, |a| a.ts);
-        partitions::ensure_months(pool, "scenario_metrics_archive", lo.max(floor.ts), cutoff)
-            .await?;
+        partitions::ensure_months(pool, METRICS_ARCHIVE, lo.max(floor.ts), cutoff).await?;
     }
     walk(pool, after, floor, cutoff, batch_size, sink).await
 }
@@ -210,7 +205,7 @@ async fn next_day(
 ) -> Result<Option<DateTime<Utc>>> {
     let op = if inclusive { ">=" } else { ">" };
     let sql = format!(
-        "SELECT min({DAY}) AT TIME ZONE 'UTC' FROM scenario_metrics
+        "SELECT min({DAY}) AT TIME ZONE 'UTC' FROM {METRICS}
          WHERE {DAY} {op} COALESCE($1 AT TIME ZONE 'UTC', '-infinity') AND {DAY} < ($2 AT TIME ZONE 'UTC')"
     );
     Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
@@ -234,24 +229,23 @@ async fn key_counts(
     batch_size: i64,
 ) -> Result<Vec<(Key, i64)>> {
     let range = format!(
-        "{DAY} >= ($1 AT TIME ZONE 'UTC') AND {DAY} < ($4 AT TIME ZONE 'UTC')
-         AND ({DAY}, scenario_id) > (COALESCE($2 AT TIME ZONE 'UTC', '-infinity'),
-                                     COALESCE($3, '00000000-0000-0000-0000-000000000000'::uuid))"
+        "({DAY}, scenario_id) > {DAY_FROM_START}
+         AND {DAY} >= ($3 AT TIME ZONE 'UTC') AND {DAY} < ($4 AT TIME ZONE 'UTC')"
     );
     let days = format!(
-        "SELECT {DAY} AT TIME ZONE 'UTC' AS day, count(*) AS n FROM scenario_metrics
+        "SELECT {DAY} AT TIME ZONE 'UTC' AS day, count(*) AS n FROM {METRICS}
          WHERE {range} GROUP BY {DAY} ORDER BY {DAY}"
     );
-    // $1..$4 of both queries: the window and the key to start after.
+    // $1..$4 of both queries: the key to start after, and the window.
     fn bind_range<'q, O>(
         q: QueryAs<'q, Postgres, O, PgArguments>,
         from: DateTime<Utc>,
         after: Option<Key>,
         until: DateTime<Utc>,
     ) -> QueryAs<'q, Postgres, O, PgArguments> {
-        q.bind(from)
-            .bind(after.map(|k| k.ts))
+        q.bind(after.map(|k| k.ts))
             .bind(after.map(|k| k.id))
+            .bind(from)
             .bind(until)
     }
     let days: Vec<(DateTime<Utc>, i64)> = bind_range(
@@ -270,7 +264,7 @@ async fn key_counts(
     let mut split: Vec<(DateTime<Utc>, Uuid, i64)> = Vec::new();
     if !big.is_empty() {
         let sql = format!(
-            "SELECT {DAY} AT TIME ZONE 'UTC', scenario_id, count(*) FROM scenario_metrics
+            "SELECT {DAY} AT TIME ZONE 'UTC', scenario_id, count(*) FROM {METRICS}
              WHERE {range} AND {DAY} = ANY(SELECT d AT TIME ZONE 'UTC' FROM unnest($5::timestamptz[]) d)
              GROUP BY {DAY}, scenario_id ORDER BY {DAY}, scenario_id"
         );

@@ -11,17 +11,13 @@ mod metrics;
 use crate::config::Policy;
 use crate::error::{Error, Result};
 use crate::ledger::{self, Key, Kind, NewBatch};
+use crate::schema::{self, FROM_START, METRICS_DAY};
 use crate::transport::{BatchMessage, Publisher};
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 use uuid::Uuid;
-
-/// The SQL expression for a metric sample's UTC day (an indexed expression).
-pub fn metrics_day_sql() -> &'static str {
-    metrics::DAY
-}
 
 /// What a run plans.
 #[derive(Debug, Clone)]
@@ -113,9 +109,9 @@ impl OutOfRange {
 /// infinite (read off the keyset index; nothing is decoded as a time).
 pub async fn out_of_range(pool: &PgPool, kind: Kind, policy: &Policy) -> Result<OutOfRange> {
     let (table, ts, indexed) = match kind {
-        Kind::Logs => ("scenario_logs", "received_at", "received_at"),
-        Kind::Reports => ("reports", "created_at", "created_at"),
-        Kind::Metrics => ("scenario_metrics", "\"timestamp\"", metrics::DAY),
+        Kind::Logs => (schema::LOGS, "received_at", "received_at"),
+        Kind::Reports => (schema::REPORTS, "created_at", "created_at"),
+        Kind::Metrics => (schema::METRICS, "\"timestamp\"", METRICS_DAY),
     };
     let (floor, at_infinity) = match kind {
         Kind::Metrics => ("($1 AT TIME ZONE 'UTC')", "'infinity'::timestamp"),
@@ -187,7 +183,7 @@ fn reports_root(opts: &PlanOptions) -> Result<&std::path::Path> {
             "not set: the directory report files must live under",
         )
     })?;
-    crate::execute::reports::check_root(root).map_err(|r| Error::config("REPORTS_ROOT", r))?;
+    schema::reports_root::check(root).map_err(|r| Error::config("REPORTS_ROOT", r))?;
     Ok(root)
 }
 
@@ -198,12 +194,10 @@ async fn missing_reports(
     cutoff: DateTime<Utc>,
     root: &std::path::Path,
 ) -> Result<i64> {
-    let paths: Vec<String> = sqlx::query_scalar(
-        "SELECT file_path FROM reports
-         WHERE (created_at, id) > (COALESCE($1, '-infinity'::timestamptz),
-                                   COALESCE($2, '00000000-0000-0000-0000-000000000000'::uuid))
-           AND created_at < $3",
-    )
+    let paths: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT file_path FROM {table} WHERE (created_at, id) > {FROM_START} AND created_at < $3",
+        table = schema::REPORTS
+    )))
     .bind(after.map(|k| k.ts))
     .bind(after.map(|k| k.id))
     .bind(cutoff)
@@ -211,7 +205,7 @@ async fn missing_reports(
     .await?;
     let mut missing = 0;
     for p in paths {
-        if crate::execute::reports::resolve_under(root, &p).is_err() {
+        if schema::reports_root::resolve(root, &p).is_err() {
             missing += 1;
         }
     }

@@ -1,0 +1,96 @@
+//! The facts the planner and the executor share, so neither imports the
+//! other: the hot and archive table names, the metrics day expression, a
+//! batch's lower bound and how its range is bound, and where report files
+//! may live.
+
+use crate::ledger::Batch;
+use sqlx::Postgres;
+use sqlx::postgres::PgArguments;
+use sqlx::query::Query;
+
+/// Hot logs, walked by `(received_at, id)`.
+pub const LOGS: &str = "scenario_logs";
+/// Archived logs: every column of [`LOGS`], month-partitioned.
+pub const LOGS_ARCHIVE: &str = "scenario_logs_archive";
+/// Hot metric samples, walked by `(METRICS_DAY, scenario_id)`.
+pub const METRICS: &str = "scenario_metrics";
+/// One row per (scenario, type, name, unit, UTC day), month-partitioned.
+pub const METRICS_ARCHIVE: &str = "scenario_metrics_archive";
+/// Hot reports (metadata; the file is on disk), walked by `(created_at, id)`.
+pub const REPORTS: &str = "reports";
+/// Archived reports' metadata and where their file went.
+pub const REPORTS_ARCHIVE: &str = "reports_archive";
+
+/// The UTC day of a metric sample: the indexed expression its batches'
+/// (day, scenario_id) keys are read off.
+pub const METRICS_DAY: &str = r#"date_trunc('day', "timestamp" AT TIME ZONE 'UTC')"#;
+
+/// The exclusive lower bound of a `(time, id)` keyset range: the key
+/// `($1, $2)`, or below every key when both are NULL (a first batch, a walk
+/// from the start). COALESCE bounds, not an IS NULL test: generic plans
+/// keep the index range.
+pub const FROM_START: &str = "(COALESCE($1, '-infinity'::timestamptz), COALESCE($2, '00000000-0000-0000-0000-000000000000'::uuid))";
+
+/// [`FROM_START`] for metrics' `(METRICS_DAY, scenario_id)` keys, whose day
+/// is a UTC `timestamp`.
+pub const DAY_FROM_START: &str = "(COALESCE($1 AT TIME ZONE 'UTC', '-infinity'), COALESCE($2, '00000000-0000-0000-0000-000000000000'::uuid))";
+
+/// Binds `batch`'s range and cut-off as `$1..$5`: its lower bound (`NULL`s
+/// from the start, see [`FROM_START`]), its upper bound, and its job's
+/// cut-off.
+pub fn bind_batch<'q>(
+    q: Query<'q, Postgres, PgArguments>,
+    batch: &Batch,
+) -> Query<'q, Postgres, PgArguments> {
+    q.bind(batch.lo.map(|k| k.ts))
+        .bind(batch.lo.map(|k| k.id))
+        .bind(batch.hi.ts)
+        .bind(batch.hi.id)
+        .bind(batch.cutoff)
+}
+
+/// Where report files must live (`REPORTS_ROOT`): the checks both the
+/// dry run and archiving make. The error is the reason, as it is reported.
+pub mod reports_root {
+    use std::path::{Path, PathBuf};
+
+    /// Canonicalizes the reports root and refuses the filesystem's root: with
+    /// `REPORTS_ROOT=/` every file on the machine would pass the root check,
+    /// and a stray `file_path` could archive and delete anything.
+    pub fn check(root: &Path) -> Result<PathBuf, String> {
+        let canon = root
+            .canonicalize()
+            .map_err(|e| format!("{}: {e}", root.display()))?;
+        if canon.parent().is_none() {
+            return Err(format!(
+                "{} is the filesystem root: every file on the machine would count as a report file; \
+                 set it to the directory reports are written under",
+                root.display()
+            ));
+        }
+        Ok(canon)
+    }
+
+    /// Resolves a report's `file_path` (relative paths against `root`) and
+    /// refuses anything that is not a regular file under `root` once every
+    /// symlink is followed. (The dry run's check; archiving opens the file
+    /// with `execute::reports::open_under`.)
+    pub fn resolve(root: &Path, file_path: &str) -> Result<PathBuf, String> {
+        let canon_root = check(root).map_err(|e| format!("REPORTS_ROOT {e}"))?;
+        let path = canon_root.join(file_path);
+        let canon = path
+            .canonicalize()
+            .map_err(|e| format!("{file_path}: {e}"))?;
+        if !canon.starts_with(&canon_root) {
+            return Err(format!(
+                "{file_path} resolves to {} outside REPORTS_ROOT {}: refused",
+                canon.display(),
+                canon_root.display()
+            ));
+        }
+        if !canon.is_file() {
+            return Err(format!("{file_path}: not a regular file"));
+        }
+        Ok(canon)
+    }
+}
