@@ -1,32 +1,12 @@
 //! The binaries as an operator runs them: the advisory lock, the dry run,
 //! bad settings, and SIGTERM.
 
-use crate::helpers::{TestDb, amqp_config, delete_queues, queue_depth};
+use crate::helpers::amqp::{amqp_config, delete_queues, queue_depth};
+use crate::helpers::bin::{planner, stderr};
+use crate::helpers::{TestDb, scratch, wait_until};
 use archiver::transport::Publisher;
 use archiver::transport::amqp::AmqpPublisher;
-use secrecy::ExposeSecret;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
-
-fn planner(db_url: &str, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_planner"));
-    c.args(args)
-        .env("DATABASE_URL", db_url)
-        .env_remove("QUEUE_URL")
-        .env_remove("REPORTS_ROOT")
-        .env_remove("RUST_LOG");
-    c
-}
-
-async fn output(mut c: Command) -> Output {
-    tokio::task::spawn_blocking(move || c.output().unwrap())
-        .await
-        .unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
+use std::time::Duration;
 
 /// Every table's content and the set of relations, as one string.
 async fn everything(db: &TestDb) -> String {
@@ -65,14 +45,14 @@ async fn a_dry_run_changes_nothing_and_publishes_nothing() {
     // Declare the queue so that we can see it stays empty.
     let publisher = AmqpPublisher::connect(cfg.clone()).await.unwrap();
     let before = everything(&db).await;
-    let mut c = planner(&db.url, &["--logs", "--metrics", "--reports", "--dry-run"]);
-    let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("dry-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&root).unwrap();
-    c.env("QUEUE_URL", cfg.url.expose_secret())
-        .env("ARCHIVER_QUEUE", &cfg.queue)
-        .env("REPORTS_ROOT", &root);
-    let o = output(c).await;
+    let root = scratch("dry");
+    let o = db
+        .planner()
+        .args(["--logs", "--metrics", "--reports", "--dry-run"])
+        .amqp(&cfg)
+        .env("REPORTS_ROOT", &root)
+        .output()
+        .await;
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     let eligible: i64 = sqlx::query_scalar(
@@ -105,7 +85,7 @@ async fn a_dry_run_changes_nothing_and_publishes_nothing() {
     );
     assert!(out.contains("reports: 0 eligible reports"), "{out}");
     // --reports without REPORTS_ROOT is a setting error that names it.
-    let o = output(planner(&db.url, &["--reports", "--dry-run"])).await;
+    let o = db.planner().args(["--reports", "--dry-run"]).output().await;
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("REPORTS_ROOT"), "{}", stderr(&o));
     assert_eq!(everything(&db).await, before);
@@ -127,7 +107,7 @@ async fn a_second_planner_exits_non_zero_while_one_holds_the_lock() {
         .unwrap();
     assert!(got);
     let before = everything(&db).await;
-    let o = output(planner(&db.url, &["--logs"])).await;
+    let o = db.planner().args(["--logs"]).output().await;
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("another planner is running"),
@@ -141,7 +121,7 @@ async fn a_second_planner_exits_non_zero_while_one_holds_the_lock() {
         .await
         .unwrap();
     drop(holder);
-    let o = output(planner(&db.url, &["--logs"])).await;
+    let o = db.planner().args(["--logs"]).output().await;
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("completed"));
     db.cleanup().await;
@@ -186,7 +166,7 @@ async fn bad_settings_give_one_line_errors_that_name_them() {
         (vec![], db.url.clone(), "--all", 2),
     ];
     for (args, url, names, code) in cases {
-        let o = output(planner(&url, &args)).await;
+        let o = planner(&url).args(&args).output().await;
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(code), "{args:?}: {err}");
         assert_eq!(
@@ -200,9 +180,12 @@ async fn bad_settings_give_one_line_errors_that_name_them() {
             "{args:?}: leaks the password: {err}"
         );
     }
-    let mut c = planner(&db.url, &["--logs"]);
-    c.env("QUEUE_URL", "kafka://x");
-    let o = output(c).await;
+    let o = db
+        .planner()
+        .args(["--logs"])
+        .env("QUEUE_URL", "kafka://x")
+        .output()
+        .await;
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("QUEUE_URL"), "{}", stderr(&o));
     db.cleanup().await;
@@ -212,35 +195,21 @@ async fn bad_settings_give_one_line_errors_that_name_them() {
 async fn a_worker_exits_zero_on_sigterm() {
     let db = TestDb::new().await;
     let cfg = amqp_config();
-    let child = Command::new(env!("CARGO_BIN_EXE_worker"))
-        .env("DATABASE_URL", &db.url)
-        .env("QUEUE_URL", cfg.url.expose_secret())
-        .env("ARCHIVER_QUEUE", &cfg.queue)
+    let mut worker = db
+        .worker()
+        .amqp(&cfg)
         .env("ARCHIVER_KINDS", "logs,metrics")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn();
     // Wait until it consumes (the queue exists once it has declared it).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while queue_depth(&cfg, &cfg.queue).await.is_none() {
-        assert!(Instant::now() < deadline, "worker never declared its queue");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let status = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(
-        status.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
-    );
+    wait_until(
+        "the worker to declare its queue",
+        Duration::from_secs(30),
+        || async { queue_depth(&cfg, &cfg.queue).await.is_some() },
+    )
+    .await;
+    worker.sigterm();
+    let status = worker.exit(Duration::from_secs(60)).await;
+    assert_eq!(status.code(), Some(0), "{}", worker.log());
     delete_queues(&cfg).await;
     db.cleanup().await;
 }
@@ -262,7 +231,7 @@ async fn a_failed_run_exits_non_zero_marks_the_job_failed_and_moves_nothing() {
         .await
         .unwrap();
     let before = db.hash("FROM scenario_logs").await;
-    let o = output(planner(&db.url, &["--all"])).await;
+    let o = db.planner().args(["--all"]).output().await;
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains(&stray), "{}", stderr(&o));
     let (status, error): (String, Option<String>) =

@@ -3,68 +3,16 @@
 //! session is lost, a planner that died while planning, batch statements
 //! past their timeout, and what every session is configured with.
 
-use crate::helpers::{TestDb, admin_url, amqp_config, delete_queues, drain, hold_a_row_of};
-use crate::helpers::{plan_options, queue_depth};
+use crate::helpers::amqp::{amqp_config, delete_queues, drain, queue_depth};
+use crate::helpers::bin::{Bin, stderr, stdout};
+use crate::helpers::db::admin_exec;
+use crate::helpers::{TestDb, plan_options, wait_until};
 use archiver::ledger::Kind;
 use archiver::transport::amqp::{AmqpConfig, AmqpPublisher};
 use archiver::transport::{BatchMessage, Publisher};
-use secrecy::ExposeSecret;
-use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use uuid::Uuid;
-
-fn planner(url: &str, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_planner"));
-    c.args(args)
-        .env("DATABASE_URL", url)
-        .env_remove("QUEUE_URL")
-        .env_remove("REPORTS_ROOT")
-        .env_remove("RUST_LOG");
-    c
-}
-
-async fn output(mut c: Command) -> Output {
-    tokio::task::spawn_blocking(move || c.output().unwrap())
-        .await
-        .unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).to_string()
-}
-
-/// A database of its own with no migration applied: (name, url).
-async fn empty_db() -> (String, String) {
-    let name = format!("archiver_t_{}", Uuid::new_v4().simple());
-    let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let mut url = url::Url::parse(&admin_url()).unwrap();
-    url.set_path(&name);
-    (name, url.to_string())
-}
-
-async fn drop_db(name: &str) {
-    let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await;
-}
-
-fn db_name(url: &str) -> String {
-    url::Url::parse(url)
-        .unwrap()
-        .path()
-        .trim_start_matches('/')
-        .to_string()
-}
 
 /// Opens a transaction that holds a snapshot, as `pg_dump` does for the
 /// whole dump; returns the connection and its backend pid.
@@ -111,14 +59,6 @@ fn all_versions() -> Vec<i64> {
     archiver::db::MIGRATOR.iter().map(|m| m.version).collect()
 }
 
-async fn pool(url: &str) -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(2)
-        .connect(url)
-        .await
-        .unwrap()
-}
-
 /// The spec's situation: a transaction older than the migration (a nightly
 /// pg_dump) held for longer than the sessions' 30 s lock timeout. Before,
 /// the index build gave up at 30 s leaving an INVALID index, and the rerun
@@ -126,33 +66,30 @@ async fn pool(url: &str) -> PgPool {
 #[tokio::test]
 async fn migrate_waits_for_a_transaction_older_than_its_index_builds_and_leaves_every_index_valid()
 {
-    let (name, url) = empty_db().await;
-    let (mut dump, dump_pid) = old_transaction(&url).await;
-    let mut c = planner(&url, &["migrate"]);
-    c.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let child = c.spawn().unwrap();
+    let db = TestDb::unmigrated().await;
+    let (mut dump, dump_pid) = old_transaction(&db.url).await;
+    let mut first = db.planner().args(["migrate"]).spawn();
+    // The scenario: the old transaction outlives the sessions' 30 s lock
+    // timeout.
     tokio::time::sleep(Duration::from_secs(35)).await;
     sqlx::query("COMMIT").execute(&mut dump).await.unwrap();
-    let first = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
-    let err = text(&first.stderr);
+    let status = first.exit(Duration::from_secs(120)).await;
+    let err = first.log();
     assert!(
-        first.status.success(),
+        status.success(),
         "migrate must wait for the old transaction, not give up: {err}"
     );
     assert!(
         err.contains(&format!("waiting for pid {dump_pid}")),
         "says what it waits for: {err}"
     );
-    let second = output(planner(&url, &["migrate"])).await;
-    assert!(second.status.success(), "{}", text(&second.stderr));
-    let p = pool(&url).await;
-    assert_eq!(invalid_indexes(&p).await, Vec::<String>::new());
-    assert_eq!(applied_versions(&p).await, all_versions());
-    assert!(index_exists(&p, "scenario_logs_received_at_id_idx").await);
-    p.close().await;
-    drop_db(&name).await;
+    let second = db.planner().args(["migrate"]).output().await;
+    assert!(second.status.success(), "{}", stderr(&second));
+    let p = &db.pool;
+    assert_eq!(invalid_indexes(p).await, Vec::<String>::new());
+    assert_eq!(applied_versions(p).await, all_versions());
+    assert!(index_exists(p, "scenario_logs_received_at_id_idx").await);
+    db.cleanup().await;
 }
 
 /// With `--index-wait`, a build that waits too long fails cleanly: the
@@ -160,33 +97,33 @@ async fn migrate_waits_for_a_transaction_older_than_its_index_builds_and_leaves_
 /// is not recorded; the next run completes.
 #[tokio::test]
 async fn migrate_with_an_index_wait_fails_cleanly_and_the_next_run_completes() {
-    let (name, url) = empty_db().await;
-    let (mut dump, dump_pid) = old_transaction(&url).await;
-    let o = output(planner(&url, &["migrate", "--index-wait", "4"])).await;
-    let err = text(&o.stderr);
+    let db = TestDb::unmigrated().await;
+    let (mut dump, dump_pid) = old_transaction(&db.url).await;
+    let migrate = |wait: &str| {
+        db.planner()
+            .args(["migrate", "--index-wait", wait])
+            .output()
+    };
+    let o = migrate("4").await;
+    let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("migration 2"), "names the migration: {err}");
     assert!(
         err.contains(&format!("pid {dump_pid}")),
         "names the transaction it waited for: {err}"
     );
-    let p = pool(&url).await;
-    assert_eq!(invalid_indexes(&p).await, Vec::<String>::new());
-    assert_eq!(applied_versions(&p).await, vec![1], "only the schema");
+    let p = &db.pool;
+    assert_eq!(invalid_indexes(p).await, Vec::<String>::new());
+    assert_eq!(applied_versions(p).await, vec![1], "only the schema");
     sqlx::query("COMMIT").execute(&mut dump).await.unwrap();
-    let o = output(planner(&url, &["migrate", "--index-wait", "30"])).await;
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    assert_eq!(invalid_indexes(&p).await, Vec::<String>::new());
-    assert_eq!(applied_versions(&p).await, all_versions());
-    let o = output(planner(&url, &["migrate", "--index-wait", "soon"])).await;
+    let o = migrate("30").await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(invalid_indexes(p).await, Vec::<String>::new());
+    assert_eq!(applied_versions(p).await, all_versions());
+    let o = migrate("soon").await;
     assert_eq!(o.status.code(), Some(2));
-    assert!(
-        text(&o.stderr).contains("--index-wait"),
-        "{}",
-        text(&o.stderr)
-    );
-    p.close().await;
-    drop_db(&name).await;
+    assert!(stderr(&o).contains("--index-wait"), "{}", stderr(&o));
+    db.cleanup().await;
 }
 
 /// An INVALID index an older version left behind (its migration recorded as
@@ -195,17 +132,17 @@ async fn migrate_with_an_index_wait_fails_cleanly_and_the_next_run_completes() {
 /// 0004's.
 #[tokio::test]
 async fn migrate_rebuilds_an_invalid_index_before_a_later_migration_drops_the_old_one() {
-    let (name, url) = empty_db().await;
-    let p = pool(&url).await;
-    archiver::db::MIGRATOR.run_to(9, &p).await.unwrap();
+    let db = TestDb::unmigrated().await;
+    let (url, p) = (&db.url, &db.pool);
+    archiver::db::MIGRATOR.run_to(9, p).await.unwrap();
     // Make 0009's index INVALID as a lock timeout did: drop it, and build it
     // again CONCURRENTLY behind an old transaction with a short timeout.
     sqlx::query("DROP INDEX scenario_metrics_day_scenario_ts_idx")
-        .execute(&p)
+        .execute(p)
         .await
         .unwrap();
-    let (mut dump, _) = old_transaction(&url).await;
-    let mut c = PgConnection::connect(&url).await.unwrap();
+    let (mut dump, _) = old_transaction(url).await;
+    let mut c = PgConnection::connect(url).await.unwrap();
     sqlx::query("SET lock_timeout = '300ms'")
         .execute(&mut c)
         .await
@@ -220,110 +157,37 @@ async fn migrate_rebuilds_an_invalid_index_before_a_later_migration_drops_the_ol
     assert!(build.is_err(), "the build must time out");
     sqlx::query("COMMIT").execute(&mut dump).await.unwrap();
     assert_eq!(
-        invalid_indexes(&p).await,
+        invalid_indexes(p).await,
         vec!["scenario_metrics_day_scenario_ts_idx".to_string()]
     );
-    let o = output(planner(&url, &["migrate"])).await;
-    let err = text(&o.stderr);
+    let o = db.planner().args(["migrate"]).output().await;
+    let err = stderr(&o);
     assert!(o.status.success(), "{err}");
     assert!(
         err.contains("scenario_metrics_day_scenario_ts_idx") && err.contains("INVALID"),
         "says what it rebuilt: {err}"
     );
-    assert_eq!(invalid_indexes(&p).await, Vec::<String>::new());
-    assert!(index_exists(&p, "scenario_metrics_day_scenario_ts_idx").await);
+    assert_eq!(invalid_indexes(p).await, Vec::<String>::new());
+    assert!(index_exists(p, "scenario_metrics_day_scenario_ts_idx").await);
     assert!(
-        !index_exists(&p, "scenario_metrics_day_scenario_idx").await,
+        !index_exists(p, "scenario_metrics_day_scenario_idx").await,
         "0010 ran"
     );
-    assert_eq!(applied_versions(&p).await, all_versions());
+    assert_eq!(applied_versions(p).await, all_versions());
     // Once more, as the recorded-but-invalid case: nothing left to do.
-    let o = output(planner(&url, &["migrate"])).await;
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    assert!(!text(&o.stderr).contains("INVALID"), "{}", text(&o.stderr));
-    p.close().await;
+    let o = db.planner().args(["migrate"]).output().await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("INVALID"), "{}", stderr(&o));
     c.close().await.unwrap();
-    drop_db(&name).await;
+    db.cleanup().await;
 }
 
-/// A child process whose stderr goes to a file we can read while it runs.
-struct Running {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Running {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn stop(mut self) -> String {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.log()
-    }
-}
-
-fn log_file(what: &str) -> PathBuf {
-    std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("{what}-{}.log", Uuid::new_v4().simple()))
-}
-
-fn spawn_worker(db: &TestDb, cfg: &AmqpConfig, extra: &[(&str, &str)]) -> Running {
-    let log = log_file("worker");
-    let mut c = Command::new(env!("CARGO_BIN_EXE_worker"));
-    c.env("DATABASE_URL", &db.url)
-        .env("QUEUE_URL", cfg.url.expose_secret())
-        .env("ARCHIVER_QUEUE", &cfg.queue)
+/// The worker binary on the test's queue, one batch at a time.
+fn worker(db: &TestDb, cfg: &AmqpConfig) -> Bin {
+    db.worker()
+        .amqp(cfg)
         .env("ARCHIVER_CONCURRENCY", "1")
-        .env_remove("REPORTS_ROOT")
         .env("ARCHIVER_KINDS", "logs,metrics")
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
-    for (k, v) in extra {
-        c.env(k, v);
-    }
-    Running {
-        child: c.spawn().unwrap(),
-        log,
-    }
-}
-
-async fn wait_until<F, Fut>(what: &str, limit: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn count(pool: &PgPool, sql: &str) -> i64 {
-    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
-        .fetch_one(pool)
-        .await
-        .unwrap()
-}
-
-async fn admin_exec(sql: String) {
-    let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(sql))
-        .execute(&mut admin)
-        .await
-        .unwrap();
 }
 
 /// A failover as a worker sees it: its sessions are cut (57P01), and the
@@ -341,13 +205,13 @@ async fn a_read_only_database_pauses_batches_and_the_job_completes_once_it_is_wr
         .await
         .unwrap();
     assert!(planned.batches >= 80, "{}", planned.batches);
-    let worker = spawn_worker(&db, &cfg, &[]);
+    let worker = worker(&db, &cfg).spawn();
     let done = "SELECT count(*) FROM archive_batches WHERE status = 'done'";
     wait_until("a first batch", Duration::from_secs(30), || async {
-        count(&db.pool, done).await >= 1
+        db.scalar(done).await >= 1
     })
     .await;
-    let name = db_name(&db.url);
+    let name = &db.name;
     admin_exec(format!(
         "ALTER DATABASE {name} SET default_transaction_read_only = on"
     ))
@@ -363,46 +227,33 @@ async fn a_read_only_database_pauses_batches_and_the_job_completes_once_it_is_wr
         || async { worker.log().contains("read-only transaction") },
     )
     .await;
-    let done_while_read_only = count(&db.pool, done).await;
+    let done_while_read_only = db.scalar(done).await;
+    // Time passes while the database is read-only: nothing gets done.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(count(&db.pool, done).await, done_while_read_only);
+    assert_eq!(db.scalar(done).await, done_while_read_only);
     assert!(done_while_read_only < planned.batches as i64);
     admin_exec(format!(
         "ALTER DATABASE {name} RESET default_transaction_read_only"
     ))
     .await;
-    let deadline = Instant::now() + Duration::from_secs(45);
-    loop {
-        let status: String = sqlx::query_scalar("SELECT status FROM archive_jobs WHERE id = $1")
-            .bind(planned.job)
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-        if status != "running" {
-            assert_eq!(status, "completed", "{}", worker.log());
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "job still running, {} of {} batches done: {}",
-            count(&db.pool, done).await,
-            planned.batches,
-            worker.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let log = worker.stop();
-    let dead = count(
-        &db.pool,
-        "SELECT count(*) FROM archive_batches WHERE status = 'dead'",
+    let status = wait_until(
+        "the job to leave running",
+        Duration::from_secs(45),
+        || async {
+            let status = db.job_status(planned.job).await;
+            (status != "running").then_some(status)
+        },
     )
     .await;
+    assert_eq!(status, "completed", "{}", worker.log());
+    let log = worker.stop().await;
+    let dead = db
+        .scalar("SELECT count(*) FROM archive_batches WHERE status = 'dead'")
+        .await;
     assert_eq!(dead, 0, "{log}");
-    let charged = count(
-        &db.pool,
-        "SELECT count(*) FROM archive_batches WHERE attempts > 1",
-    )
-    .await;
+    let charged = db
+        .scalar("SELECT count(*) FROM archive_batches WHERE attempts > 1")
+        .await;
     assert_eq!(charged, 0, "no batch charged an attempt for the failover");
     assert!(log.matches("read-only transaction").count() >= 1, "{log}");
     assert_eq!(queue_depth(&cfg, &cfg.dead_queue()).await, Some(0));
@@ -410,13 +261,6 @@ async fn a_read_only_database_pauses_batches_and_the_job_completes_once_it_is_wr
     publisher.close().await.unwrap();
     delete_queues(&cfg).await;
     db.cleanup().await;
-}
-
-fn planner_amqp(db: &TestDb, cfg: &AmqpConfig, args: &[&str]) -> Command {
-    let mut c = planner(&db.url, args);
-    c.env("QUEUE_URL", cfg.url.expose_secret())
-        .env("ARCHIVER_QUEUE", &cfg.queue);
-    c
 }
 
 /// The planner's lock session is ended (as a NAT dropping it, or a DBA)
@@ -433,25 +277,23 @@ async fn a_planner_that_loses_its_lock_session_stops_publishing_and_exits_non_ze
         .execute(&mut *blocker)
         .await
         .unwrap();
-    let log = log_file("planner");
-    let mut c = planner_amqp(&db, &cfg, &["--logs", "--batch-size", "100"]);
-    c.stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
-    let mut child = c.spawn().unwrap();
+    let plan = || {
+        db.planner()
+            .args(["--logs", "--batch-size", "100"])
+            .amqp(&cfg)
+    };
+    let mut planner = plan().spawn();
     let running = "SELECT count(*) FROM archive_jobs WHERE status = 'running'";
     wait_until(
         "the planner to start its job",
         Duration::from_secs(30),
-        || async { count(&db.pool, running).await == 1 },
+        || async { db.scalar(running).await == 1 },
     )
     .await;
-    // Held up, but with its lock: its heartbeats find the lock and it runs on.
+    // Held up, but with its lock: its heartbeats find the lock and it runs
+    // on. (Heartbeats must have time to run: the wait is the scenario.)
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "{}",
-        std::fs::read_to_string(&log).unwrap()
-    );
+    assert!(planner.is_running(), "{}", planner.log());
     let lock_holder: i32 = sqlx::query_scalar(
         "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted
            AND ((classid::bigint << 32) | objid::bigint) = $1",
@@ -466,28 +308,19 @@ async fn a_planner_that_loses_its_lock_session_stops_publishing_and_exits_non_ze
         .await
         .unwrap();
     assert!(terminated);
-    // Let the planner go on: had it not noticed, it would publish everything.
+    // Let the planner go on: had it not noticed, it would publish
+    // everything. (Nothing to await: the scenario is that nothing happens.)
     tokio::time::sleep(Duration::from_secs(4)).await;
     blocker.rollback().await.unwrap();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "planner still running"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let err = std::fs::read_to_string(&log).unwrap();
+    let status = planner.exit(Duration::from_secs(20)).await;
+    let err = planner.log();
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(
         err.contains("lost the session holding the planner lock"),
         "{err}"
     );
     assert_eq!(
-        count(&db.pool, "SELECT count(*) FROM archive_batches").await,
+        db.scalar("SELECT count(*) FROM archive_batches").await,
         0,
         "nothing recorded after the lock was lost"
     );
@@ -501,9 +334,9 @@ async fn a_planner_that_loses_its_lock_session_stops_publishing_and_exits_non_ze
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    let o = output(planner_amqp(&db, &cfg, &["--logs", "--batch-size", "100"])).await;
-    let out = text(&o.stdout);
-    assert!(o.status.success(), "{out}{}", text(&o.stderr));
+    let o = plan().output().await;
+    let out = stdout(&o);
+    assert!(o.status.success(), "{out}{}", stderr(&o));
     assert!(
         out.contains(&format!("job {left} was left running")),
         "{out}"
@@ -530,13 +363,18 @@ async fn a_job_left_running_by_a_planner_that_died_while_planning_is_adopted_and
     db.load_logs(3_000).await;
     let (old, young) = db.split_hashes().await;
     let cfg = amqp_config();
-    let o = output(planner_amqp(&db, &cfg, &["--logs", "--batch-size", "200"])).await;
-    assert!(o.status.success(), "{}", text(&o.stderr));
+    let plan = || {
+        db.planner()
+            .args(["--logs", "--batch-size", "200"])
+            .amqp(&cfg)
+    };
+    let o = plan().output().await;
+    assert!(o.status.success(), "{}", stderr(&o));
     let job: Uuid = sqlx::query_scalar("SELECT id FROM archive_jobs")
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    let n = count(&db.pool, "SELECT count(*) FROM archive_batches").await;
+    let n = db.scalar("SELECT count(*) FROM archive_batches").await;
     assert!(n >= 6, "{n}");
     // As if it had died after publishing half: the other half's messages
     // never went out, and planning never ended.
@@ -565,38 +403,22 @@ async fn a_job_left_running_by_a_planner_that_died_while_planning_is_adopted_and
         .execute(&db.pool)
         .await
         .unwrap();
-    let o = output(planner_amqp(&db, &cfg, &["--logs", "--batch-size", "200"])).await;
-    let out = text(&o.stdout);
-    assert!(o.status.success(), "{out}{}", text(&o.stderr));
+    let o = plan().output().await;
+    let out = stdout(&o);
+    assert!(o.status.success(), "{out}{}", stderr(&o));
     assert!(
         out.contains(&format!("job {job} was left running")) && out.contains("adopted"),
         "{out}"
     );
-    let worker = spawn_worker(&db, &cfg, &[]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let status: String = sqlx::query_scalar("SELECT status FROM archive_jobs WHERE id = $1")
-            .bind(job)
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-        if status == "completed" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "job still {status}: {}",
-            worker.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let log = worker.stop();
+    let worker = worker(&db, &cfg).spawn();
+    wait_until("the job to complete", Duration::from_secs(30), || async {
+        db.job_status(job).await == "completed"
+    })
+    .await;
+    let log = worker.stop().await;
     assert_eq!(
-        count(
-            &db.pool,
-            "SELECT count(*) FROM archive_jobs WHERE status <> 'completed'"
-        )
-        .await,
+        db.scalar("SELECT count(*) FROM archive_jobs WHERE status <> 'completed'")
+            .await,
         0,
         "{log}"
     );
@@ -625,8 +447,10 @@ async fn a_batch_statement_past_its_statement_timeout_is_retried_and_completes()
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    let holder = hold_a_row_of(&db, first, Duration::from_secs(4)).await;
-    let worker = spawn_worker(&db, &cfg, &[("ARCHIVER_STATEMENT_TIMEOUT", "300ms")]);
+    let holder = db.hold_a_row_of(first, Duration::from_secs(4)).await;
+    let worker = worker(&db, &cfg)
+        .env("ARCHIVER_STATEMENT_TIMEOUT", "300ms")
+        .spawn();
     assert_eq!(
         db.wait_job(planned.job).await,
         "completed",
@@ -634,17 +458,14 @@ async fn a_batch_statement_past_its_statement_timeout_is_retried_and_completes()
         worker.log()
     );
     holder.await.unwrap();
-    let log = worker.stop();
+    let log = worker.stop().await;
     assert!(
         log.contains("canceling statement due to statement timeout"),
         "the statement timeout applied: {log}"
     );
     assert_eq!(
-        count(
-            &db.pool,
-            "SELECT count(*) FROM archive_batches WHERE status = 'dead'"
-        )
-        .await,
+        db.scalar("SELECT count(*) FROM archive_batches WHERE status = 'dead'")
+            .await,
         0,
         "{log}"
     );
@@ -693,18 +514,18 @@ async fn sessions_carry_keepalives_and_batch_sessions_their_timeouts() {
         ("ARCHIVER_STATEMENT_TIMEOUT", "forever"),
         ("ARCHIVER_IDLE_IN_TRANSACTION_TIMEOUT", "-5s"),
     ] {
-        let cfg = amqp_config();
-        let mut c = Command::new(env!("CARGO_BIN_EXE_worker"));
-        c.env("DATABASE_URL", &db.url)
-            .env("QUEUE_URL", cfg.url.expose_secret())
-            .env(var, value);
-        let o = output(c).await;
-        assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+        let o = db
+            .worker()
+            .amqp(&amqp_config())
+            .env(var, value)
+            .output()
+            .await;
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
         let flag = var
             .trim_start_matches("ARCHIVER_")
             .to_lowercase()
             .replace('_', "-");
-        assert!(text(&o.stderr).contains(&flag), "{}", text(&o.stderr));
+        assert!(stderr(&o).contains(&flag), "{}", stderr(&o));
     }
     planning.close().await;
     batches.close().await;

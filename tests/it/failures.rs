@@ -1,14 +1,14 @@
 //! Failure classes, the dead-letter queue, `status` and `redrive`, over
 //! RabbitMQ, with the worker as the binary runs it.
 
-use crate::helpers::{TestDb, amqp_config, delete_queues, drain, hold_a_row_of, plan_options};
+use crate::helpers::amqp::{self, amqp_config, delete_queues, drain, purge};
+use crate::helpers::bin::{stderr, stdout};
+use crate::helpers::{TestDb, plan_options};
 use archiver::ledger::Kind;
 use archiver::plan;
 use archiver::transport::Publisher;
-use archiver::transport::amqp::{AmqpConfig, AmqpConsumer, AmqpPublisher};
-use archiver::worker::{self, WorkerOptions, WorkerStats};
-use secrecy::ExposeSecret;
-use std::process::{Command, Output};
+use archiver::transport::amqp::{AmqpConfig, AmqpPublisher};
+use archiver::worker::{WorkerOptions, WorkerStats};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -17,60 +17,14 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// A worker whose sessions give up on a row lock after 300 ms.
-fn spawn_worker(
+fn impatient_worker(
     db: &TestDb,
     cfg: &AmqpConfig,
     opts: WorkerOptions,
     stop: &CancellationToken,
 ) -> JoinHandle<Arc<WorkerStats>> {
-    let (url, cfg, stop) = (
-        format!("{}?options=-c%20lock_timeout%3D300ms", db.url),
-        cfg.clone(),
-        stop.clone(),
-    );
-    tokio::spawn(async move {
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(3)
-            .connect(&url)
-            .await
-            .unwrap();
-        let mut consumer = AmqpConsumer::new(cfg, 1);
-        let stats = worker::run(&pool, &mut consumer, opts, stop).await.unwrap();
-        consumer.close().await;
-        stats
-    })
-}
-
-fn planner(db: &TestDb, cfg: &AmqpConfig, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_planner"))
-        .args(args)
-        .env("DATABASE_URL", &db.url)
-        .env("QUEUE_URL", cfg.url.expose_secret())
-        .env("ARCHIVER_QUEUE", &cfg.queue)
-        .env_remove("REPORTS_ROOT")
-        .output()
-        .unwrap()
-}
-
-async fn batch_status(db: &TestDb, id: Uuid) -> (String, i32) {
-    sqlx::query_as("SELECT status, attempts FROM archive_batches WHERE id = $1")
-        .bind(id)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
-}
-
-async fn wait_status(db: &TestDb, id: Uuid, want: &str) {
-    for _ in 0..400 {
-        if batch_status(db, id).await.0 == want {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "batch {id} never became {want}: {:?}",
-        batch_status(db, id).await
-    );
+    let url = format!("{}?options=-c%20lock_timeout%3D300ms", db.url);
+    amqp::spawn_worker_with(&url, cfg, 1, opts, stop)
 }
 
 #[tokio::test]
@@ -100,10 +54,10 @@ async fn a_permanent_failure_is_parked_at_once_and_redrive_completes_it_after_th
     .unwrap();
 
     let stop = CancellationToken::new();
-    let w = spawn_worker(&db, &cfg, WorkerOptions::default(), &stop);
+    let w = impatient_worker(&db, &cfg, WorkerOptions::default(), &stop);
     assert_eq!(db.wait_job(planned.job).await, "failed");
-    wait_status(&db, victim, "dead").await;
-    assert_eq!(batch_status(&db, victim).await.1, 1, "one attempt");
+    db.wait_batch(victim, "dead").await;
+    assert_eq!(db.batch_state(victim).await.1, 1, "one attempt");
     let dead = drain(&cfg, &cfg.dead_queue()).await;
     assert_eq!(dead.len(), 1);
     assert!(
@@ -112,8 +66,8 @@ async fn a_permanent_failure_is_parked_at_once_and_redrive_completes_it_after_th
         "{dead:?}"
     );
 
-    let status = planner(&db, &cfg, &["status"]);
-    let out = String::from_utf8_lossy(&status.stdout);
+    let status = db.planner().amqp(&cfg).args(["status"]).output().await;
+    let out = stdout(&status);
     assert!(
         status.status.success()
             && out.contains("dead batches: 1")
@@ -121,15 +75,27 @@ async fn a_permanent_failure_is_parked_at_once_and_redrive_completes_it_after_th
             && out.contains("no partition"),
         "{out}"
     );
-    let json: serde_json::Value =
-        serde_json::from_slice(&planner(&db, &cfg, &["status", "--json"]).stdout).unwrap();
+    let json: serde_json::Value = serde_json::from_slice(
+        &db.planner()
+            .amqp(&cfg)
+            .args(["status", "--json"])
+            .output()
+            .await
+            .stdout,
+    )
+    .unwrap();
     assert_eq!(json["dead_batches"][0]["id"], victim.to_string());
 
     // Fix the cause, then redrive: the batch and the job complete.
-    let dry = planner(&db, &cfg, &["redrive", "--all", "--dry-run"]);
-    assert!(String::from_utf8_lossy(&dry.stdout).contains("would be redriven"));
+    let dry = db
+        .planner()
+        .amqp(&cfg)
+        .args(["redrive", "--all", "--dry-run"])
+        .output()
+        .await;
+    assert!(stdout(&dry).contains("would be redriven"));
     assert_eq!(
-        batch_status(&db, victim).await.0,
+        db.batch_state(victim).await.0,
         "dead",
         "a dry run changes nothing"
     );
@@ -141,21 +107,27 @@ async fn a_permanent_failure_is_parked_at_once_and_redrive_completes_it_after_th
     .execute(&db.pool)
     .await
     .unwrap();
-    let o = planner(&db, &cfg, &["redrive", "--all"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = db
+        .planner()
+        .amqp(&cfg)
+        .args(["redrive", "--all"])
+        .output()
+        .await;
+    assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(db.wait_job(planned.job).await, "completed");
-    wait_status(&db, victim, "done").await;
+    db.wait_batch(victim, "done").await;
     db.assert_logs_invariant(&old, &young).await;
     db.assert_job_counted_once(planned.job, old.0).await;
 
     // Redriving a done batch changes nothing.
     let before = db.hash("FROM scenario_logs_archive").await;
-    let o = planner(&db, &cfg, &["redrive", "--batch", &victim.to_string()]);
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("is done, not dead"),
-        "{}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    let o = db
+        .planner()
+        .amqp(&cfg)
+        .args(["redrive", "--batch", &victim.to_string()])
+        .output()
+        .await;
+    assert!(stdout(&o).contains("is done, not dead"), "{}", stdout(&o));
     assert_eq!(db.hash("FROM scenario_logs_archive").await, before);
     stop.cancel();
     w.await.unwrap();
@@ -198,14 +170,14 @@ async fn transient_failures_are_retried_and_parked_only_past_the_delivery_limit(
         .unwrap();
 
     // A lock held for ~1 s: lock timeouts, retried in place, then success.
-    let holder = hold_a_row_of(&db, batch, Duration::from_millis(1000)).await;
+    let holder = db.hold_a_row_of(batch, Duration::from_millis(1000)).await;
     let opts = WorkerOptions {
         delivery_limit: 2,
         transient_tries: 6,
         ..Default::default()
     };
     let stop = CancellationToken::new();
-    let w = spawn_worker(&db, &cfg, opts, &stop);
+    let w = impatient_worker(&db, &cfg, opts, &stop);
     assert_eq!(db.wait_job(planned.job).await, "completed");
     holder.await.unwrap();
     stop.cancel();
@@ -233,17 +205,17 @@ async fn transient_failures_are_retried_and_parked_only_past_the_delivery_limit(
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    let holder = hold_a_row_of(&db, batch, Duration::from_secs(30)).await;
+    let holder = db.hold_a_row_of(batch, Duration::from_secs(30)).await;
     let opts = WorkerOptions {
         delivery_limit: 2,
         transient_tries: 1,
         ..Default::default()
     };
     let stop = CancellationToken::new();
-    let w = spawn_worker(&db, &cfg, opts, &stop);
-    wait_status(&db, batch, "dead").await;
+    let w = impatient_worker(&db, &cfg, opts, &stop);
+    db.wait_batch(batch, "dead").await;
     assert_eq!(
-        batch_status(&db, batch).await.1,
+        db.batch_state(batch).await.1,
         2,
         "parked after the delivery limit"
     );
@@ -269,38 +241,34 @@ async fn batches_whose_messages_were_lost_are_republished_by_the_next_run() {
         .await
         .unwrap();
     // The broker loses every message; an hour and a half passes.
-    crate::helpers::purge(&cfg).await;
+    purge(&cfg).await;
     sqlx::query("UPDATE archive_batches SET published_at = now() - interval '90 minutes'")
         .execute(&db.pool)
         .await
         .unwrap();
 
     // Younger than the rescue age: left alone.
-    let mut c = Command::new(env!("CARGO_BIN_EXE_planner"));
-    c.args(["--logs"])
-        .env("DATABASE_URL", &db.url)
-        .env("QUEUE_URL", cfg.url.expose_secret())
-        .env("ARCHIVER_QUEUE", &cfg.queue);
-    let o = c
-        .env("ARCHIVER_RESCUE_AFTER_MINUTES", "120")
-        .output()
-        .unwrap();
-    assert!(!String::from_utf8_lossy(&o.stdout).contains("republished"));
-    let o = c
-        .env("ARCHIVER_RESCUE_AFTER_MINUTES", "60")
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
+    let rescue_after = |minutes: &str| {
+        db.planner()
+            .amqp(&cfg)
+            .args(["--logs"])
+            .env("ARCHIVER_RESCUE_AFTER_MINUTES", minutes)
+            .output()
+    };
+    let o = rescue_after("120").await;
+    assert!(!stdout(&o).contains("republished"));
+    let o = rescue_after("60").await;
+    let out = stdout(&o);
     assert!(
         o.status.success() && out.contains(&format!("republished {} batch(es)", planned.batches)),
         "{out}"
     );
     // Running again right away republishes nothing: they were just sent.
-    let o = c.output().unwrap();
-    assert!(!String::from_utf8_lossy(&o.stdout).contains("republished"));
+    let o = rescue_after("60").await;
+    assert!(!stdout(&o).contains("republished"));
 
     let stop = CancellationToken::new();
-    let w = spawn_worker(&db, &cfg, WorkerOptions::default(), &stop);
+    let w = impatient_worker(&db, &cfg, WorkerOptions::default(), &stop);
     assert_eq!(db.wait_job(planned.job).await, "completed");
     stop.cancel();
     w.await.unwrap();

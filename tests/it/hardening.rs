@@ -1,56 +1,25 @@
 //! What a drifting fleet, forged messages and bad data do: each can only
 //! hurt itself, never a batch or a job it does not own.
 
-use crate::helpers::{TestDb, amqp_config, delete_queues, plan_options};
-use archiver::execute::Executor;
-use archiver::execute::reports::ReportsContext;
+use crate::helpers::amqp::{amqp_config, amqp_url, delete_queues};
+use crate::helpers::bin::{both, stderr};
+use crate::helpers::{TestDb, plan_only, plan_options, reports_executor, scratch, wait_until};
 use archiver::ledger::Kind;
-use archiver::objects::{self, Compression};
-use archiver::plan::{self, PlanOptions, Planned};
+use archiver::plan;
 use archiver::transport::amqp::{AmqpConsumer, AmqpPublisher};
 use archiver::transport::{BatchMessage, Publisher, inline};
 use archiver::worker::{self, Disposition, WorkerOptions};
-use secrecy::ExposeSecret;
 use sqlx::Row;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// Plans `kind` into the ledger and publishes nowhere that runs it: its
-/// batches stay pending.
-async fn plan_only(db: &TestDb, kind: Kind, opts: &PlanOptions) -> Planned {
-    let (publisher, _consumer) = inline::queue();
-    let planned = plan::plan(&db.pool, kind, opts, &publisher).await.unwrap();
-    assert!(planned.batches > 0, "test data must make batches");
-    planned
-}
-
-async fn batches_of(db: &TestDb, job: Uuid) -> Vec<Uuid> {
-    sqlx::query_scalar("SELECT id FROM archive_batches WHERE job_id = $1 ORDER BY seq")
-        .bind(job)
-        .fetch_all(&db.pool)
-        .await
-        .unwrap()
-}
-
-/// (status, attempts) of a batch.
-async fn batch_state(db: &TestDb, id: Uuid) -> (String, i32) {
-    let r = sqlx::query("SELECT status, attempts FROM archive_batches WHERE id = $1")
-        .bind(id)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    (r.get(0), r.get(1))
-}
-
 /// A reports root with `n` old report files and their rows.
 async fn reports_fixture(db: &TestDb, n: usize) -> (PathBuf, PathBuf) {
-    let base =
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("hard-{}", Uuid::new_v4().simple()));
+    let base = scratch("hard");
     let (root, archive) = (base.join("root"), base.join("archive"));
     std::fs::create_dir_all(&root).unwrap();
     std::fs::create_dir_all(&archive).unwrap();
@@ -74,7 +43,7 @@ async fn a_forged_reports_message_for_a_logs_batch_hurts_only_itself() {
     let db = TestDb::new().await;
     db.load_logs(2_000).await;
     let planned = plan_only(&db, Kind::Logs, &plan_options(500, "test")).await;
-    let victim = batches_of(&db, planned.job).await[0];
+    let victim = db.batches_of(planned.job).await[0];
     // A worker with no REPORTS_ROOT gets a message claiming the logs batch
     // is a reports batch (forged, stale, or a drifted planner).
     let forged = format!(r#"{{"v":1,"batch_id":"{victim}","kind":"reports"}}"#);
@@ -92,7 +61,7 @@ async fn a_forged_reports_message_for_a_logs_batch_hurts_only_itself() {
         other => panic!("the forged message must be parked, got {other:?}"),
     }
     assert_eq!(
-        batch_state(&db, victim).await,
+        db.batch_state(victim).await,
         ("pending".into(), 0),
         "the real batch is untouched: not dead, no attempt spent"
     );
@@ -127,7 +96,7 @@ async fn a_reports_batch_reaching_a_worker_without_reports_root_is_handed_to_one
         .unwrap();
     publisher.close().await.unwrap();
     assert_eq!(planned.batches, 1);
-    let batch = batches_of(&db, planned.job).await[0];
+    let batch = db.batches_of(planned.job).await[0];
 
     // The unit of work: declined, not failed.
     let d = worker::process(
@@ -138,7 +107,7 @@ async fn a_reports_batch_reaching_a_worker_without_reports_root_is_handed_to_one
     )
     .await;
     assert!(matches!(d, Disposition::Decline(_)), "{d:?}");
-    assert_eq!(batch_state(&db, batch).await, ("pending".into(), 0));
+    assert_eq!(db.batch_state(batch).await, ("pending".into(), 0));
 
     // A worker without REPORTS_ROOT takes the delivery first and hands it
     // back; a worker with it then runs the batch.
@@ -164,14 +133,15 @@ async fn a_reports_batch_reaching_a_worker_without_reports_root_is_handed_to_one
             consumer.close().await;
         })
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while counted.declined.load(Ordering::Relaxed) < 2 {
-        assert!(Instant::now() < deadline, "the worker never declined it");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(
+        "the worker to decline it twice",
+        Duration::from_secs(30),
+        || std::future::ready(counted.declined.load(Ordering::Relaxed) >= 2),
+    )
+    .await;
     // Declined twice (the broker gave it back to the only worker there
     // is): still pending, no attempt spent.
-    assert_eq!(batch_state(&db, batch).await, ("pending".into(), 0));
+    assert_eq!(db.batch_state(batch).await, ("pending".into(), 0));
     stop_without.cancel();
     without.await.unwrap();
     let with = {
@@ -192,7 +162,7 @@ async fn a_reports_batch_reaching_a_worker_without_reports_root_is_handed_to_one
     stop.cancel();
     let with = with.await.unwrap();
     assert_eq!(with.done.load(Ordering::Relaxed), 1);
-    assert_eq!(batch_state(&db, batch).await.0, "done");
+    assert_eq!(db.batch_state(batch).await.0, "done");
     let moved: i64 = sqlx::query_scalar("SELECT count(*) FROM reports_archive")
         .fetch_one(&db.pool)
         .await
@@ -202,51 +172,32 @@ async fn a_reports_batch_reaching_a_worker_without_reports_root_is_handed_to_one
     db.cleanup().await;
 }
 
-fn worker_bin(db: &TestDb, envs: &[(&str, &str)], args: &[&str]) -> std::process::Output {
-    let cfg = amqp_config();
-    let mut c = Command::new(env!("CARGO_BIN_EXE_worker"));
-    c.args(args)
-        .env("DATABASE_URL", &db.url)
-        .env("QUEUE_URL", cfg.url.expose_secret())
-        .env("ARCHIVER_QUEUE", &cfg.queue)
-        .env_remove("REPORTS_ROOT")
-        .env_remove("ARCHIVER_KINDS");
+/// The worker binary on a queue of its own, told nothing of reports.
+async fn worker_bin(db: &TestDb, envs: &[(&str, &str)], args: &[&str]) -> std::process::Output {
+    let mut w = db.worker().args(args).amqp(&amqp_config());
     for (k, v) in envs {
-        c.env(k, v);
+        w = w.env(k, v);
     }
-    c.output().unwrap()
+    w.output().await
 }
 
 #[tokio::test]
 async fn a_worker_missing_what_a_kind_needs_refuses_to_start_unless_told_its_kinds() {
     let db = TestDb::new().await;
-    let o = worker_bin(&db, &[], &[]);
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    let o = worker_bin(&db, &[], &[]).await;
+    let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
         err.contains("REPORTS_ROOT") && err.contains("--kinds"),
         "{err}"
     );
-    let o = worker_bin(&db, &[], &["--kinds", "logs,reports"]);
+    let o = worker_bin(&db, &[], &["--kinds", "logs,reports"]).await;
     assert_eq!(o.status.code(), Some(2));
-    let o = worker_bin(&db, &[("ARCHIVER_KINDS", "logs,bogus")], &[]);
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    let o = worker_bin(&db, &[("ARCHIVER_KINDS", "logs,bogus")], &[]).await;
+    let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("bogus"), "{err}");
     db.cleanup().await;
-}
-
-/// An executor that archives reports from `root` into `archive`.
-async fn reports_executor(db: &TestDb, root: &Path, archive: &Path) -> Executor {
-    Executor {
-        pool: db.pool.clone(),
-        reports: Some(Arc::new(ReportsContext {
-            root: root.to_path_buf(),
-            store: objects::open(None, archive).await.unwrap(),
-            compression: Compression::Zstd,
-        })),
-        kinds: None,
-    }
 }
 
 #[tokio::test]
@@ -266,13 +217,14 @@ async fn a_panicking_batch_fails_alone_and_the_run_goes_on() {
         .unwrap();
     let exec = reports_executor(&db, &root, &archive).await;
     let (publisher, mut consumer) = inline::queue();
-    let mut messages: Vec<BatchMessage> = batches_of(&db, reports.job)
+    let mut messages: Vec<BatchMessage> = db
+        .batches_of(reports.job)
         .await
         .into_iter()
         .map(|id| BatchMessage::new(id, Kind::Reports))
         .collect();
     messages.extend(
-        batches_of(&db, logs.job)
+        db.batches_of(logs.job)
             .await
             .into_iter()
             .map(|id| BatchMessage::new(id, Kind::Logs)),
@@ -318,26 +270,6 @@ async fn a_panicking_batch_fails_alone_and_the_run_goes_on() {
     assert_eq!(left, 2);
     assert_eq!(std::fs::read_dir(&root).unwrap().count(), 2);
     db.cleanup().await;
-}
-
-fn planner(db: &TestDb, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_planner"))
-        .args(args)
-        .env("DATABASE_URL", &db.url)
-        .env_remove("QUEUE_URL")
-        .env_remove("REPORTS_ROOT")
-        .env_remove("ARCHIVER_TIMESTAMP_FLOOR")
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap()
-}
-
-fn out(o: &std::process::Output) -> String {
-    format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// Inserts a log row at `ts` (an SQL expression) and returns its id.
@@ -406,8 +338,12 @@ async fn sentinel_timestamps_are_never_archived_and_are_named() {
     assert!(sane_old.0 > 0);
 
     // The dry run does not panic, and names every sentinel row.
-    let o = planner(&db, &["--dry-run", "--logs", "--metrics"]);
-    let text = out(&o);
+    let o = db
+        .planner()
+        .args(["--dry-run", "--logs", "--metrics"])
+        .output()
+        .await;
+    let text = both(&o);
     assert!(o.status.success(), "{text}");
     assert!(
         text.contains("logs: 4 row(s) with a time before the floor or infinite"),
@@ -422,8 +358,8 @@ async fn sentinel_timestamps_are_never_archived_and_are_named() {
     assert!(text.contains("metrics: 3 row(s)"), "{text}");
 
     // The real run archives everything else and leaves them where they are.
-    let o = planner(&db, &["--logs", "--metrics"]);
-    let text = out(&o);
+    let o = db.planner().args(["--logs", "--metrics"]).output().await;
+    let text = both(&o);
     assert!(o.status.success(), "{text}");
     let still: i64 = sqlx::query_scalar("SELECT count(*) FROM scenario_logs WHERE id = ANY($1)")
         .bind(sentinels.iter().map(|s| s.1).collect::<Vec<_>>())
@@ -455,11 +391,11 @@ async fn sentinel_timestamps_are_never_archived_and_are_named() {
     assert_eq!(failed, 0, "every job completed; none left running");
 
     // planner status names them too, text and JSON.
-    let o = planner(&db, &["status"]);
-    let text = out(&o);
+    let o = db.planner().args(["status"]).output().await;
+    let text = both(&o);
     assert!(o.status.success(), "{text}");
     assert!(text.contains(&sentinels[0].1.to_string()), "{text}");
-    let o = planner(&db, &["status", "--json"]);
+    let o = db.planner().args(["status", "--json"]).output().await;
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["out_of_range"][0]["rows"], 4, "{v}");
 
@@ -485,9 +421,17 @@ async fn sentinel_timestamps_are_never_archived_and_are_named() {
     // error naming the flag.
     for bad in ["1970-13-01", "2999-01-01", "-0044-03-15", "yesterday"] {
         let flag = format!("--timestamp-floor={bad}");
-        let o = planner(&db, &["--dry-run", "--logs", &flag]);
-        assert_eq!(o.status.code(), Some(2), "{bad}: {}", out(&o));
-        assert!(out(&o).contains("--timestamp-floor"), "{bad}: {}", out(&o));
+        let o = db
+            .planner()
+            .args(["--dry-run", "--logs", &flag])
+            .output()
+            .await;
+        assert_eq!(o.status.code(), Some(2), "{bad}: {}", both(&o));
+        assert!(
+            both(&o).contains("--timestamp-floor"),
+            "{bad}: {}",
+            both(&o)
+        );
     }
     db.cleanup().await;
 }
@@ -511,7 +455,7 @@ async fn a_late_row_in_a_gap_month_finds_its_partition() {
     // it lies in job 2's first batch's range.
     let late = log_at(&db, "now() - interval '550 days'").await;
     for job in [job1.job, job2.job] {
-        for id in batches_of(&db, job).await {
+        for id in db.batches_of(job).await {
             let d = worker::process(
                 &db.pool,
                 &BatchMessage::new(id, Kind::Logs).encode(),
@@ -543,9 +487,13 @@ async fn logs_are_plain_text_in_a_pipe_and_json_on_request() {
     let db = TestDb::new().await;
     db.load_logs(1_000).await;
     // Piped (as cron's log file is): no escape codes.
-    let o = planner(&db, &["--logs", "-v", "--batch-size", "200"]);
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(o.status.success(), "{}", out(&o));
+    let o = db
+        .planner()
+        .args(["--logs", "-v", "--batch-size", "200"])
+        .output()
+        .await;
+    let err = stderr(&o);
+    assert!(o.status.success(), "{}", both(&o));
     assert!(err.contains("batch done"), "debug lines are there: {err}");
     assert!(
         !err.contains('\u{1b}'),
@@ -554,16 +502,13 @@ async fn logs_are_plain_text_in_a_pipe_and_json_on_request() {
 
     // JSON: every line one object; a batch's lines carry its id and kind.
     db.load_logs(1_000).await;
-    let mut c = Command::new(env!("CARGO_BIN_EXE_planner"));
-    let o = c
+    let o = db
+        .planner()
         .args(["--logs", "-v", "--batch-size", "200"])
-        .env("DATABASE_URL", &db.url)
         .env("ARCHIVER_LOG_FORMAT", "json")
-        .env_remove("QUEUE_URL")
-        .env_remove("RUST_LOG")
         .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", out(&o));
+        .await;
+    assert!(o.status.success(), "{}", both(&o));
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stderr)
         .lines()
         .filter(|l| !l.trim().is_empty())
@@ -588,14 +533,12 @@ async fn logs_are_plain_text_in_a_pipe_and_json_on_request() {
         );
     }
     // A failing command's last line is JSON too.
-    let o = Command::new(env!("CARGO_BIN_EXE_planner"))
+    let o = db
+        .planner()
         .args(["--reports"])
-        .env("DATABASE_URL", &db.url)
         .env("ARCHIVER_LOG_FORMAT", "json")
-        .env_remove("QUEUE_URL")
-        .env_remove("REPORTS_ROOT")
         .output()
-        .unwrap();
+        .await;
     assert_eq!(o.status.code(), Some(2));
     let last = String::from_utf8_lossy(&o.stderr)
         .lines()
@@ -611,14 +554,14 @@ async fn logs_are_plain_text_in_a_pipe_and_json_on_request() {
     );
     assert_eq!(v["exit"], 2);
     // An unknown format is a setting error naming the flag.
-    let o = Command::new(env!("CARGO_BIN_EXE_planner"))
+    let o = db
+        .planner()
         .args(["--logs", "--dry-run"])
-        .env("DATABASE_URL", &db.url)
         .env("ARCHIVER_LOG_FORMAT", "xml\u{1b}[31m")
         .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(2), "{}", out(&o));
-    assert!(out(&o).contains("--log-format"), "{}", out(&o));
+        .await;
+    assert_eq!(o.status.code(), Some(2), "{}", both(&o));
+    assert!(both(&o).contains("--log-format"), "{}", both(&o));
     db.cleanup().await;
 }
 
@@ -627,43 +570,42 @@ async fn a_broker_url_with_a_password_is_never_printed() {
     let db = TestDb::new().await;
     db.load_logs(200).await;
     let cfg = amqp_config();
-    let port = url::Url::parse(&crate::helpers::amqp_url())
-        .unwrap()
-        .port()
-        .unwrap_or(5672);
+    let port = url::Url::parse(&amqp_url()).unwrap().port().unwrap_or(5672);
     for url in [
         // Refused by the broker (wrong password), nobody listening, no scheme.
         format!("amqp://guest:hunter2@127.0.0.1:{port}/%2f"),
         "amqp://guest:hunter2@127.0.0.1:1/%2f".to_string(),
         format!("guest:hunter2@127.0.0.1:{port}"),
     ] {
-        let o = Command::new(env!("CARGO_BIN_EXE_planner"))
+        let o = db
+            .planner()
             .args(["--logs"])
-            .env("DATABASE_URL", &db.url)
             .env("QUEUE_URL", &url)
             .env("ARCHIVER_QUEUE", &cfg.queue)
-            .env_remove("RUST_LOG")
             .output()
-            .unwrap();
-        assert!(!o.status.success(), "{url}: {}", out(&o));
-        assert!(!out(&o).contains("hunter2"), "{url}: {}", out(&o));
+            .await;
+        assert!(!o.status.success(), "{url}: {}", both(&o));
+        assert!(!both(&o).contains("hunter2"), "{url}: {}", both(&o));
     }
     // A worker retrying a broker it cannot log in to says so, and never
     // prints the password, at debug level too.
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_worker"))
+    let worker = db
+        .worker()
         .args(["--kinds", "logs", "-v"])
-        .env("DATABASE_URL", &db.url)
         .env(
             "QUEUE_URL",
             format!("amqp://guest:hunter2@127.0.0.1:{port}/%2f"),
         )
         .env("ARCHIVER_QUEUE", &cfg.queue)
-        .env_remove("RUST_LOG")
+        .command();
+    let mut child = tokio::process::Command::from(worker)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let mut err = child.stderr.take().unwrap();
     let mut text = String::new();
+    // Its retries over five seconds (the scenario: several attempts, at
+    // debug level), whatever they print.
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         use tokio::io::AsyncReadExt;
         let mut buf = [0u8; 4096];

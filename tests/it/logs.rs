@@ -1,7 +1,7 @@
 //! The logs policy end to end, inline: every old row archived exactly once
 //! with every column equal; the dry run; the query API.
 
-use crate::helpers::{TestDb, plan_options, run_inline};
+use crate::helpers::{TestDb, plan_options, run_inline, stderr, stdout};
 use archiver::plan;
 use archiver::query::{self, Scope};
 use archiver::transport::inline;
@@ -136,14 +136,9 @@ async fn an_inline_run_that_died_is_resumed_by_the_next_run() {
         .await
         .unwrap();
 
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_planner"))
-        .args(["--logs"])
-        .env("DATABASE_URL", &db.url)
-        .env_remove("QUEUE_URL")
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = db.planner().args(["--logs"]).output().await;
+    let out = stdout(&o);
+    assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         out.contains(&format!(
             "resuming {} unfinished batch(es)",

@@ -5,7 +5,8 @@
 mod cli;
 mod database;
 mod failures;
-mod fleet;
+mod fleet_amqp;
+mod fleet_sqs;
 mod hardening;
 mod helpers;
 mod logs;
@@ -17,5 +18,4 @@ mod report_safety;
 mod reports;
 mod retention;
 mod spec_queries;
-mod sqs;
 mod sqs_stuck;

@@ -1,7 +1,8 @@
 //! The metrics policy: exact daily aggregates, whatever the batch size and
 //! however often a batch is delivered; late samples merge exactly.
 
-use crate::helpers::{TestDb, amqp_config, delete_queues, plan_options, run_inline};
+use crate::helpers::amqp::{amqp_config, delete_queues, wait_queue_empty};
+use crate::helpers::{TestDb, plan_options, run_inline};
 use archiver::ledger::Kind;
 use archiver::plan;
 use archiver::transport::amqp::{AmqpConsumer, AmqpPublisher};
@@ -259,7 +260,7 @@ async fn redelivery_a_kill_after_commit_and_replanning_leave_aggregates_unchange
             .unwrap()
     });
     assert_eq!(db.wait_job(planned.job).await, "completed");
-    crate::helpers::wait_queue_empty(&cfg).await;
+    wait_queue_empty(&cfg).await;
     stop.cancel();
     let stats = w.await.unwrap();
     assert!(

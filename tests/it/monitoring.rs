@@ -2,25 +2,15 @@
 //! Prometheus accepts, printed or served; the alert rules are valid and fire
 //! as their unit tests expect (promtool, from scripts/services.sh).
 
+use crate::helpers::bin::{exited, sigterm};
 use crate::helpers::{TestDb, ok};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use uuid::Uuid;
-
-fn planner(db: &TestDb, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_planner"));
-    c.args(args)
-        .env("DATABASE_URL", &db.url)
-        .env_remove("QUEUE_URL")
-        .env_remove("REPORTS_ROOT")
-        .env_remove("ARCHIVER_METRICS_LISTEN")
-        .env_remove("RUST_LOG");
-    c
-}
 
 /// `promtool` with `args` in `dir`, fed `stdin`; panics if it is missing.
 fn promtool(dir: &Path, args: &[&str], stdin: &str) -> Output {
@@ -60,9 +50,11 @@ fn samples(text: &str) -> HashMap<String, f64> {
 async fn metrics_say_what_the_ledger_says_and_pass_promtool() {
     let db = TestDb::new().await;
     db.load_logs(3000).await;
-    ok(&planner(&db, &["--logs", "--batch-size", "500"])
+    ok(&db
+        .planner()
+        .args(["--logs", "--batch-size", "500"])
         .output()
-        .unwrap());
+        .await);
     // Two metrics jobs fail; one of them is failed twice over (counted once)
     // and then, redriven, completes: the counter must not fall.
     let mut failed = Vec::new();
@@ -110,7 +102,7 @@ async fn metrics_say_what_the_ledger_says_and_pass_promtool() {
     .await
     .unwrap();
 
-    let text = ok(&planner(&db, &["metrics"]).output().unwrap());
+    let text = ok(&db.planner().args(["metrics"]).output().await);
     let m = samples(&text);
     let get = |k: &str| *m.get(k).unwrap_or_else(|| panic!("no {k} in:\n{text}"));
     assert_eq!(
@@ -161,7 +153,10 @@ fn http_get(addr: &str, path: &str) -> String {
 #[tokio::test]
 async fn metrics_are_served_over_http_until_sigterm() {
     let db = TestDb::new().await;
-    let mut child = planner(&db, &["metrics", "--listen", "127.0.0.1:0"])
+    let mut child = db
+        .planner()
+        .args(["metrics", "--listen", "127.0.0.1:0"])
+        .command()
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -197,25 +192,8 @@ async fn metrics_are_served_over_http_until_sigterm() {
     let missing = http_get(&addr, "/nope");
     assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
 
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "still serving after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    sigterm(&child);
+    let status = exited(&mut child, Duration::from_secs(10)).await;
     assert!(status.success(), "{status}");
     db.cleanup().await;
 }

@@ -2,10 +2,10 @@
 //! `ARCHIVER_S3_ENDPOINT` (moto; a fresh bucket per test) and a local
 //! directory under target/. Every round trip compares SHA-256s.
 
+use crate::helpers::{s3, scratch};
 use archiver::Error;
 use archiver::objects::{self, Compression, Encoding, LocalStore, ObjectStore, S3Store, Stored};
 use aws_sdk_s3::Client;
-use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
     ExpirationStatus, LifecycleExpiration, LifecycleRule, LifecycleRuleFilter,
@@ -16,19 +16,6 @@ use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 const MIB: usize = 1 << 20;
-
-pub(crate) fn s3_client() -> Client {
-    let endpoint =
-        std::env::var("ARCHIVER_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
-    let config = aws_sdk_s3::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new("test", "test", None, None, "static"))
-        .endpoint_url(endpoint)
-        .force_path_style(true)
-        .build();
-    Client::from_conf(config)
-}
 
 enum Backend {
     S3 { client: Client, bucket: String },
@@ -42,36 +29,23 @@ struct Fixture {
     work: PathBuf,
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("objects-{name}-{}", Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 impl Fixture {
     async fn s3() -> Fixture {
-        let client = s3_client();
-        let bucket = format!("test-{}", Uuid::new_v4().simple());
-        client
-            .create_bucket()
-            .bucket(&bucket)
-            .send()
-            .await
-            .expect("create bucket (is moto running?)");
+        let client = s3::client();
+        let bucket = s3::new_bucket(&client).await;
         Fixture {
             store: Box::new(S3Store::new(client.clone(), bucket.clone())),
             backend: Backend::S3 { client, bucket },
-            work: scratch("work"),
+            work: scratch("objects-work"),
         }
     }
 
     async fn local() -> Fixture {
-        let root = scratch("store");
+        let root = scratch("objects-store");
         Fixture {
             store: objects::open(None, &root).await.unwrap(),
             backend: Backend::Local { root },
-            work: scratch("work"),
+            work: scratch("objects-work"),
         }
     }
 
@@ -119,25 +93,7 @@ impl Fixture {
     async fn cleanup(self) {
         let _ = std::fs::remove_dir_all(&self.work);
         match self.backend {
-            Backend::S3 { client, bucket } => {
-                let listed = client
-                    .list_objects_v2()
-                    .bucket(&bucket)
-                    .send()
-                    .await
-                    .unwrap();
-                for object in listed.contents() {
-                    let key = object.key().unwrap();
-                    client
-                        .delete_object()
-                        .bucket(&bucket)
-                        .key(key)
-                        .send()
-                        .await
-                        .unwrap();
-                }
-                client.delete_bucket().bucket(&bucket).send().await.unwrap();
-            }
+            Backend::S3 { client, bucket } => s3::delete_bucket(&client, &bucket).await,
             Backend::Local { root } => {
                 let _ = std::fs::remove_dir_all(root);
             }

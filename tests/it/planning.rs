@@ -3,7 +3,8 @@
 //! have, a batch is marked published only after the broker confirmed it, and
 //! a publishing failure fails the job without marking what was not sent.
 
-use crate::helpers::{TestDb, amqp_config, delete_queues, drain, plan_options, queue_depth};
+use crate::helpers::amqp::{amqp_config, delete_queues, drain, queue_depth};
+use crate::helpers::{TestDb, plan_options};
 use archiver::ledger::Kind;
 use archiver::plan;
 use archiver::transport::amqp::AmqpPublisher;

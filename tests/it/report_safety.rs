@@ -6,9 +6,9 @@
 //! nothing outside the root is read, nothing but the archived file is
 //! deleted.
 
-use crate::helpers::{TestDb, ok};
+use crate::helpers::bin::{stderr, stdout};
+use crate::helpers::{Dirs, TestDb, ok, plan_only, plan_options, reports_executor, s3};
 use archiver::execute::Executor;
-use archiver::execute::reports::ReportsContext;
 use archiver::ledger::Kind;
 use archiver::objects::{self, Compression};
 use archiver::transport::BatchMessage;
@@ -16,31 +16,15 @@ use archiver::worker::{self, Disposition, WorkerOptions};
 use aws_sdk_s3::error::ProvideErrorMetadata;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-struct Dirs {
-    root: PathBuf,
-    archive: PathBuf,
-    outside: PathBuf,
-}
-
 fn dirs() -> Dirs {
-    let base = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("report-safety-{}", Uuid::new_v4().simple()));
-    let d = Dirs {
-        root: base.join("root"),
-        archive: base.join("archive"),
-        outside: base.join("outside"),
-    };
-    for p in [&d.root, &d.archive, &d.outside] {
-        std::fs::create_dir_all(p).unwrap();
-    }
-    d
+    Dirs::new("report-safety")
 }
 
 fn sha(bytes: &[u8]) -> String {
@@ -96,55 +80,13 @@ impl Drop for Immutable {
     }
 }
 
-/// The planner binary, local store, no broker; killed after `limit`.
-async fn planner(db: &TestDb, root: &Path, archive: &Path, args: &[&str], limit: u64) -> Output {
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_planner"))
-        .args(args)
-        .env("DATABASE_URL", &db.url)
-        .env("REPORTS_ROOT", root)
-        .env("REPORTS_ARCHIVE_DIR", archive)
-        .env_remove("REPORTS_ARCHIVE_BUCKET")
-        .env_remove("QUEUE_URL")
-        .kill_on_drop(true)
-        .output();
-    tokio::time::timeout(Duration::from_secs(limit), child)
-        .await
-        .unwrap_or_else(|_| panic!("planner {args:?} still running after {limit} s: it loops"))
-        .unwrap()
-}
-
-fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).to_string(),
-        String::from_utf8_lossy(&o.stderr).to_string(),
-    )
-}
-
-/// An executor archiving reports under `root` into the local store.
-async fn executor(db: &TestDb, root: &Path, archive: &Path) -> Executor {
-    let ctx = ReportsContext {
-        root: root.to_path_buf(),
-        store: objects::open(None, archive).await.unwrap(),
-        compression: Compression::Zstd,
-    };
-    Executor {
-        pool: db.pool.clone(),
-        reports: Some(Arc::new(ctx)),
-        kinds: None,
-    }
-}
-
 /// Plans the eligible reports (one batch), runs nothing; returns the batch.
 async fn plan_one_batch(db: &TestDb, root: &Path) -> Uuid {
-    let (publisher, consumer) = archiver::transport::inline::queue();
     let opts = archiver::plan::PlanOptions {
         reports_root: Some(root.to_path_buf()),
-        ..crate::helpers::plan_options(5000, "inline")
+        ..plan_options(5000, "inline")
     };
-    let planned = archiver::plan::plan(&db.pool, Kind::Reports, &opts, &publisher)
-        .await
-        .unwrap();
-    drop((publisher, consumer));
+    let planned = plan_only(db, Kind::Reports, &opts).await;
     sqlx::query_scalar("SELECT id FROM archive_batches WHERE job_id = $1")
         .bind(planned.job)
         .fetch_one(&db.pool)
@@ -188,8 +130,13 @@ async fn an_undeletable_report_ends_the_run_with_status_4_and_a_later_run_delete
     // the immutable directory refuses.
     let guard = Immutable::set(&locked);
 
-    let o = planner(&db, &d.root, &d.archive, &["--reports"], 60).await;
-    let (out, err) = text(&o);
+    let o = db
+        .planner()
+        .args(["--reports"])
+        .local_reports(&d.root, &d.archive)
+        .output_within(Duration::from_secs(60))
+        .await;
+    let (out, err) = (stdout(&o), stderr(&o));
     assert_eq!(
         o.status.code(),
         Some(4),
@@ -220,18 +167,33 @@ async fn an_undeletable_report_ends_the_run_with_status_4_and_a_later_run_delete
     .unwrap();
     assert_eq!((job.as_str(), batches.as_str()), ("completed", "done"));
 
-    let st = ok(&planner(&db, &d.root, &d.archive, &["status"], 30).await);
+    let st = ok(&db
+        .planner()
+        .args(["status"])
+        .local_reports(&d.root, &d.archive)
+        .output_within(Duration::from_secs(30))
+        .await);
     assert!(
         st.contains("local file left in place: 1") && st.contains("stuck.csv"),
         "{st}"
     );
-    let json = ok(&planner(&db, &d.root, &d.archive, &["status", "--json"], 30).await);
+    let json = ok(&db
+        .planner()
+        .args(["status", "--json"])
+        .local_reports(&d.root, &d.archive)
+        .output_within(Duration::from_secs(30))
+        .await);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["local_files_left"]["total"], 1, "{json}");
 
     // Still undeletable: the next run retries, leaves it, says so again.
-    let o = planner(&db, &d.root, &d.archive, &["--reports"], 60).await;
-    let (out, err) = text(&o);
+    let o = db
+        .planner()
+        .args(["--reports"])
+        .local_reports(&d.root, &d.archive)
+        .output_within(Duration::from_secs(60))
+        .await;
+    let (out, err) = (stdout(&o), stderr(&o));
     assert_eq!(o.status.code(), Some(4), "{out}\n{err}");
     assert!(
         out.contains("retried 1 local file(s)") && out.contains("1 still left"),
@@ -240,12 +202,22 @@ async fn an_undeletable_report_ends_the_run_with_status_4_and_a_later_run_delete
 
     // The cause fixed, the next run deletes it and exits 0.
     drop(guard);
-    let o = planner(&db, &d.root, &d.archive, &["--reports"], 60).await;
+    let o = db
+        .planner()
+        .args(["--reports"])
+        .local_reports(&d.root, &d.archive)
+        .output_within(Duration::from_secs(60))
+        .await;
     let out = ok(&o);
     assert!(out.contains("1 deleted, 0 still left"), "{out}");
     assert!(!stuck.exists());
     assert_eq!(reason_of(&db, stuck_id).await, (true, None));
-    let st = ok(&planner(&db, &d.root, &d.archive, &["status"], 30).await);
+    let st = ok(&db
+        .planner()
+        .args(["status"])
+        .local_reports(&d.root, &d.archive)
+        .output_within(Duration::from_secs(30))
+        .await);
     assert!(st.contains("local file left in place: 0"), "{st}");
     db.cleanup().await;
 }
@@ -261,7 +233,7 @@ async fn a_done_batch_whose_file_cannot_be_deleted_is_acknowledged_not_retried()
     let orphan = d.root.join("orphan.csv");
     let orphan_id = report(&db, &orphan, Some(&csv(50, "orphan"))).await;
     let batch = plan_one_batch(&db, &d.root).await;
-    let exec = executor(&db, &d.root, &d.archive).await;
+    let exec = reports_executor(&db, &d.root, &d.archive).await;
     let guard = Immutable::set(&locked);
 
     // First delivery: commits, cannot delete one file. A broker would ack.
@@ -325,7 +297,7 @@ async fn a_file_changed_or_swapped_after_upload_is_kept_and_nothing_else_is_dele
         ));
     }
     let batch = plan_one_batch(&db, &d.root).await;
-    let exec = executor(&db, &d.root, &d.archive).await;
+    let exec = reports_executor(&db, &d.root, &d.archive).await;
     assert!(matches!(deliver(&exec, batch).await, Disposition::Ack(_)));
     for n in names {
         assert!(
@@ -408,9 +380,8 @@ async fn a_fifo_in_place_of_a_report_is_refused_without_hanging() {
             .success()
     );
     let local = objects::open(None, &d.archive).await.unwrap();
-    let bucket = format!("test-{}", Uuid::new_v4().simple());
-    let client = crate::objects::s3_client();
-    client.create_bucket().bucket(&bucket).send().await.unwrap();
+    let client = s3::client();
+    let bucket = s3::new_bucket(&client).await;
     let s3 = objects::S3Store::new(client, bucket);
     let stores: [&dyn objects::ObjectStore; 2] = [local.as_ref(), &s3];
     for store in stores {
@@ -433,7 +404,7 @@ async fn a_fifo_in_place_of_a_report_is_refused_without_hanging() {
     let good = d.root.join("good.csv");
     report(&db, &good, Some(&csv(100, "good"))).await;
     let batch = plan_one_batch(&db, &d.root).await;
-    let exec = executor(&db, &d.root, &d.archive).await;
+    let exec = reports_executor(&db, &d.root, &d.archive).await;
     assert!(matches!(deliver(&exec, batch).await, Disposition::Ack(_)));
     assert!(!good.exists() && fifo.exists());
     let reason: String =
@@ -462,7 +433,7 @@ async fn a_symlink_swapped_in_while_reports_are_archived_never_uploads_the_outsi
         files.push((p, body));
     }
     let batch = plan_one_batch(&db, &d.root).await;
-    let exec = executor(&db, &d.root, &d.archive).await;
+    let exec = reports_executor(&db, &d.root, &d.archive).await;
 
     // One racer per report swaps its path between the real file and a
     // symlink to the secret (renames: atomic, about half the time each), so
@@ -548,8 +519,13 @@ async fn reports_root_at_the_filesystem_root_is_refused() {
     let file = d.root.join("r.csv");
     let id = report(&db, &file, Some(&csv(100, "r"))).await;
     for args in [&["--reports"][..], &["--reports", "--dry-run"][..]] {
-        let o = planner(&db, Path::new("/"), &d.archive, args, 60).await;
-        let (out, err) = text(&o);
+        let o = db
+            .planner()
+            .args(args)
+            .local_reports(Path::new("/"), &d.archive)
+            .output_within(Duration::from_secs(60))
+            .await;
+        let (out, err) = (stdout(&o), stderr(&o));
         assert_eq!(
             o.status.code(),
             Some(2),
@@ -565,7 +541,7 @@ async fn reports_root_at_the_filesystem_root_is_refused() {
     // A worker configured so (the check inside the executor): the report
     // fails alone, its file untouched.
     let batch = plan_one_batch(&db, &d.root).await;
-    let exec = executor(&db, Path::new("/"), &d.archive).await;
+    let exec = reports_executor(&db, Path::new("/"), &d.archive).await;
     let outcome = deliver(&exec, batch).await;
     assert!(matches!(outcome, Disposition::DeadLetter(_)), "{outcome:?}");
     assert!(
@@ -588,7 +564,12 @@ async fn restore_report_checks_the_bytes_against_reports_archive() {
     let d = dirs();
     let a = report(&db, &d.root.join("a.csv"), Some(&csv(300, "a"))).await;
     let b = report(&db, &d.root.join("b.csv"), Some(&csv(300, "b"))).await;
-    ok(&planner(&db, &d.root, &d.archive, &["--reports"], 60).await);
+    ok(&db
+        .planner()
+        .args(["--reports"])
+        .local_reports(&d.root, &d.archive)
+        .output_within(Duration::from_secs(60))
+        .await);
     let key = |id: Uuid| {
         let pool = db.pool.clone();
         async move {
@@ -614,8 +595,13 @@ async fn restore_report_checks_the_bytes_against_reports_archive() {
         "--to",
         to.to_str().unwrap(),
     ];
-    let o = planner(&db, &d.root, &d.archive, &args, 60).await;
-    let (out, err) = text(&o);
+    let o = db
+        .planner()
+        .args(args)
+        .local_reports(&d.root, &d.archive)
+        .output_within(Duration::from_secs(60))
+        .await;
+    let (out, err) = (stdout(&o), stderr(&o));
     assert_eq!(o.status.code(), Some(1), "refused\n{out}\n{err}");
     assert!(err.contains("not the archived file"), "{err}");
     assert!(!to.exists(), "nothing restored");
@@ -626,7 +612,12 @@ async fn restore_report_checks_the_bytes_against_reports_archive() {
         "--to",
         to.to_str().unwrap(),
     ];
-    let out = ok(&planner(&db, &d.root, &d.archive, &args, 60).await);
+    let out = ok(&db
+        .planner()
+        .args(args)
+        .local_reports(&d.root, &d.archive)
+        .output_within(Duration::from_secs(60))
+        .await);
     assert!(out.contains("verified"), "{out}");
     assert_eq!(std::fs::read(&to).unwrap(), csv(300, "b"));
     db.cleanup().await;
@@ -636,27 +627,16 @@ async fn restore_report_checks_the_bytes_against_reports_archive() {
 async fn restore_report_of_a_glacier_object_says_to_restore_it_from_the_archive_tier() {
     let db = TestDb::new().await;
     let d = dirs();
-    let client = crate::objects::s3_client();
-    let bucket = format!("test-{}", Uuid::new_v4().simple());
-    client.create_bucket().bucket(&bucket).send().await.unwrap();
+    let client = s3::client();
+    let bucket = s3::new_bucket(&client).await;
     let id = report(&db, &d.root.join("old.csv"), Some(&csv(300, "old"))).await;
-    let endpoint =
-        std::env::var("ARCHIVER_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
     let run = |args: Vec<String>| {
-        Command::new(env!("CARGO_BIN_EXE_planner"))
+        db.planner()
             .args(args)
-            .env("DATABASE_URL", &db.url)
-            .env("REPORTS_ROOT", &d.root)
-            .env("REPORTS_ARCHIVE_BUCKET", &bucket)
-            .env("AWS_ENDPOINT_URL", &endpoint)
-            .env("AWS_ACCESS_KEY_ID", "test")
-            .env("AWS_SECRET_ACCESS_KEY", "test")
-            .env("AWS_REGION", "us-east-1")
-            .env_remove("QUEUE_URL")
+            .s3_reports(&d.root, &bucket)
             .output()
-            .unwrap()
     };
-    ok(&run(vec!["--reports".into()]));
+    ok(&run(vec!["--reports".into()]).await);
     let key: String = sqlx::query_scalar("SELECT object_key FROM reports_archive WHERE id = $1")
         .bind(id)
         .fetch_one(&db.pool)
@@ -685,8 +665,9 @@ async fn restore_report_of_a_glacier_object_says_to_restore_it_from_the_archive_
         id.to_string(),
         "--to".into(),
         to.to_string_lossy().into(),
-    ]);
-    let (out, err) = text(&o);
+    ])
+    .await;
+    let (out, err) = (stdout(&o), stderr(&o));
     assert_eq!(o.status.code(), Some(1), "{out}\n{err}");
     assert!(
         err.contains("GLACIER") && err.contains("restore it from the archive tier first"),

@@ -3,35 +3,19 @@
 //! after the commit; refused and missing files fail alone; restore returns
 //! the original bytes; a crash at any step is repaired by redelivery.
 
-use crate::helpers::{TestDb, ok};
+use crate::helpers::bin::{S3_SECRET, stderr};
+use crate::helpers::{Dirs, TestDb, ok, plan_only, plan_options, reports_executor, s3};
 use archiver::ledger::Kind;
 use archiver::objects::{self, Compression};
 use archiver::transport::{BatchMessage, Publisher, inline};
 use archiver::worker::{self, WorkerOptions};
 use sha2::{Digest, Sha256};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-struct Dirs {
-    root: PathBuf,
-    archive: PathBuf,
-    outside: PathBuf,
-}
-
 fn dirs() -> Dirs {
-    let base =
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("reports-{}", Uuid::new_v4().simple()));
-    let d = Dirs {
-        root: base.join("root"),
-        archive: base.join("archive"),
-        outside: base.join("outside"),
-    };
-    for p in [&d.root, &d.archive, &d.outside] {
-        std::fs::create_dir_all(p).unwrap();
-    }
-    d
+    Dirs::new("reports")
 }
 
 fn sha(path: &Path) -> String {
@@ -75,18 +59,6 @@ fn noise(len: usize) -> Vec<u8> {
         .collect()
 }
 
-fn planner(db: &TestDb, d: &Dirs, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_planner"))
-        .args(args)
-        .env("DATABASE_URL", &db.url)
-        .env("REPORTS_ROOT", &d.root)
-        .env("REPORTS_ARCHIVE_DIR", &d.archive)
-        .env_remove("REPORTS_ARCHIVE_BUCKET")
-        .env_remove("QUEUE_URL")
-        .output()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn reports_round_trip_through_the_local_store_and_restore_byte_for_byte() {
     let db = TestDb::new().await;
@@ -107,7 +79,12 @@ async fn reports_round_trip_through_the_local_store_and_restore_byte_for_byte() 
         .await
         .unwrap();
 
-    let out = ok(&planner(&db, &d, &["--reports"]));
+    let out = ok(&db
+        .planner()
+        .local_reports(&d.root, &d.archive)
+        .args(["--reports"])
+        .output()
+        .await);
     assert!(out.contains("3 of 3 reports archived"), "{out}");
     for (p, _, _) in &files {
         assert!(!p.exists(), "{} deleted after the commit", p.display());
@@ -133,16 +110,17 @@ async fn reports_round_trip_through_the_local_store_and_restore_byte_for_byte() 
         assert!(r.4, "deleted_locally");
         assert_eq!((r.2, &r.5), (*len as i64, want_sha));
         let to = d.outside.join(format!("{id}.restored"));
-        let out = ok(&planner(
-            &db,
-            &d,
-            &[
+        let out = ok(&db
+            .planner()
+            .local_reports(&d.root, &d.archive)
+            .args([
                 "restore-report",
                 &id.to_string(),
                 "--to",
                 to.to_str().unwrap(),
-            ],
-        ));
+            ])
+            .output()
+            .await);
         assert!(out.contains("SHA-256 verified"), "{out}");
         assert_eq!(&sha(&to), want_sha, "restored byte for byte");
     }
@@ -167,16 +145,17 @@ async fn reports_round_trip_through_the_local_store_and_restore_byte_for_byte() 
         "an incompressible file is stored as it is"
     );
     // Restoring over an existing file is refused.
-    let o = planner(
-        &db,
-        &d,
-        &[
+    let o = db
+        .planner()
+        .local_reports(&d.root, &d.archive)
+        .args([
             "restore-report",
             &ids[0].0.to_string(),
             "--to",
             d.outside.to_str().unwrap(),
-        ],
-    );
+        ])
+        .output()
+        .await;
     assert_eq!(o.status.code(), Some(2));
     db.cleanup().await;
 }
@@ -193,12 +172,22 @@ async fn refused_and_missing_files_fail_alone_and_are_left_untouched() {
     let missing = report(&db, &d.root.join("gone.csv"), b"x", "csv").await;
     std::fs::remove_file(d.root.join("gone.csv")).unwrap();
 
-    let dry = ok(&planner(&db, &d, &["--reports", "--dry-run"]));
+    let dry = ok(&db
+        .planner()
+        .local_reports(&d.root, &d.archive)
+        .args(["--reports", "--dry-run"])
+        .output()
+        .await);
     assert!(
         dry.contains("4 eligible reports") && dry.contains("3 with a missing or refused file"),
         "{dry}"
     );
-    let out = ok(&planner(&db, &d, &["--reports"]));
+    let out = ok(&db
+        .planner()
+        .local_reports(&d.root, &d.archive)
+        .args(["--reports"])
+        .output()
+        .await);
     assert!(out.contains("1 of 4 reports archived"), "{out}");
     assert!(
         secret.exists() && d.root.join("link.csv").exists(),
@@ -239,17 +228,7 @@ async fn refused_and_missing_files_fail_alone_and_are_left_untouched() {
 
 /// Runs one planned batch through the real executor, inline.
 async fn run_batch(db: &TestDb, d: &Dirs, batch: Uuid) {
-    let store = objects::open(None, &d.archive).await.unwrap();
-    let ctx = archiver::execute::reports::ReportsContext {
-        root: d.root.clone(),
-        store,
-        compression: Compression::Zstd,
-    };
-    let exec = archiver::execute::Executor {
-        pool: db.pool.clone(),
-        reports: Some(std::sync::Arc::new(ctx)),
-        kinds: None,
-    };
+    let exec = reports_executor(db, &d.root, &d.archive).await;
     let (publisher, mut consumer) = inline::queue();
     publisher
         .publish(&[BatchMessage::new(batch, Kind::Reports)])
@@ -294,15 +273,11 @@ async fn a_crash_at_any_step_is_repaired_by_redelivery() {
         files.push((p.clone(), sha(&p)));
     }
     // Plan only, as a planner whose executors died before running anything.
-    let (publisher, consumer) = inline::queue();
     let opts = archiver::plan::PlanOptions {
         reports_root: Some(d.root.clone()),
-        ..crate::helpers::plan_options(5000, "inline")
+        ..plan_options(5000, "inline")
     };
-    let planned = archiver::plan::plan(&db.pool, Kind::Reports, &opts, &publisher)
-        .await
-        .unwrap();
-    drop((publisher, consumer));
+    let planned = plan_only(&db, Kind::Reports, &opts).await;
     let batch: Uuid = sqlx::query_scalar("SELECT id FROM archive_batches WHERE job_id = $1")
         .bind(planned.job)
         .fetch_one(&db.pool)
@@ -327,16 +302,7 @@ async fn a_crash_at_any_step_is_repaired_by_redelivery() {
             .unwrap();
     }
     run_batch(&db, &d, batch).await;
-    let pool = db.pool.clone();
-    let count = move |sql: &'static str| {
-        let pool = pool.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>(sql)
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-        }
-    };
+    let count = |sql| db.scalar(sql);
     assert_eq!(
         count("SELECT count(*) FROM reports_archive").await,
         3,
@@ -386,41 +352,26 @@ async fn a_crash_at_any_step_is_repaired_by_redelivery() {
     db.cleanup().await;
 }
 
-/// The planner process configured only by the environment, as in production:
-/// bucket, endpoint override, static credentials, region.
-fn planner_s3(db: &TestDb, d: &Dirs, bucket: &str, args: &[&str]) -> Output {
-    let endpoint =
-        std::env::var("ARCHIVER_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
-    Command::new(env!("CARGO_BIN_EXE_planner"))
-        .args(args)
-        .env("DATABASE_URL", &db.url)
-        .env("REPORTS_ROOT", &d.root)
-        .env("REPORTS_ARCHIVE_BUCKET", bucket)
-        .env("AWS_ENDPOINT_URL", endpoint)
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test-secret-never-logged")
-        .env("AWS_REGION", "us-east-1")
-        .env_remove("QUEUE_URL")
-        .output()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn reports_round_trip_through_s3_configured_from_the_environment() {
     let db = TestDb::new().await;
     let d = dirs();
-    let client = crate::objects::s3_client();
-    let bucket = format!("test-{}", Uuid::new_v4().simple());
-    client.create_bucket().bucket(&bucket).send().await.unwrap();
+    let client = s3::client();
+    let bucket = s3::new_bucket(&client).await;
     let big = d.root.join("big.csv");
     let id = report(&db, &big, &csv(500_000), "csv").await; // > one 8 MiB part
     let want = sha(&big);
     let pdf = report(&db, &d.root.join("r.pdf"), &noise(100_000), "pdf").await;
 
-    let o = planner_s3(&db, &d, &bucket, &["--reports", "--verbose"]);
+    let o = db
+        .planner()
+        .s3_reports(&d.root, &bucket)
+        .args(["--reports", "--verbose"])
+        .output()
+        .await;
     let out = ok(&o);
     assert!(out.contains("2 of 2 reports archived"), "{out}");
-    assert!(!String::from_utf8_lossy(&o.stderr).contains("test-secret-never-logged"));
+    assert!(!stderr(&o).contains(S3_SECRET));
     assert!(!big.exists());
     let (location, key): (String, String) =
         sqlx::query_as("SELECT s3_location, object_key FROM reports_archive WHERE id = $1")
@@ -457,33 +408,38 @@ async fn reports_round_trip_through_s3_configured_from_the_environment() {
     assert_eq!(listed.contents().len(), 2, "one object per report");
 
     let to = d.outside.join("big.restored.csv");
-    ok(&planner_s3(
-        &db,
-        &d,
-        &bucket,
-        &[
+    ok(&db
+        .planner()
+        .s3_reports(&d.root, &bucket)
+        .args([
             "restore-report",
             &id.to_string(),
             "--to",
             to.to_str().unwrap(),
-        ],
-    ));
+        ])
+        .output()
+        .await);
     assert_eq!(sha(&to), want);
     let to = d.outside.join("r.restored.pdf");
-    ok(&planner_s3(
-        &db,
-        &d,
-        &bucket,
-        &[
+    ok(&db
+        .planner()
+        .s3_reports(&d.root, &bucket)
+        .args([
             "restore-report",
             &pdf.to_string(),
             "--to",
             to.to_str().unwrap(),
-        ],
-    ));
+        ])
+        .output()
+        .await);
 
     // The bucket lifecycle: a dry run changes nothing; applying is idempotent.
-    let dry = ok(&planner_s3(&db, &d, &bucket, &["lifecycle", "--dry-run"]));
+    let dry = ok(&db
+        .planner()
+        .s3_reports(&d.root, &bucket)
+        .args(["lifecycle", "--dry-run"])
+        .output()
+        .await);
     let rules = client
         .get_bucket_lifecycle_configuration()
         .bucket(&bucket)
@@ -493,8 +449,18 @@ async fn reports_round_trip_through_s3_configured_from_the_environment() {
         rules.is_err() || rules.unwrap().rules().is_empty(),
         "dry run applied nothing: {dry}"
     );
-    ok(&planner_s3(&db, &d, &bucket, &["lifecycle"]));
-    let again = ok(&planner_s3(&db, &d, &bucket, &["lifecycle"]));
+    ok(&db
+        .planner()
+        .s3_reports(&d.root, &bucket)
+        .args(["lifecycle"])
+        .output()
+        .await);
+    let again = ok(&db
+        .planner()
+        .s3_reports(&d.root, &bucket)
+        .args(["lifecycle"])
+        .output()
+        .await);
     let rules = client
         .get_bucket_lifecycle_configuration()
         .bucket(&bucket)

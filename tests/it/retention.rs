@@ -5,21 +5,10 @@
 use crate::helpers::{TestDb, ok};
 use archiver::partitions::{ensure_months, month_start, partition_name};
 use chrono::{DateTime, Duration, Months, Utc};
-use std::process::{Command, Output};
 use uuid::Uuid;
 
 const LOGS: &str = "scenario_logs_archive";
 const METRICS: &str = "scenario_metrics_archive";
-
-fn planner(db: &TestDb, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_planner"))
-        .args(args)
-        .env("DATABASE_URL", &db.url)
-        .env_remove("QUEUE_URL")
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap()
-}
 
 fn ago(years: u32, extra_months: u32) -> DateTime<Utc> {
     Utc::now() - Months::new(years * 12 + extra_months)
@@ -144,7 +133,7 @@ async fn retention_drops_whole_months_past_retention_and_nothing_younger() {
     let report_young = report_row(&db, ago(4, 0), true).await;
 
     let before = archive_state(&db).await;
-    let out = ok(&planner(&db, &["retention", "--dry-run"]));
+    let out = ok(&db.planner().args(["retention", "--dry-run"]).output().await);
     assert!(out.contains("DRY RUN"), "{out}");
     assert!(
         out.contains(&format!("would drop {logs_old} (5 rows")),
@@ -177,7 +166,7 @@ async fn retention_drops_whole_months_past_retention_and_nothing_younger() {
         "a dry run recorded a job"
     );
 
-    let out = ok(&planner(&db, &["retention"]));
+    let out = ok(&db.planner().args(["retention"]).output().await);
     assert!(
         out.contains(&format!("dropped {logs_old} (5 rows")),
         "{out}"
@@ -204,7 +193,7 @@ async fn retention_drops_whole_months_past_retention_and_nothing_younger() {
     );
 
     // Idempotent: a second run finds nothing and says so.
-    let out = ok(&planner(&db, &["retention"]));
+    let out = ok(&db.planner().args(["retention"]).output().await);
     assert!(out.contains("no partition is past retention"), "{out}");
     assert!(out.contains("deleted 0 metadata rows"), "{out}");
     assert_eq!(archive_state(&db).await, expected);
@@ -244,7 +233,7 @@ async fn unfinished_batches_hold_their_table_and_short_periods_are_refused() {
     .await
     .unwrap();
 
-    let out = ok(&planner(&db, &["retention"]));
+    let out = ok(&db.planner().args(["retention"]).output().await);
     let (status, failures): (String, i32) =
         sqlx::query_as("SELECT status::text, failures FROM archive_jobs WHERE id = $1")
             .bind(stale)
@@ -269,7 +258,11 @@ async fn unfinished_batches_hold_their_table_and_short_periods_are_refused() {
 
     // A period that does not outlast the archive age would drop rows as
     // soon as they are archived: refused before anything is touched.
-    let o = planner(&db, &["retention", "--logs-years", "1"]);
+    let o = db
+        .planner()
+        .args(["retention", "--logs-years", "1"])
+        .output()
+        .await;
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(

@@ -1,7 +1,7 @@
 //! The spec's queries under "Querying Archived Data", "Monitoring" and
 //! "Maintenance", run verbatim after an archive run.
 
-use crate::helpers::TestDb;
+use crate::helpers::{TestDb, ok};
 use sqlx::Row;
 use uuid::Uuid;
 
@@ -11,13 +11,6 @@ async fn count(db: &TestDb, sql: &str) -> i64 {
         .await
         .unwrap()
         .len() as i64
-}
-
-async fn scalar(db: &TestDb, sql: &str) -> i64 {
-    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
 }
 
 #[tokio::test]
@@ -35,23 +28,21 @@ async fn the_specs_queries_run_and_return_the_expected_rows() {
     let per = |cond: &str| {
         format!("SELECT count(*) FROM scenario_logs WHERE scenario_id = '{sid}' AND {cond}")
     };
-    let total = scalar(&db, &per("true")).await;
-    let live_expected = scalar(&db, &per("received_at >= now() - interval '365 days'")).await;
-    let archived_expected = scalar(&db, &per("received_at < now() - interval '365 days'")).await;
-    let jan_2025 = scalar(
-        &db,
-        &per("received_at >= '2025-01-01' AND received_at < '2025-02-01'"),
-    )
-    .await;
+    let total = db.scalar(&per("true")).await;
+    let live_expected = db
+        .scalar(&per("received_at >= now() - interval '365 days'"))
+        .await;
+    let archived_expected = db
+        .scalar(&per("received_at < now() - interval '365 days'"))
+        .await;
+    let jan_2025 = db
+        .scalar(&per(
+            "received_at >= '2025-01-01' AND received_at < '2025-02-01'",
+        ))
+        .await;
     assert!(jan_2025 > 0 && live_expected > 0 && archived_expected > 0);
 
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_planner"))
-        .args(["--all"])
-        .env("DATABASE_URL", &db.url)
-        .env_remove("QUEUE_URL")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(&db.planner().args(["--all"]).output().await);
 
     // Querying Archived Data
     let all = q(
@@ -61,7 +52,7 @@ async fn the_specs_queries_run_and_return_the_expected_rows() {
     let metrics = q(
         "SELECT * FROM v_scenario_metrics_all WHERE scenario_id = 'uuid-here' AND timestamp > NOW() - INTERVAL '2 years' ORDER BY timestamp;",
     );
-    let metrics_expected = scalar(&db, &format!("SELECT count(*) FROM scenario_metrics WHERE scenario_id = '{sid}' AND timestamp > now() - interval '2 years'")).await;
+    let metrics_expected = db.scalar(&format!("SELECT count(*) FROM scenario_metrics WHERE scenario_id = '{sid}' AND timestamp > now() - interval '2 years'")).await;
     assert_eq!(count(&db, &metrics).await, metrics_expected);
     let live =
         q("SELECT * FROM scenario_logs WHERE scenario_id = 'uuid-here' ORDER BY received_at DESC;");
@@ -112,7 +103,9 @@ async fn the_specs_queries_run_and_return_the_expected_rows() {
         .iter()
         .find(|r| r.get::<String, _>("job_type") == "logs")
         .unwrap();
-    let archived_total = scalar(&db, "SELECT count(*) FROM scenario_logs_archive").await;
+    let archived_total = db
+        .scalar("SELECT count(*) FROM scenario_logs_archive")
+        .await;
     assert_eq!(
         logs_job.get::<Option<i64>, _>("records_archived"),
         Some(archived_total)
@@ -121,7 +114,9 @@ async fn the_specs_queries_run_and_return_the_expected_rows() {
         .iter()
         .find(|r| r.get::<String, _>("job_type") == "metrics")
         .unwrap();
-    let aggregates = scalar(&db, "SELECT count(*) FROM scenario_metrics_archive").await;
+    let aggregates = db
+        .scalar("SELECT count(*) FROM scenario_metrics_archive")
+        .await;
     assert!(aggregates > 0);
     assert_eq!(
         metrics_job.get::<Option<i64>, _>("records_archived"),
@@ -156,8 +151,7 @@ async fn the_specs_queries_run_and_return_the_expected_rows() {
         3,
         "the spec's growth query runs: one row per archive type"
     );
-    let real_growth: i64 = scalar(
-        &db,
+    let real_growth: i64 = db.scalar(
         "SELECT sum(records_archived)::bigint FROM v_archive_growth WHERE archive_type = 'logs'",
     )
     .await;
@@ -173,7 +167,7 @@ async fn the_specs_queries_run_and_return_the_expected_rows() {
     .fetch_all(&db.pool)
     .await
     .unwrap();
-    let months = scalar(&db, "SELECT count(DISTINCT date_trunc('month', received_at AT TIME ZONE 'UTC')) FROM scenario_logs_archive").await;
+    let months = db.scalar("SELECT count(DISTINCT date_trunc('month', received_at AT TIME ZONE 'UTC')) FROM scenario_logs_archive").await;
     assert!(
         parts.len() as i64 >= months && months >= 24,
         "{} partitions for {months} months",

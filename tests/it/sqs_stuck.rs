@@ -3,97 +3,15 @@
 //! worker killed (`kill -9`: its runtime vanishes mid-poll) and started
 //! again, then two malformed messages — repeated; and a worker stopping
 //! while its long poll waits.
-use crate::helpers::{TestDb, plan_options};
-use crate::sqs::{depth, endpoint};
+use crate::helpers::amqp::{amqp_config, delete_queues, purge, queue_depth};
+use crate::helpers::sqs::{self, Process, binary_client, depth, endpoint, send};
+use crate::helpers::{TestDb, ok, plan_options, poll_until};
 use archiver::ledger::Kind;
 use archiver::plan;
 use archiver::transport::Consumer;
-use archiver::transport::sqs::{self, SqsConfig, SqsConsumer, SqsPublisher, ensure_queues};
-use archiver::worker::{self, WorkerOptions};
-use aws_sdk_sqs::Client;
-use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
-use secrecy::ExposeSecret;
+use archiver::transport::sqs::{SqsConfig, SqsConsumer, SqsPublisher, ensure_queues};
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-/// A client as the worker binary builds one (its timeouts included).
-fn client(cfg: &SqsConfig) -> Client {
-    let config = aws_sdk_sqs::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new("test", "test", None, None, "static"))
-        .endpoint_url(endpoint())
-        .timeout_config(sqs::timeout_config(cfg))
-        .build();
-    Client::from_conf(config)
-}
-
-/// A worker in a runtime of its own, as a process is: killing it drops
-/// everything it was doing, with no chance to give anything back.
-struct Process {
-    rt: tokio::runtime::Runtime,
-}
-
-impl Process {
-    fn start(db_url: &str, cfg: &SqsConfig) -> Process {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let (url, cfg) = (db_url.to_string(), cfg.clone());
-        rt.spawn(async move {
-            let pool = sqlx::postgres::PgPoolOptions::new()
-                .max_connections(4)
-                .connect(&url)
-                .await
-                .unwrap();
-            let mut consumer = SqsConsumer::new(client(&cfg), cfg, 2);
-            let opts = WorkerOptions {
-                concurrency: 2,
-                ..Default::default()
-            };
-            // Never stopped, only killed.
-            let never = CancellationToken::new();
-            worker::run(&pool, &mut consumer, opts, never)
-                .await
-                .unwrap()
-        });
-        Process { rt }
-    }
-
-    /// `kill -9`.
-    fn kill(self) {
-        self.rt.shutdown_background();
-    }
-}
-
-/// Sends a message to a queue.
-async fn send(client: &Client, url: &str, body: &str) {
-    client
-        .send_message()
-        .queue_url(url)
-        .message_body(body)
-        .send()
-        .await
-        .unwrap();
-}
-
-/// Waits until the dead-letter queue holds `n` messages; how long it took,
-/// `None` if not within `patience`.
-async fn parked_within(client: &Client, url: &str, n: u64, patience: Duration) -> Option<Duration> {
-    let sent = Instant::now();
-    loop {
-        if depth(client, url).await.0 >= n {
-            return Some(sent.elapsed());
-        }
-        if sent.elapsed() > patience {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// The operator's scenario, repeated: two workers (two slots each) on their
 /// own queues; in the first round they run a logs job first. One worker is
@@ -131,7 +49,7 @@ async fn messages_reach_a_live_worker_after_another_is_killed_mid_poll() {
             ..SqsConfig::new(&format!("test-{}", Uuid::new_v4().simple()), 5).unwrap()
         };
         assert!(cfg.visibility_timeout >= Duration::from_secs(60));
-        let client = client(&cfg);
+        let client = binary_client(&cfg);
         let urls = ensure_queues(&client, &cfg).await.unwrap();
         let a = Process::start(&db.url, &cfg);
         let b = Process::start(&db.url, &cfg);
@@ -143,14 +61,20 @@ async fn messages_reach_a_live_worker_after_another_is_killed_mid_poll() {
             assert!(planned.batches >= 15, "{}", planned.batches);
             assert_eq!(db.wait_job(planned.job).await, "completed");
         }
-        // Both idle, each waiting on a long poll.
+        // Both idle, each waiting on a long poll. (A poll in flight cannot
+        // be observed from outside: the scenario waits for one to start.)
         tokio::time::sleep(Duration::from_millis(700)).await;
         b.kill();
         let b = Process::start(&db.url, &cfg);
+        // Likewise: the restarted worker starts its first poll.
         tokio::time::sleep(Duration::from_millis(300)).await;
         send(&client, &urls.work, "not json 1").await;
         send(&client, &urls.work, "not json 2").await;
-        let parked = parked_within(&client, &urls.dead, 2, patience).await;
+        let sent = Instant::now();
+        let parked = poll_until(patience, || async {
+            (depth(&client, &urls.dead).await.0 >= 2).then(|| sent.elapsed())
+        })
+        .await;
         let work = depth(&client, &urls.work).await;
         eprintln!("round {round}: parked in {parked:?}; work queue (visible, in flight) {work:?}");
         if parked.is_none() {
@@ -159,9 +83,7 @@ async fn messages_reach_a_live_worker_after_another_is_killed_mid_poll() {
         // Killed rather than stopped: a stop waits for the poll in flight.
         a.kill();
         b.kill();
-        for url in [&urls.work, &urls.dead] {
-            let _ = client.delete_queue().queue_url(url).send().await;
-        }
+        sqs::delete_queues(&client, &urls).await;
     }
     db.cleanup().await;
     assert!(
@@ -181,7 +103,7 @@ async fn stopping_during_a_long_poll_hands_back_what_it_receives() {
         wait_time: Duration::from_secs(3),
         ..SqsConfig::new(&format!("test-{}", Uuid::new_v4().simple()), 5).unwrap()
     };
-    let client = client(&cfg);
+    let client = binary_client(&cfg);
     let urls = ensure_queues(&client, &cfg).await.unwrap();
     let mut consumer = SqsConsumer::new(client.clone(), cfg.clone(), 2);
     let waited = tokio::time::timeout(Duration::from_millis(1500), consumer.receive()).await;
@@ -195,16 +117,13 @@ async fn stopping_during_a_long_poll_hands_back_what_it_receives() {
         (1, 0),
         "visible again at once, not in flight"
     );
-    for url in [&urls.work, &urls.dead] {
-        let _ = client.delete_queue().queue_url(url).send().await;
-    }
+    sqs::delete_queues(&client, &urls).await;
 }
 
 /// Rescue (issue 10, "Also"): the queue holds messages of every kind, so a
 /// backlog of logs must not hide that every metrics message was lost.
 #[tokio::test]
 async fn a_backlog_of_one_kind_does_not_hide_lost_messages_of_another() {
-    use crate::helpers::{amqp_config, delete_queues, ok, queue_depth};
     use archiver::transport::Publisher;
     use archiver::transport::amqp::AmqpPublisher;
     let db = TestDb::new().await;
@@ -223,7 +142,7 @@ async fn a_backlog_of_one_kind_does_not_hide_lost_messages_of_another() {
     .await
     .unwrap();
     // Every metrics message is lost...
-    crate::helpers::purge(&cfg).await;
+    purge(&cfg).await;
     // ...while the logs' wait, more of them than metrics batches.
     let logs = plan::plan(&db.pool, Kind::Logs, &plan_options(50, "amqp"), &publisher)
         .await
@@ -240,15 +159,13 @@ async fn a_backlog_of_one_kind_does_not_hide_lost_messages_of_another() {
         .execute(&db.pool)
         .await
         .unwrap();
-    let out = ok(&std::process::Command::new(env!("CARGO_BIN_EXE_planner"))
+    let out = ok(&db
+        .planner()
         .args(["--metrics"])
-        .env("DATABASE_URL", &db.url)
-        .env("QUEUE_URL", cfg.url.expose_secret())
-        .env("ARCHIVER_QUEUE", &cfg.queue)
+        .amqp(&cfg)
         .env("ARCHIVER_RESCUE_AFTER_MINUTES", "60")
-        .env_remove("RUST_LOG")
         .output()
-        .unwrap());
+        .await);
     assert!(
         out.contains(&format!(
             "metrics: republished {} batch(es)",

@@ -4,135 +4,17 @@
 //! than the visibility timeout runs once, and redrive brings parked
 //! messages back. Each test has its own queues, named `test-<uuid>`.
 
-use crate::helpers::{TestDb, plan_options};
-use archiver::ledger::Kind;
-use archiver::plan;
-use archiver::transport::sqs::{
-    self, QueueUrls, SqsConfig, SqsConsumer, SqsPublisher, ensure_queues,
+use crate::helpers::sqs::{
+    Relay, client, client_at, config, delete_queues, depth, spawn_worker, stop_all, total,
 };
+use crate::helpers::{TestDb, plan_logs, wait_until};
+use archiver::transport::sqs::{self, SqsConfig, SqsConsumer, SqsPublisher, ensure_queues};
 use archiver::transport::{BatchMessage, Consumer, Publisher};
-use archiver::worker::{self, WorkerOptions, WorkerStats};
-use aws_sdk_sqs::Client;
-use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_sqs::types::QueueAttributeName;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
-use tokio::task::JoinHandle;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-pub(crate) fn endpoint() -> String {
-    std::env::var("ARCHIVER_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5000".into())
-}
-
-/// A client with static credentials (moto accepts any).
-fn client() -> Client {
-    client_at(&endpoint())
-}
-
-fn client_at(endpoint: &str) -> Client {
-    let config = aws_sdk_sqs::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new("test", "test", None, None, "static"))
-        .endpoint_url(endpoint)
-        .build();
-    Client::from_conf(config)
-}
-
-/// Queues no other test uses.
-fn config() -> SqsConfig {
-    let name = format!("test-{}", Uuid::new_v4().simple());
-    SqsConfig {
-        endpoint: Some(endpoint()),
-        ..SqsConfig::new(&name, 5).unwrap()
-    }
-}
-
-/// A worker as the binary runs it: its own pool, client and consumer.
-fn spawn_worker(
-    db: &TestDb,
-    cfg: &SqsConfig,
-    stop: &CancellationToken,
-) -> JoinHandle<Arc<WorkerStats>> {
-    spawn_worker_with(db, cfg, client(), stop)
-}
-
-fn spawn_worker_with(
-    db: &TestDb,
-    cfg: &SqsConfig,
-    client: Client,
-    stop: &CancellationToken,
-) -> JoinHandle<Arc<WorkerStats>> {
-    let (url, cfg, stop) = (db.url.clone(), cfg.clone(), stop.clone());
-    tokio::spawn(async move {
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(3)
-            .connect(&url)
-            .await
-            .unwrap();
-        let mut consumer = SqsConsumer::new(client, cfg, 1);
-        let opts = WorkerOptions {
-            concurrency: 1,
-            ..Default::default()
-        };
-        worker::run(&pool, &mut consumer, opts, stop).await.unwrap()
-    })
-}
-
-async fn plan_to(db: &TestDb, publisher: &SqsPublisher, batch_size: i64) -> plan::Planned {
-    plan::plan(
-        &db.pool,
-        Kind::Logs,
-        &plan_options(batch_size, "sqs"),
-        publisher,
-    )
-    .await
-    .unwrap()
-}
-
-/// (visible, in flight) messages of a queue.
-pub(crate) async fn depth(client: &Client, url: &str) -> (u64, u64) {
-    let a = client
-        .get_queue_attributes()
-        .queue_url(url)
-        .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-        .send()
-        .await
-        .unwrap()
-        .attributes
-        .unwrap_or_default();
-    let n = |k| a.get(&k).map_or(0, |v| v.parse().unwrap());
-    (
-        n(QueueAttributeName::ApproximateNumberOfMessages),
-        n(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
-    )
-}
-
-async fn delete_queues(client: &Client, urls: &QueueUrls) {
-    for url in [&urls.work, &urls.dead] {
-        let _ = client.delete_queue().queue_url(url).send().await;
-    }
-}
-
-/// Sums a counter over the workers' stats.
-fn total(stats: &[Arc<WorkerStats>], f: impl Fn(&WorkerStats) -> u64) -> u64 {
-    stats.iter().map(|s| f(s)).sum()
-}
-
-async fn stop_all(
-    stop: &CancellationToken,
-    workers: Vec<JoinHandle<Arc<WorkerStats>>>,
-) -> Vec<Arc<WorkerStats>> {
-    stop.cancel();
-    let mut stats = Vec::new();
-    for w in workers {
-        stats.push(w.await.unwrap());
-    }
-    stats
-}
 
 #[tokio::test]
 async fn queues_are_created_once_with_a_redrive_policy_that_follows_the_settings() {
@@ -240,13 +122,13 @@ async fn two_workers_share_the_batches_and_archive_every_row_once() {
     let (client, cfg) = (client(), config());
     let publisher = SqsPublisher::new(client.clone(), &cfg).await.unwrap();
     let urls = ensure_queues(&client, &cfg).await.unwrap();
-    let planned = plan_to(&db, &publisher, 300).await;
+    let planned = plan_logs(&db, &publisher, 300, "sqs").await;
     assert!(planned.batches >= 20, "{}", planned.batches);
     assert_eq!(publisher.ready().await.unwrap(), planned.batches as u32);
     let stop = CancellationToken::new();
     let workers = vec![
-        spawn_worker(&db, &cfg, &stop),
-        spawn_worker(&db, &cfg, &stop),
+        spawn_worker(&db.url, &cfg, client.clone(), &stop),
+        spawn_worker(&db.url, &cfg, client.clone(), &stop),
     ];
     assert_eq!(db.wait_job(planned.job).await, "completed");
     let stats = stop_all(&stop, workers).await;
@@ -292,18 +174,19 @@ async fn a_malformed_message_is_parked_with_its_reason_after_one_attempt() {
         .send()
         .await
         .unwrap();
-    let planned = plan_to(&db, &publisher, 1000).await;
+    let planned = plan_logs(&db, &publisher, 1000, "sqs").await;
     let stop = CancellationToken::new();
-    let workers = vec![spawn_worker(&db, &cfg, &stop)];
+    let workers = vec![spawn_worker(&db.url, &cfg, client.clone(), &stop)];
     assert_eq!(db.wait_job(planned.job).await, "completed");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let dead = loop {
-        let dead = sqs::dead_messages(&client, &cfg, 10).await.unwrap();
-        if !dead.is_empty() || Instant::now() > deadline {
-            break dead;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let dead = wait_until(
+        "the message to be parked",
+        Duration::from_secs(30),
+        || async {
+            let dead = sqs::dead_messages(&client, &cfg, 10).await.unwrap();
+            (!dead.is_empty()).then_some(dead)
+        },
+    )
+    .await;
     let stats = stop_all(&stop, workers).await;
     assert_eq!(dead.len(), 1, "{dead:?}");
     let (body, reason) = &dead[0];
@@ -333,17 +216,6 @@ async fn a_malformed_message_is_parked_with_its_reason_after_one_attempt() {
     db.cleanup().await;
 }
 
-/// Backends of this test's database waiting for a lock.
-async fn lock_waiters(db: &TestDb) -> i64 {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity
-         WHERE datname = current_database() AND wait_event_type = 'Lock'",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap()
-}
-
 #[tokio::test]
 async fn a_batch_slower_than_the_visibility_timeout_runs_once() {
     let db = TestDb::new().await;
@@ -356,7 +228,7 @@ async fn a_batch_slower_than_the_visibility_timeout_runs_once() {
     };
     let publisher = SqsPublisher::new(client.clone(), &cfg).await.unwrap();
     let urls = ensure_queues(&client, &cfg).await.unwrap();
-    let planned = plan_to(&db, &publisher, 500).await;
+    let planned = plan_logs(&db, &publisher, 500, "sqs").await;
     assert!(planned.batches >= 2, "{}", planned.batches);
     // Hold a row of the first batch: its worker's DELETE waits for it.
     let mut holder = db.pool.begin().await.unwrap();
@@ -376,21 +248,22 @@ async fn a_batch_slower_than_the_visibility_timeout_runs_once() {
     let stop = CancellationToken::new();
     // Two workers: a message whose visibility lapsed would go to the other.
     let workers = vec![
-        spawn_worker(&db, &cfg, &stop),
-        spawn_worker(&db, &cfg, &stop),
+        spawn_worker(&db.url, &cfg, client.clone(), &stop),
+        spawn_worker(&db.url, &cfg, client.clone(), &stop),
     ];
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while lock_waiters(&db).await == 0 {
-        assert!(Instant::now() < deadline, "no worker reached the held row");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // 2.5 visibility timeouts, while the other worker polls an empty queue.
-    let blocked = Instant::now();
+    wait_until(
+        "a worker to reach the held row",
+        Duration::from_secs(60),
+        || async { db.lock_waiters().await > 0 },
+    )
+    .await;
+    // 2.5 visibility timeouts, while the other worker polls an empty queue:
+    // the time passing is the scenario.
     tokio::time::sleep(Duration::from_secs(5)).await;
     holder.rollback().await.unwrap();
     assert_eq!(db.wait_job(planned.job).await, "completed");
-    assert!(blocked.elapsed() >= Duration::from_secs(5));
-    // Let a lapsed message, if any, reach a worker before counting.
+    // Let a lapsed message, if any, reach a worker before counting (what
+    // is awaited is that nothing arrives: there is no condition to poll).
     tokio::time::sleep(Duration::from_secs(3)).await;
     let stats = stop_all(&stop, workers).await;
     assert_eq!(
@@ -428,7 +301,7 @@ async fn redrive_moves_a_parked_message_back_and_the_job_completes() {
     let (client, cfg) = (client(), config());
     let publisher = SqsPublisher::new(client.clone(), &cfg).await.unwrap();
     let urls = ensure_queues(&client, &cfg).await.unwrap();
-    let planned = plan_to(&db, &publisher, 500).await;
+    let planned = plan_logs(&db, &publisher, 500, "sqs").await;
     assert!(planned.batches >= 2, "{}", planned.batches);
     // Park one batch's message, as a worker does with a poisoned batch.
     let mut parker = SqsConsumer::new(client.clone(), cfg.clone(), 1);
@@ -444,23 +317,23 @@ async fn redrive_moves_a_parked_message_back_and_the_job_completes() {
         )]
     );
     let stop = CancellationToken::new();
-    let workers = vec![spawn_worker(&db, &cfg, &stop)];
+    let workers = vec![spawn_worker(&db.url, &cfg, client.clone(), &stop)];
     // Every other batch completes; the parked one waits.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let open: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT id FROM archive_batches WHERE job_id = $1 AND status <> 'done'",
-        )
-        .bind(planned.job)
-        .fetch_all(&db.pool)
-        .await
-        .unwrap();
-        if open == [parked.batch_id] {
-            break;
-        }
-        assert!(Instant::now() < deadline, "open batches: {open:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(
+        "every batch but the parked one to be done",
+        Duration::from_secs(60),
+        || async {
+            let open: Vec<Uuid> = sqlx::query_scalar(
+                "SELECT id FROM archive_batches WHERE job_id = $1 AND status <> 'done'",
+            )
+            .bind(planned.job)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+            open == [parked.batch_id]
+        },
+    )
+    .await;
     assert_eq!(sqs::redrive_dead(&client, &cfg, 100).await.unwrap(), 1);
     assert_eq!(db.wait_job(planned.job).await, "completed");
     assert!(
@@ -484,71 +357,6 @@ async fn redrive_moves_a_parked_message_back_and_the_job_completes() {
     db.cleanup().await;
 }
 
-/// A TCP relay to the SQS server on loopback that can be cut and restored,
-/// as a network outage would.
-struct Relay {
-    port: u16,
-    target: String,
-    task: Option<JoinHandle<()>>,
-}
-
-impl Relay {
-    async fn start() -> Relay {
-        let url = url::Url::parse(&endpoint()).unwrap();
-        let target = format!(
-            "{}:{}",
-            url.host_str().unwrap(),
-            url.port_or_known_default().unwrap()
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let mut relay = Relay {
-            port,
-            target,
-            task: None,
-        };
-        relay.serve(listener);
-        relay
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn serve(&mut self, listener: tokio::net::TcpListener) {
-        let target = self.target.clone();
-        self.task = Some(tokio::spawn(async move {
-            // Dropping the set (when the task is aborted) cuts every connection.
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    return;
-                };
-                let target = target.clone();
-                conns.spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-            }
-        }));
-    }
-
-    async fn cut(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-            let _ = task.await;
-        }
-    }
-
-    async fn restore(&mut self) {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
-            .await
-            .unwrap();
-        self.serve(listener);
-    }
-}
-
 #[tokio::test]
 async fn a_worker_keeps_polling_through_an_sqs_outage() {
     let db = TestDb::new().await;
@@ -565,16 +373,21 @@ async fn a_worker_keeps_polling_through_an_sqs_outage() {
     let urls = ensure_queues(&client, &cfg).await.unwrap();
     let mut relay = Relay::start().await;
     let stop = CancellationToken::new();
-    let workers = vec![spawn_worker_with(
-        &db,
+    let workers = vec![spawn_worker(
+        &db.url,
         &cfg,
         client_at(&relay.endpoint()),
         &stop,
     )];
-    // Cut while the worker long-polls, and plan during the outage.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Cut once the worker polls through the relay, and plan during the
+    // outage.
+    wait_until("the worker to poll SQS", Duration::from_secs(30), || {
+        std::future::ready(relay.accepted() > 0)
+    })
+    .await;
     relay.cut().await;
-    let planned = plan_to(&db, &publisher, 500).await;
+    let planned = plan_logs(&db, &publisher, 500, "sqs").await;
+    // The outage lasts: the time passing is the scenario.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let done: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM archive_batches WHERE job_id = $1 AND status = 'done'",

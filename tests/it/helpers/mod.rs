@@ -1,0 +1,141 @@
+//! The helper wing of the integration tests, split by what each part talks
+//! to: `db` (a database per test, dropped even when the test panics),
+//! `bin` (the planner and worker binaries), `amqp`, `sqs`, `s3`, and `wait`
+//! (waiting for a condition instead of sleeping). What runs the library in
+//! this process (planning, inline runs, a reports executor) is here.
+
+pub mod amqp;
+pub mod bin;
+pub mod db;
+pub mod s3;
+pub mod sqs;
+pub mod wait;
+
+pub use bin::{ok, stderr, stdout};
+pub use db::TestDb;
+pub use wait::{poll_until, wait_until};
+
+use archiver::config::Policy;
+use archiver::execute::Executor;
+use archiver::execute::reports::ReportsContext;
+use archiver::ledger::Kind;
+use archiver::objects::{self, Compression};
+use archiver::plan::{PlanOptions, Planned};
+use archiver::transport::{Publisher, inline};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use uuid::Uuid;
+
+pub fn plan_options(batch_size: i64, transport: &'static str) -> PlanOptions {
+    PlanOptions {
+        batch_size,
+        reports_batch_size: 20,
+        reports_root: None,
+        policy: Policy::default(),
+        transport,
+    }
+}
+
+/// Plans the logs into `publisher` in batches of `batch_size`.
+pub async fn plan_logs(
+    db: &TestDb,
+    publisher: &dyn Publisher,
+    batch_size: i64,
+    transport: &'static str,
+) -> Planned {
+    archiver::plan::plan(
+        &db.pool,
+        Kind::Logs,
+        &plan_options(batch_size, transport),
+        publisher,
+    )
+    .await
+    .unwrap()
+}
+
+/// Plans `kind` into the ledger and publishes nowhere that runs it (as a
+/// planner whose executors died before running anything): its batches stay
+/// pending.
+pub async fn plan_only(db: &TestDb, kind: Kind, opts: &PlanOptions) -> Planned {
+    let (publisher, _consumer) = inline::queue();
+    let planned = archiver::plan::plan(&db.pool, kind, opts, &publisher)
+        .await
+        .unwrap();
+    assert!(planned.batches > 0, "test data must make batches");
+    planned
+}
+
+/// Plans `kind` and runs its batches inline, as `planner` does with no
+/// broker; asserts nothing was dead-lettered and the job completed.
+pub async fn run_inline(db: &TestDb, kind: Kind, batch_size: i64) -> Planned {
+    let (publisher, mut consumer) = archiver::transport::inline::queue();
+    let pool = db.pool.clone();
+    let executors = tokio::spawn(async move {
+        let opts = archiver::worker::WorkerOptions::default();
+        archiver::worker::run(
+            &pool,
+            &mut consumer,
+            opts,
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+    });
+    let planned = archiver::plan::plan(
+        &db.pool,
+        kind,
+        &plan_options(batch_size, "inline"),
+        &publisher,
+    )
+    .await
+    .unwrap();
+    publisher.close().await.unwrap();
+    executors.await.unwrap().unwrap();
+    let dead = publisher.dead_letters().await;
+    assert!(dead.is_empty(), "{dead:?}");
+    assert_eq!(db.wait_job(planned.job).await, "completed");
+    planned
+}
+
+/// An executor that archives reports from `root` into the local store at
+/// `archive`.
+pub async fn reports_executor(db: &TestDb, root: &Path, archive: &Path) -> Executor {
+    Executor {
+        pool: db.pool.clone(),
+        reports: Some(Arc::new(ReportsContext {
+            root: root.to_path_buf(),
+            store: objects::open(None, archive).await.unwrap(),
+            compression: Compression::Zstd,
+        })),
+        kinds: None,
+    }
+}
+
+/// A new directory under target/ no other test uses.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A reports root, a local archive store and a directory outside both.
+pub struct Dirs {
+    pub root: PathBuf,
+    pub archive: PathBuf,
+    pub outside: PathBuf,
+}
+
+impl Dirs {
+    pub fn new(name: &str) -> Dirs {
+        let base = scratch(name);
+        let d = Dirs {
+            root: base.join("root"),
+            archive: base.join("archive"),
+            outside: base.join("outside"),
+        };
+        for p in [&d.root, &d.archive, &d.outside] {
+            std::fs::create_dir_all(p).unwrap();
+        }
+        d
+    }
+}
