@@ -31,10 +31,10 @@ mod common;
 
 use anyhow::{Context, Result, bail, ensure};
 use archiver::config::Policy;
-use archiver::ledger::Kind;
 use archiver::plan::{self, PlanOptions};
 use archiver::transport::amqp::{self, AmqpConfig, AmqpConsumer, AmqpPublisher};
 use archiver::transport::{Publisher, inline};
+use archiver::vocabulary::Kind;
 use archiver::worker::{self, WorkerOptions};
 use archiver::{db, demo, partitions};
 use chrono::{DateTime, Utc};

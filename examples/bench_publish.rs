@@ -26,11 +26,11 @@ mod common;
 
 use anyhow::{Context, Result, ensure};
 use archiver::config::Policy;
-use archiver::ledger::Kind;
 use archiver::plan::{self, PlanOptions};
 use archiver::transport::amqp::{AmqpConfig, AmqpPublisher};
 use archiver::transport::sqs::{QueueUrls, SqsConfig, SqsPublisher, ensure_queues};
 use archiver::transport::{BatchMessage, Publisher};
+use archiver::vocabulary::Kind;
 use archiver::{db, demo};
 use async_trait::async_trait;
 use aws_sdk_sqs::Client;

@@ -10,11 +10,11 @@
 use crate::app::{App, Settings};
 use crate::config::{self, Policy};
 use crate::error::{Error, Result};
-use crate::ledger::Kind;
 use crate::objects::Compression;
 use crate::ops::{self, Redrive};
 use crate::plan::PlanOptions;
 use crate::planner::{self, RunOptions};
+use crate::vocabulary::Kind;
 use crate::{retention, serve, shutdown, telemetry};
 use clap::{Args, Parser, Subcommand};
 use secrecy::SecretString;

@@ -59,7 +59,7 @@ pub enum Error {
     #[error("declined {kind} batch: {why}")]
     Declined {
         /// The batch's kind.
-        kind: crate::ledger::Kind,
+        kind: crate::vocabulary::Kind,
         /// What this process lacks.
         why: String,
     },

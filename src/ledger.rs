@@ -3,8 +3,7 @@
 //! message may do: a worker executes only what the planner recorded here.
 
 use crate::error::{Error, Result};
-pub use crate::vocabulary::Kind;
-use crate::vocabulary::{BatchStatus, JobStatus, JobType};
+use crate::vocabulary::{BatchStatus, JobStatus, JobType, Kind};
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;

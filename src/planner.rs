@@ -7,12 +7,13 @@
 use crate::app::App;
 use crate::error::{Error, Result};
 use crate::execute::Executor;
-use crate::ledger::{self, Kind};
+use crate::ledger;
 use crate::lock::{self, LockWatch};
 use crate::plan::{self, Eligible, PlanOptions, Planned};
 use crate::summary;
 use crate::transport::{BatchMessage, Publisher};
 use crate::vocabulary::JobStatus;
+use crate::vocabulary::Kind;
 use crate::worker;
 use sqlx::PgPool;
 use std::time::{Duration, Instant};

@@ -5,7 +5,7 @@
 
 use crate::app::App;
 use crate::error::Result;
-use crate::ledger::Kind;
+use crate::vocabulary::Kind;
 use crate::worker;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;

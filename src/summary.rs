@@ -2,10 +2,11 @@
 //! glance, and what `planner retention` and `planner status` print.
 
 use crate::human::{bytes, count, time};
-use crate::ledger::{BatchCount, DeadBatch, JobRow, Kind};
+use crate::ledger::{BatchCount, DeadBatch, JobRow};
 use crate::plan::{Eligible, OutOfRange, Planned};
 use crate::retention::Findings;
 use crate::vocabulary::JobType;
+use crate::vocabulary::Kind;
 use std::time::Duration;
 
 /// A kind this version cannot plan yet.

@@ -7,8 +7,9 @@ pub mod metrics;
 pub mod reports;
 
 use crate::error::{Error, Result};
-use crate::ledger::{self, Kind};
+use crate::ledger;
 use crate::vocabulary::BatchStatus;
+use crate::vocabulary::Kind;
 use reports::ReportsContext;
 use sqlx::PgPool;
 use std::sync::Arc;

@@ -3,9 +3,10 @@
 
 use super::{Eligible, Sink};
 use crate::error::Result;
-use crate::ledger::{Key, Kind};
+use crate::ledger::Key;
 use crate::partitions;
 use crate::schema::{self, FROM_START};
+use crate::vocabulary::Kind;
 use chrono::{DateTime, Duration, Utc};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;

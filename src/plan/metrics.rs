@@ -7,9 +7,10 @@
 
 use super::{Eligible, Sink};
 use crate::error::Result;
-use crate::ledger::{Key, Kind};
+use crate::ledger::Key;
 use crate::partitions;
 use crate::schema::{DAY_FROM_START, METRICS, METRICS_ARCHIVE, METRICS_DAY as DAY};
+use crate::vocabulary::Kind;
 use chrono::{DateTime, Duration, Utc};
 use sqlx::postgres::PgArguments;
 use sqlx::query::QueryAs;

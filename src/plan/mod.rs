@@ -10,9 +10,10 @@ mod metrics;
 
 use crate::config::Policy;
 use crate::error::{Error, Result};
-use crate::ledger::{self, Key, Kind, NewBatch};
+use crate::ledger::{self, Key, NewBatch};
 use crate::schema::{self, FROM_START, METRICS_DAY};
 use crate::transport::{BatchMessage, Publisher};
+use crate::vocabulary::Kind;
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use sqlx::PgPool;

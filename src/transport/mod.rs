@@ -15,7 +15,7 @@ pub mod sqs;
 pub use config::QueueConfig;
 
 use crate::error::{Error, Result};
-use crate::ledger::Kind;
+use crate::vocabulary::Kind;
 use async_trait::async_trait;
 use uuid::Uuid;
 

@@ -4,10 +4,10 @@
 use crate::helpers::amqp::{self, amqp_config, delete_queues, drain, purge};
 use crate::helpers::bin::{stderr, stdout};
 use crate::helpers::{TestDb, plan_options};
-use archiver::ledger::Kind;
 use archiver::plan;
 use archiver::transport::Publisher;
 use archiver::transport::amqp::{AmqpConfig, AmqpPublisher};
+use archiver::vocabulary::Kind;
 use archiver::worker::{WorkerOptions, WorkerStats};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -6,9 +6,9 @@ use crate::helpers::amqp::{
     lower_consumer_timeout, queue_depth, wait_queue_empty,
 };
 use crate::helpers::{TestDb, plan_logs, wait_until};
-use archiver::ledger::Kind;
 use archiver::transport::amqp::{AmqpConsumer, AmqpPublisher};
 use archiver::transport::{BatchMessage, Consumer, Publisher};
+use archiver::vocabulary::Kind;
 use archiver::worker::{self, Disposition, WorkerOptions};
 use std::sync::atomic::Ordering;
 use std::time::Duration;

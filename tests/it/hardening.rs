@@ -4,10 +4,10 @@
 use crate::helpers::amqp::{amqp_config, amqp_url, delete_queues};
 use crate::helpers::bin::{both, stderr};
 use crate::helpers::{TestDb, plan_only, plan_options, reports_executor, scratch, wait_until};
-use archiver::ledger::Kind;
 use archiver::plan;
 use archiver::transport::amqp::{AmqpConsumer, AmqpPublisher};
 use archiver::transport::{BatchMessage, Publisher, inline};
+use archiver::vocabulary::Kind;
 use archiver::worker::{self, Disposition, WorkerOptions};
 use sqlx::Row;
 use std::path::PathBuf;

@@ -14,7 +14,9 @@ async fn every_old_row_is_archived_once_with_every_column_equal() {
     db.load_logs(20_000).await;
     let (old, young) = db.split_hashes().await;
     // Odd batch sizes, so batch edges fall everywhere.
-    let job = run_inline(&db, archiver::ledger::Kind::Logs, 997).await.job;
+    let job = run_inline(&db, archiver::vocabulary::Kind::Logs, 997)
+        .await
+        .job;
     db.assert_logs_invariant(&old, &young).await;
     db.assert_job_counted_once(job, old.0).await;
     let batches: i64 = sqlx::query_scalar("SELECT count(*) FROM archive_batches WHERE job_id = $1")
@@ -25,7 +27,9 @@ async fn every_old_row_is_archived_once_with_every_column_equal() {
     assert_eq!(batches, (old.0 + 996) / 997);
 
     // A second run finds nothing left and still records a completed job.
-    let again = run_inline(&db, archiver::ledger::Kind::Logs, 997).await.job;
+    let again = run_inline(&db, archiver::vocabulary::Kind::Logs, 997)
+        .await
+        .job;
     db.assert_logs_invariant(&old, &young).await;
     let r = sqlx::query(
         "SELECT status, records_archived, batches_planned FROM archive_jobs WHERE id = $1",
@@ -44,7 +48,7 @@ async fn every_old_row_is_archived_once_with_every_column_equal() {
 async fn rows_arriving_late_in_an_archived_range_are_archived_by_the_next_run() {
     let db = TestDb::new().await;
     db.load_logs(3_000).await;
-    run_inline(&db, archiver::ledger::Kind::Logs, 500).await;
+    run_inline(&db, archiver::vocabulary::Kind::Logs, 500).await;
     // A late row, older than the cut-off, lands inside a finished range.
     sqlx::query(
         "INSERT INTO scenario_logs (scenario_id, received_at, message_hash, source, size_bytes, has_pii, token_count, sqs_blocks)
@@ -57,7 +61,9 @@ async fn rows_arriving_late_in_an_archived_range_are_archived_by_the_next_run() 
     let (old, young) = db.split_hashes().await;
     assert_eq!(old.0, 1);
     let before = db.hash("FROM scenario_logs_archive").await;
-    let job = run_inline(&db, archiver::ledger::Kind::Logs, 500).await.job;
+    let job = run_inline(&db, archiver::vocabulary::Kind::Logs, 500)
+        .await
+        .job;
     db.assert_job_counted_once(job, 1).await;
     assert_eq!(db.hash("FROM scenario_logs_archive").await.0, before.0 + 1);
     assert_eq!(db.hash("FROM scenario_logs").await, young);
@@ -75,7 +81,7 @@ async fn query_api_returns_typed_rows_live_or_with_archive() {
     let all_before = query::get_logs(&db.pool, scenario, Scope::Live, 10_000)
         .await
         .unwrap();
-    run_inline(&db, archiver::ledger::Kind::Logs, 1000).await;
+    run_inline(&db, archiver::vocabulary::Kind::Logs, 1000).await;
     let live = query::get_logs(&db.pool, scenario, Scope::Live, 10_000)
         .await
         .unwrap();
@@ -123,7 +129,7 @@ async fn an_inline_run_that_died_is_resumed_by_the_next_run() {
     let (publisher, consumer) = inline::queue();
     let dead_run = plan::plan(
         &db.pool,
-        archiver::ledger::Kind::Logs,
+        archiver::vocabulary::Kind::Logs,
         &plan_options(300, "inline"),
         &publisher,
     )

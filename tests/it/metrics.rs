@@ -3,10 +3,10 @@
 
 use crate::helpers::amqp::{amqp_config, delete_queues, wait_queue_empty};
 use crate::helpers::{TestDb, plan_options, run_inline};
-use archiver::ledger::Kind;
 use archiver::plan;
 use archiver::transport::amqp::{AmqpConsumer, AmqpPublisher};
 use archiver::transport::{BatchMessage, Consumer, Publisher};
+use archiver::vocabulary::Kind;
 use archiver::worker::{self, WorkerOptions};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;

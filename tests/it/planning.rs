@@ -5,10 +5,10 @@
 
 use crate::helpers::amqp::{amqp_config, delete_queues, drain, queue_depth};
 use crate::helpers::{TestDb, plan_options};
-use archiver::ledger::Kind;
 use archiver::plan;
 use archiver::transport::amqp::AmqpPublisher;
 use archiver::transport::{BatchMessage, Publisher};
+use archiver::vocabulary::Kind;
 use async_trait::async_trait;
 use sqlx::PgPool;
 use std::collections::HashSet;

@@ -9,9 +9,9 @@
 use crate::helpers::bin::{stderr, stdout};
 use crate::helpers::{Dirs, TestDb, ok, plan_only, plan_options, reports_executor, s3};
 use archiver::execute::Executor;
-use archiver::ledger::Kind;
 use archiver::objects::{self, Compression};
 use archiver::transport::BatchMessage;
+use archiver::vocabulary::Kind;
 use archiver::worker::{self, Disposition, WorkerOptions};
 use aws_sdk_s3::error::ProvideErrorMetadata;
 use sha2::{Digest, Sha256};

@@ -5,9 +5,9 @@
 
 use crate::helpers::bin::{S3_SECRET, stderr};
 use crate::helpers::{Dirs, TestDb, ok, plan_only, plan_options, reports_executor, s3};
-use archiver::ledger::Kind;
 use archiver::objects::{self, Compression};
 use archiver::transport::{BatchMessage, Publisher, inline};
+use archiver::vocabulary::Kind;
 use archiver::worker::{self, WorkerOptions};
 use sha2::{Digest, Sha256};
 use std::path::Path;

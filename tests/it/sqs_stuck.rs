@@ -6,10 +6,10 @@
 use crate::helpers::amqp::{amqp_config, delete_queues, purge, queue_depth};
 use crate::helpers::sqs::{self, Process, binary_client, depth, endpoint, send};
 use crate::helpers::{TestDb, ok, plan_options, poll_until};
-use archiver::ledger::Kind;
 use archiver::plan;
 use archiver::transport::Consumer;
 use archiver::transport::sqs::{SqsConfig, SqsConsumer, SqsPublisher, ensure_queues};
+use archiver::vocabulary::Kind;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 

@@ -18,10 +18,10 @@ pub use wait::{poll_until, wait_until};
 use archiver::config::Policy;
 use archiver::execute::Executor;
 use archiver::execute::reports::ReportsContext;
-use archiver::ledger::Kind;
 use archiver::objects::{self, Compression};
 use archiver::plan::{PlanOptions, Planned};
 use archiver::transport::{Publisher, inline};
+use archiver::vocabulary::Kind;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use uuid::Uuid;
@@ -68,32 +68,17 @@ pub async fn plan_only(db: &TestDb, kind: Kind, opts: &PlanOptions) -> Planned {
 /// Plans `kind` and runs its batches inline, as `planner` does with no
 /// broker; asserts nothing was dead-lettered and the job completed.
 pub async fn run_inline(db: &TestDb, kind: Kind, batch_size: i64) -> Planned {
-    let (publisher, mut consumer) = archiver::transport::inline::queue();
-    let pool = db.pool.clone();
-    let executors = tokio::spawn(async move {
-        let opts = archiver::worker::WorkerOptions::default();
-        archiver::worker::run(
-            &pool,
-            &mut consumer,
-            opts,
-            tokio_util::sync::CancellationToken::new(),
-        )
-        .await
-    });
-    let planned = archiver::plan::plan(
+    let opts = plan_options(batch_size, "inline");
+    let ran = archiver::worker::run_inline(
         &db.pool,
-        kind,
-        &plan_options(batch_size, "inline"),
-        &publisher,
+        archiver::worker::WorkerOptions::default(),
+        async |publisher| archiver::plan::plan(&db.pool, kind, &opts, publisher).await,
     )
     .await
     .unwrap();
-    publisher.close().await.unwrap();
-    executors.await.unwrap().unwrap();
-    let dead = publisher.dead_letters().await;
-    assert!(dead.is_empty(), "{dead:?}");
-    assert_eq!(db.wait_job(planned.job).await, "completed");
-    planned
+    assert!(ran.dead.is_empty(), "{:?}", ran.dead);
+    assert_eq!(db.wait_job(ran.fed.job).await, "completed");
+    ran.fed
 }
 
 /// An executor that archives reports from `root` into the local store at
