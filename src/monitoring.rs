@@ -56,88 +56,115 @@ fn register<M: Collector + Clone + 'static>(registry: &Registry, metric: M) -> R
     Ok(metric)
 }
 
+/// A metric with one label, added to `registry`.
+fn labelled<M: Collector + Clone + 'static>(
+    registry: &Registry,
+    new: fn(Opts, &[&str]) -> prometheus::Result<M>,
+    name: &str,
+    help: &str,
+    label: &str,
+) -> Result<M> {
+    register(
+        registry,
+        new(Opts::new(name, help), &[label]).map_err(metric_error)?,
+    )
+}
+
 /// Reads the ledger and renders every metric in the text exposition format.
 pub async fn gather(pool: &PgPool) -> Result<String> {
     render(&ledger::figures(pool).await?)
 }
 
+/// Every series served, registered in one registry.
+struct Series {
+    registry: Registry,
+    failures: IntCounterVec,
+    last_success: GaugeVec,
+    archived_bytes: IntCounterVec,
+    archived_rows: IntCounterVec,
+    running: IntGaugeVec,
+    open: IntGaugeVec,
+    last_batch_done: prometheus::Gauge,
+}
+
+impl Series {
+    fn new() -> Result<Series> {
+        let registry = Registry::new();
+        let failures = labelled(
+            &registry,
+            IntCounterVec::new,
+            "archive_job_failures_total",
+            "Times an archive job of this type failed (a redriven job that then completed still counts).",
+            "job_type",
+        )?;
+        let last_success = labelled(
+            &registry,
+            GaugeVec::new,
+            "archive_job_last_success_timestamp",
+            "Unix time the newest completed archive job of this type completed.",
+            "job_type",
+        )?;
+        let archived_bytes = labelled(
+            &registry,
+            IntCounterVec::new,
+            "archive_bytes_total",
+            "Bytes archived by all jobs of this type (reports: original file bytes).",
+            "job_type",
+        )?;
+        let archived_rows = labelled(
+            &registry,
+            IntCounterVec::new,
+            "archive_rows_archived_total",
+            "Rows written to the archive by all jobs of this type (metrics: daily aggregates; reports: files).",
+            "job_type",
+        )?;
+        let running = labelled(
+            &registry,
+            IntGaugeVec::new,
+            "archive_jobs_running",
+            "Archive jobs of this type now running.",
+            "job_type",
+        )?;
+        let open = labelled(
+            &registry,
+            IntGaugeVec::new,
+            "archive_batches",
+            "Batches not done: pending, or dead (parked in the dead-letter queue).",
+            "status",
+        )?;
+        let last_batch_done = register(
+            &registry,
+            prometheus::Gauge::with_opts(Opts::new(
+                "archive_batch_last_completed_timestamp",
+                "Unix time the newest batch of any kind was completed (0: none yet).",
+            ))
+            .map_err(metric_error)?,
+        )?;
+        Ok(Series {
+            failures,
+            last_success,
+            archived_bytes,
+            archived_rows,
+            running,
+            open,
+            last_batch_done,
+            registry,
+        })
+    }
+}
+
 /// Renders the ledger's figures in the text exposition format.
 pub fn render(figures: &Figures) -> Result<String> {
-    let registry = Registry::new();
-    let failures = register(
-        &registry,
-        IntCounterVec::new(
-            Opts::new(
-                "archive_job_failures_total",
-                "Times an archive job of this type failed (a redriven job that then completed still counts).",
-            ),
-            &["job_type"],
-        )
-        .map_err(metric_error)?,
-    )?;
-    let last_success = register(
-        &registry,
-        GaugeVec::new(
-            Opts::new(
-                "archive_job_last_success_timestamp",
-                "Unix time the newest completed archive job of this type completed.",
-            ),
-            &["job_type"],
-        )
-        .map_err(metric_error)?,
-    )?;
-    let archived_bytes = register(
-        &registry,
-        IntCounterVec::new(
-            Opts::new(
-                "archive_bytes_total",
-                "Bytes archived by all jobs of this type (reports: original file bytes).",
-            ),
-            &["job_type"],
-        )
-        .map_err(metric_error)?,
-    )?;
-    let archived_rows = register(
-        &registry,
-        IntCounterVec::new(
-            Opts::new(
-                "archive_rows_archived_total",
-                "Rows written to the archive by all jobs of this type (metrics: daily aggregates; reports: files).",
-            ),
-            &["job_type"],
-        )
-        .map_err(metric_error)?,
-    )?;
-    let running = register(
-        &registry,
-        IntGaugeVec::new(
-            Opts::new(
-                "archive_jobs_running",
-                "Archive jobs of this type now running.",
-            ),
-            &["job_type"],
-        )
-        .map_err(metric_error)?,
-    )?;
-    let open = register(
-        &registry,
-        IntGaugeVec::new(
-            Opts::new(
-                "archive_batches",
-                "Batches not done: pending, or dead (parked in the dead-letter queue).",
-            ),
-            &["status"],
-        )
-        .map_err(metric_error)?,
-    )?;
-    let last_batch_done = register(
-        &registry,
-        prometheus::Gauge::with_opts(Opts::new(
-            "archive_batch_last_completed_timestamp",
-            "Unix time the newest batch of any kind was completed (0: none yet).",
-        ))
-        .map_err(metric_error)?,
-    )?;
+    let Series {
+        registry,
+        failures,
+        last_success,
+        archived_bytes,
+        archived_rows,
+        running,
+        open,
+        last_batch_done,
+    } = Series::new()?;
     last_batch_done.set(figures.last_batch_done.unwrap_or(0.0));
 
     // Every job type from the start, at zero.
