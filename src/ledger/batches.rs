@@ -1,0 +1,326 @@
+//! Batches in `archive_batches`: recorded by the planner (in cut order,
+//! then marked published), locked and completed by the worker that executes
+//! one (in the batch's own transaction), or charged a failed attempt; dead
+//! ones revived; lost messages found.
+
+use super::{Batch, Counts, Key, NewBatch, fail_job};
+use crate::error::{Error, Result};
+use crate::vocabulary::{BatchStatus, JobStatus, Kind};
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use uuid::Uuid;
+
+/// Records batches and counts them into their job, in one transaction.
+pub async fn record_batches(
+    pool: &PgPool,
+    job: Uuid,
+    kind: Kind,
+    first_seq: i32,
+    batches: &[NewBatch],
+) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    let ids: Vec<Uuid> = batches.iter().map(|b| b.id).collect();
+    let seqs: Vec<i32> = (0..batches.len()).map(|i| first_seq + i as i32).collect();
+    let lo_ts: Vec<DateTime<Utc>> = batches.iter().map(|b| b.lo.ts).collect();
+    let lo_id: Vec<Uuid> = batches.iter().map(|b| b.lo.id).collect();
+    let hi_ts: Vec<DateTime<Utc>> = batches.iter().map(|b| b.hi.ts).collect();
+    let hi_id: Vec<Uuid> = batches.iter().map(|b| b.hi.id).collect();
+    let planned: Vec<i64> = batches.iter().map(|b| b.planned_rows).collect();
+    sqlx::query(
+        "INSERT INTO archive_batches (id, job_id, kind, seq, lo_ts, lo_id, hi_ts, hi_id, planned_rows)
+         SELECT id, $2, $3, seq, lo_ts, lo_id, hi_ts, hi_id, planned
+         FROM UNNEST($1::uuid[], $4::int[], $5::timestamptz[], $6::uuid[], $7::timestamptz[], $8::uuid[], $9::bigint[])
+              AS t(id, seq, lo_ts, lo_id, hi_ts, hi_id, planned)",
+    )
+    .bind(&ids)
+    .bind(job)
+    .bind(kind.as_str())
+    .bind(&seqs)
+    .bind(&lo_ts)
+    .bind(&lo_id)
+    .bind(&hi_ts)
+    .bind(&hi_id)
+    .bind(&planned)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE archive_jobs SET batches_planned = batches_planned + $2 WHERE id = $1")
+        .bind(job)
+        .bind(batches.len() as i32)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Notes that the broker confirmed these batches' messages.
+pub async fn mark_published(pool: &PgPool, ids: &[Uuid]) -> Result<()> {
+    // SKIP LOCKED: a batch already running holds its row; planning must
+    // not wait for it (its published_at stays unset, which rescue treats
+    // like its creation time).
+    sqlx::query(
+        "UPDATE archive_batches SET published_at = now() WHERE id IN
+             (SELECT id FROM archive_batches WHERE id = ANY($1) FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(ids)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The highest upper bound among this kind's unfinished batches, and how many
+/// there are: a new run plans only rows above it, never rows a pending batch
+/// already covers.
+pub async fn open_high_water(pool: &PgPool, kind: Kind) -> Result<Option<(Key, i64)>> {
+    let row = sqlx::query(
+        "SELECT hi_ts, hi_id, count(*) OVER () AS n FROM archive_batches
+         WHERE kind = $1 AND status <> 'done'
+         ORDER BY hi_ts DESC, hi_id DESC LIMIT 1",
+    )
+    .bind(kind.as_str())
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|r| {
+        let key = Key {
+            ts: r.get("hi_ts"),
+            id: r.get::<Option<Uuid>, _>("hi_id").unwrap_or(Uuid::max()),
+        };
+        (key, r.get("n"))
+    }))
+}
+
+/// Unfinished batches of earlier *inline* runs of `kind`. Only a planner ran
+/// them, and the advisory lock says no other planner is running, so they were
+/// abandoned (the process died) and are safe to run again. Jobs whose planning
+/// was cut short are closed, so their last batch can complete them.
+pub async fn abandoned_inline_batches(pool: &PgPool, kind: Kind) -> Result<Vec<Uuid>> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "UPDATE archive_jobs SET planning_done = true,
+            error_message = COALESCE(error_message, 'planner stopped while planning; resumed by a later run')
+         WHERE job_type = $1 AND transport = 'inline' AND NOT planning_done AND status IN ('pending', 'running', 'failed')",
+    )
+    .bind(kind.as_str())
+    .execute(&mut *tx)
+    .await?;
+    let ids = sqlx::query_scalar(
+        "SELECT b.id FROM archive_batches b JOIN archive_jobs j ON j.id = b.job_id
+         WHERE b.kind = $1 AND b.status = 'pending' AND j.transport = 'inline'
+         ORDER BY b.hi_ts, b.hi_id",
+    )
+    .bind(kind.as_str())
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(ids)
+}
+
+const BATCH_SQL: &str =
+    "SELECT b.job_id, b.kind, b.lo_ts, b.lo_id, b.hi_ts, b.hi_id, b.status, j.cutoff
+     FROM archive_batches b JOIN archive_jobs j ON j.id = b.job_id WHERE b.id = $1";
+
+/// Loads and locks a batch with its job's cut-off. Concurrent deliveries of
+/// the same batch queue up here; the second sees the first's result.
+pub async fn lock_batch(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Result<Batch> {
+    let sql = format!("{BATCH_SQL} FOR UPDATE OF b");
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    batch_from(id, row)
+}
+
+/// Loads a batch without locking it (for work done before its transaction).
+pub async fn peek_batch(pool: &PgPool, id: Uuid) -> Result<Batch> {
+    let row = sqlx::query(BATCH_SQL).bind(id).fetch_optional(pool).await?;
+    batch_from(id, row)
+}
+
+fn batch_from(id: Uuid, row: Option<sqlx::postgres::PgRow>) -> Result<Batch> {
+    let row = row.ok_or(Error::UnknownBatch(id))?;
+    let bad = |reason: &str| Error::BadBatch {
+        id,
+        reason: reason.into(),
+    };
+    let kind: String = row.get("kind");
+    let lo = match (
+        row.get::<Option<DateTime<Utc>>, _>("lo_ts"),
+        row.get::<Option<Uuid>, _>("lo_id"),
+    ) {
+        (Some(ts), Some(id)) => Some(Key { ts, id }),
+        (None, None) => None,
+        _ => return Err(bad("half a lower bound")),
+    };
+    Ok(Batch {
+        id,
+        job_id: row.get("job_id"),
+        kind: kind.parse().map_err(|e: String| bad(&e))?,
+        lo,
+        hi: Key {
+            ts: row.get("hi_ts"),
+            id: row
+                .get::<Option<Uuid>, _>("hi_id")
+                .ok_or_else(|| bad("no upper id"))?,
+        },
+        status: row.get("status"),
+        cutoff: row
+            .get::<Option<DateTime<Utc>>, _>("cutoff")
+            .ok_or_else(|| bad("job has no cut-off"))?,
+    })
+}
+
+/// Marks a batch done and adds its counts to the job, inside the batch's
+/// transaction. Returns whether this batch completed its job. The job row is
+/// locked last, so concurrent batches hold it only for their commit.
+pub async fn complete_batch(
+    tx: &mut Transaction<'_, Postgres>,
+    batch: &Batch,
+    c: Counts,
+) -> Result<bool> {
+    sqlx::query(
+        "UPDATE archive_batches SET status = 'done', attempts = attempts + 1, last_error = NULL,
+            rows_archived = $2, rows_deleted = $3, bytes_archived = $4, completed_at = clock_timestamp()
+         WHERE id = $1",
+    )
+    .bind(batch.id)
+    .bind(c.archived)
+    .bind(c.deleted)
+    .bind(c.bytes)
+    .execute(&mut **tx)
+    .await?;
+    let status: JobStatus = sqlx::query_scalar(
+        "UPDATE archive_jobs SET
+            records_processed = records_processed + $2, records_archived = records_archived + $3,
+            records_deleted = records_deleted + $4, bytes_archived = bytes_archived + $5,
+            batches_done = batches_done + 1,
+            status = CASE WHEN planning_done AND status IN ('running', 'failed')
+                               AND batches_done + 1 >= batches_planned
+                               AND NOT EXISTS (SELECT 1 FROM archive_batches
+                                               WHERE job_id = $1 AND status = 'dead')
+                          THEN 'completed' ELSE status END,
+            completed_at = CASE WHEN planning_done AND batches_done + 1 >= batches_planned
+                                THEN clock_timestamp() ELSE completed_at END
+         WHERE id = $1 RETURNING status",
+    )
+    .bind(batch.job_id)
+    .bind(c.processed)
+    .bind(c.archived)
+    .bind(c.deleted)
+    .bind(c.bytes)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(status == JobStatus::Completed)
+}
+
+/// Records a failed attempt (outside the failed transaction). The batch is
+/// parked (`dead`) when the failure is permanent or it has had `limit`
+/// attempts; its job is then marked failed. Returns whether it is dead, or
+/// `None` when there is no such unfinished batch.
+pub async fn record_failure(
+    pool: &PgPool,
+    id: Uuid,
+    reason: &str,
+    permanent: bool,
+    limit: i32,
+) -> Result<Option<bool>> {
+    let mut tx = pool.begin().await?;
+    let row = sqlx::query(
+        "UPDATE archive_batches SET attempts = attempts + 1, last_error = $2,
+            status = CASE WHEN $3 OR attempts + 1 >= $4 THEN 'dead' ELSE status END
+         WHERE id = $1 AND status <> 'done' RETURNING job_id, status",
+    )
+    .bind(id)
+    .bind(reason)
+    .bind(permanent)
+    .bind(limit)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else {
+        tx.commit().await?;
+        return Ok(None);
+    };
+    let dead = row.get::<BatchStatus, _>("status") == BatchStatus::Dead;
+    if dead {
+        let job = row.get::<Uuid, _>("job_id");
+        fail_job(&mut *tx, job, &format!("batch {id} dead: {reason}")).await?;
+    }
+    tx.commit().await?;
+    Ok(Some(dead))
+}
+
+/// Puts dead batches back to `pending` (attempts start again) and their jobs
+/// back to `running` when no dead batch is left in them. Returns the batches
+/// actually revived; a batch that is not dead is left alone.
+pub async fn revive(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<(Uuid, Kind)>> {
+    let mut tx = pool.begin().await?;
+    let rows = sqlx::query(
+        "UPDATE archive_batches SET status = 'pending', attempts = 0
+         WHERE id = ANY($1) AND status = 'dead' RETURNING id, kind, job_id",
+    )
+    .bind(ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let jobs: Vec<Uuid> = rows.iter().map(|r| r.get("job_id")).collect();
+    sqlx::query(
+        "UPDATE archive_jobs j SET status = 'running', completed_at = NULL, error_message = NULL
+         WHERE j.id = ANY($1) AND j.status = 'failed'
+           AND NOT EXISTS (SELECT 1 FROM archive_batches b WHERE b.job_id = j.id AND b.status = 'dead')",
+    )
+    .bind(&jobs)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    rows.iter()
+        .map(|r| {
+            let kind: String = r.get("kind");
+            Ok((
+                r.get("id"),
+                kind.parse().map_err(|e: String| Error::BadBatch {
+                    id: r.get("id"),
+                    reason: e,
+                })?,
+            ))
+        })
+        .collect()
+}
+
+/// Pending batches of `kind` whose message was published (or recorded)
+/// longer ago than `age` and that are still not done: their message may
+/// have been lost. Republishing them is safe: a batch runs once.
+pub async fn stale_batches(
+    pool: &PgPool,
+    kind: Kind,
+    age: std::time::Duration,
+) -> Result<Vec<Uuid>> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM archive_batches
+         WHERE kind = $1 AND status = 'pending'
+           AND COALESCE(published_at, created_at) < now() - make_interval(secs => $2)
+         ORDER BY hi_ts, hi_id",
+    )
+    .bind(kind.as_str())
+    .bind(age.as_secs_f64())
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Counts pending batches of a kind, or of every kind (`None`).
+pub async fn pending_count(pool: &PgPool, kind: Option<Kind>) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM archive_batches
+         WHERE status = 'pending' AND ($1::text IS NULL OR kind = $1)",
+    )
+    .bind(kind.map(|k| k.as_str()))
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Batches of `kind` that are planned but not done: pending, or dead and
+/// waiting for a redrive. Either may still write into an old month.
+pub async fn unfinished_batches(pool: &PgPool, kind: Kind) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM archive_batches WHERE kind = $1 AND status <> 'done'",
+    )
+    .bind(kind.as_str())
+    .fetch_one(pool)
+    .await?)
+}

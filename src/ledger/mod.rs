@@ -1,0 +1,73 @@
+//! The ledger: `archive_jobs` (one row per kind per planner run) and
+//! `archive_batches` (one row per batch). It is the authority on what a
+//! message may do: a worker executes only what the planner recorded here.
+//! Every SQL statement on those two tables is in this module:
+//! - [`jobs`]: a job's life: created, planned, completed or failed, adopted;
+//! - [`batches`]: recording batches, and executing one (lock, complete, fail);
+//! - [`read`]: what operators and monitoring read.
+
+mod batches;
+mod jobs;
+mod read;
+
+pub use batches::*;
+pub use jobs::*;
+pub use read::*;
+
+use crate::vocabulary::{BatchStatus, Kind};
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+/// A point in a kind's keyset order: (time, id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Key {
+    /// The time column (`received_at`, `created_at`, or a day).
+    pub ts: DateTime<Utc>,
+    /// The tie-breaker (`id`, or `scenario_id` for metrics).
+    pub id: Uuid,
+}
+
+/// A batch as the planner cuts it, before it is recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewBatch {
+    /// Becomes `archive_batch_id` on every row the batch archives.
+    pub id: Uuid,
+    /// Exclusive lower bound.
+    pub lo: Key,
+    /// Inclusive upper bound.
+    pub hi: Key,
+    /// Rows in (lo, hi] when the planner counted them.
+    pub planned_rows: i64,
+}
+
+/// A batch as a worker loads it, locked for the length of its transaction.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// The batch id.
+    pub id: Uuid,
+    /// The job it belongs to.
+    pub job_id: Uuid,
+    /// What it archives.
+    pub kind: Kind,
+    /// Exclusive lower bound; `None`: from the start.
+    pub lo: Option<Key>,
+    /// Inclusive upper bound.
+    pub hi: Key,
+    /// Whether it is still to run.
+    pub status: BatchStatus,
+    /// The job's policy cut-off: only rows older than it move.
+    pub cutoff: DateTime<Utc>,
+}
+
+/// What executing a batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Rows examined.
+    pub processed: i64,
+    /// Rows written to the archive.
+    pub archived: i64,
+    /// Rows deleted from the hot table.
+    pub deleted: i64,
+    /// Bytes archived (`size_bytes` for logs).
+    pub bytes: i64,
+}

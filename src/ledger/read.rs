@@ -1,0 +1,131 @@
+//! What people and monitoring read from the ledger: batch counts, dead
+//! batches and why, one batch's status, and the figures `planner metrics`
+//! renders.
+
+use crate::error::Result;
+use crate::vocabulary::{BatchStatus, JobType};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// Batches per kind and status, over jobs not yet completed.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct BatchCount {
+    /// Kind.
+    pub kind: String,
+    /// `pending`, `done` or `dead`.
+    pub status: BatchStatus,
+    /// How many.
+    pub batches: i64,
+}
+
+/// A parked batch and why.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct DeadBatch {
+    /// Batch id.
+    pub id: Uuid,
+    /// Its job.
+    pub job_id: Uuid,
+    /// Kind.
+    pub kind: String,
+    /// Attempts so far.
+    pub attempts: i32,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// Rows it was planned with.
+    pub planned_rows: i64,
+}
+
+/// Batch counts of unfinished jobs.
+pub async fn open_batch_counts(pool: &PgPool) -> Result<Vec<BatchCount>> {
+    Ok(sqlx::query_as(
+        "SELECT b.kind, b.status, count(*) AS batches
+         FROM archive_batches b JOIN archive_jobs j ON j.id = b.job_id
+         WHERE j.status <> 'completed'
+         GROUP BY 1, 2 ORDER BY 1, 2",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// A batch's status; `None` when the ledger does not have it.
+pub async fn batch_status(pool: &PgPool, id: Uuid) -> Result<Option<BatchStatus>> {
+    Ok(
+        sqlx::query_scalar("SELECT status FROM archive_batches WHERE id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?,
+    )
+}
+
+/// Dead batches, or one batch by id (whatever its status, for redrive).
+pub async fn dead_batches(pool: &PgPool, only: Option<Uuid>) -> Result<Vec<DeadBatch>> {
+    Ok(sqlx::query_as(
+        "SELECT id, job_id, kind, attempts, last_error, planned_rows FROM archive_batches
+         WHERE status = 'dead' AND ($1::uuid IS NULL OR id = $1) ORDER BY created_at, seq",
+    )
+    .bind(only)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// One job type's figures, summed over every job of that type.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct JobTypeFigures {
+    /// `archive_jobs.job_type`.
+    pub job_type: JobType,
+    /// Times a job of this type went `failed`.
+    pub failures: i64,
+    /// Jobs now running.
+    pub running: i64,
+    /// Unix time the newest completed job completed.
+    pub last_success: Option<f64>,
+    /// Bytes archived.
+    pub bytes: i64,
+    /// Rows archived.
+    pub rows: i64,
+}
+
+/// What monitoring shows, read from the ledger in one go.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Figures {
+    /// Per job type that has jobs.
+    pub jobs: Vec<JobTypeFigures>,
+    /// Batches not done, by status.
+    pub open_batches: Vec<(BatchStatus, i64)>,
+    /// Unix time the newest batch of any kind was completed.
+    pub last_batch_done: Option<f64>,
+}
+
+/// Reads the figures monitoring renders.
+pub async fn figures(pool: &PgPool) -> Result<Figures> {
+    let jobs = sqlx::query_as(
+        "SELECT job_type::text AS job_type,
+                COALESCE(sum(failures), 0)::bigint AS failures,
+                count(*) FILTER (WHERE status = 'running') AS running,
+                extract(epoch FROM max(completed_at) FILTER (WHERE status = 'completed'))::float8
+                    AS last_success,
+                COALESCE(sum(bytes_archived), 0)::bigint AS bytes,
+                COALESCE(sum(records_archived), 0)::bigint AS rows
+         FROM archive_jobs GROUP BY job_type ORDER BY job_type",
+    )
+    .fetch_all(pool)
+    .await?;
+    let open_batches = sqlx::query_as(
+        "SELECT status::text AS status, count(*) AS n FROM archive_batches
+         WHERE status <> 'done' GROUP BY status",
+    )
+    .fetch_all(pool)
+    .await?;
+    // Index-only (archive_batches_completed_idx).
+    let last_batch_done = sqlx::query_scalar(
+        "SELECT extract(epoch FROM max(completed_at))::float8 FROM archive_batches
+         WHERE status = 'done'",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(Figures {
+        jobs,
+        open_batches,
+        last_batch_done,
+    })
+}
