@@ -2,7 +2,7 @@
 //! the in-database limit, and its impact on live inserts, in one run.
 //!
 //! Run it with `scripts/bench [--kind logs|metrics] [--rows N]` (brings up
-//! the services first), or `cargo run --release --example bench -- --help`
+//! the services first), or `cargo run --release -p archiver-bench --bin bench -- --help`
 //! with `ARCHIVER_PG_ADMIN_URL` and `ARCHIVER_AMQP_URL` set.
 //!
 //! It (re)creates a scratch database, loads the data, keeps a pristine copy,
@@ -26,8 +26,6 @@
 //! `worker::run` task, concurrency 1. A paced inserter on its own thread and
 //! pool records insert latency into the hot table of the kind, idle and
 //! during each run.
-
-mod common;
 
 use anyhow::{Context, Result, bail, ensure};
 use archiver::config::Policy;
@@ -53,14 +51,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-const ONE_STATEMENT: &str = include_str!("../bench/move_one_statement.sql");
-const BATCHED_PROC: &str = include_str!("../bench/move_batched.sql");
-const RESET: &str = include_str!("../bench/reset.sql");
-const LIVE_INSERT: &str = include_str!("../bench/live_insert.sql");
-const METRICS_ONE_STATEMENT: &str = include_str!("../bench/metrics_one_statement.sql");
-const METRICS_RESET: &str = include_str!("../bench/metrics_reset.sql");
-const METRICS_LIVE_INSERT: &str = include_str!("../bench/metrics_live_insert.sql");
-const METRICS_LOAD_RANDOM: &str = include_str!("../bench/metrics_load_random.sql");
+const ONE_STATEMENT: &str = include_str!("../../move_one_statement.sql");
+const BATCHED_PROC: &str = include_str!("../../move_batched.sql");
+const RESET: &str = include_str!("../../reset.sql");
+const LIVE_INSERT: &str = include_str!("../../live_insert.sql");
+const METRICS_ONE_STATEMENT: &str = include_str!("../../metrics_one_statement.sql");
+const METRICS_RESET: &str = include_str!("../../metrics_reset.sql");
+const METRICS_LIVE_INSERT: &str = include_str!("../../metrics_live_insert.sql");
+const METRICS_LOAD_RANDOM: &str = include_str!("../../metrics_load_random.sql");
 /// The scenario of live rows (`bench/live_insert.sql`,
 /// `bench/metrics_live_insert.sql`).
 const LIVE_SCENARIO: &str = "00000000-0000-0000-0000-00000000ffff";
@@ -976,7 +974,8 @@ async fn create_database(args: &Args) -> Result<PgConnectOptions> {
     } else {
         Vec::new()
     };
-    common::recreate_database(&args.admin_url, &args.database, "archiver-bench", &settings).await
+    archiver_bench::recreate_database(&args.admin_url, &args.database, "archiver-bench", &settings)
+        .await
 }
 
 /// Schema, data, pristine copy, the procedure (logs), every archive

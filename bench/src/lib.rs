@@ -1,4 +1,5 @@
-//! What the benchmarks share: a scratch database made anew for each run.
+//! What the benchmarks share (`src/bin/`): a scratch database made anew for
+//! each run.
 
 use anyhow::{Result, ensure};
 use archiver::{config, db};

@@ -3,8 +3,8 @@
 //! operator sees whether publishing is the bottleneck.
 //!
 //! Run it with `scripts/bench-publish [--batches N] [--batch-size N]`
-//! (brings up the services first), or `cargo run --release --example
-//! bench_publish -- --help` with `ARCHIVER_PG_ADMIN_URL`,
+//! (brings up the services first), or `cargo run --release -p
+//! archiver-bench --bin bench_publish -- --help` with `ARCHIVER_PG_ADMIN_URL`,
 //! `ARCHIVER_AMQP_URL` and `ARCHIVER_S3_ENDPOINT` (moto serves SQS there)
 //! set.
 //!
@@ -21,8 +21,6 @@
 //! Every run is checked: the ledger holds exactly the expected batches, each
 //! marked published (except `cut-only`, which records none), and the queue
 //! holds exactly one message per batch. Queues are deleted afterwards.
-
-mod common;
 
 use anyhow::{Context, Result, ensure};
 use archiver::config::Policy;
@@ -355,7 +353,7 @@ fn sqs_client(endpoint: &str) -> Client {
 }
 
 async fn create_database(args: &Args) -> Result<PgConnectOptions> {
-    common::recreate_database(
+    archiver_bench::recreate_database(
         &args.admin_url,
         &args.database,
         "archiver-bench-publish",
