@@ -138,7 +138,7 @@ pub async fn out_of_range(pool: &PgPool, kind: Kind, policy: &Policy) -> Result<
 }
 
 /// The cut-off for a policy age, by the database's clock.
-pub async fn cutoff(pool: &PgPool, kind: Kind, policy: &Policy) -> Result<DateTime<Utc>> {
+async fn cutoff(pool: &PgPool, kind: Kind, policy: &Policy) -> Result<DateTime<Utc>> {
     let sql = match kind {
         // Metrics: whole UTC days only, so the cut-off never splits a day.
         Kind::Metrics => {
@@ -258,7 +258,7 @@ pub async fn plan(
     let job = ledger::create_job(pool, kind, cutoff, opts.batch_size, opts.transport).await?;
     ledger::start_job(pool, job).await?;
     let (tx, rx) = mpsc::channel(CHUNKS_AHEAD);
-    let mut sink = Sink::new(Some(tx));
+    let mut sink = Sink::new(tx);
     let after = pending.map(|(k, _)| k);
     // The cut runs ahead of recording and publishing, bounded by the channel.
     let cutting = async {
@@ -286,22 +286,6 @@ pub async fn plan(
             Err(e)
         }
     }
-}
-
-/// Cuts `kind`'s eligible rows into batches exactly as [`plan`] does, but
-/// records and publishes nothing (it may create archive partitions, as
-/// planning does): the rate at which the planner alone cuts batches, for
-/// the publishing benchmark. Returns the batches cut.
-pub async fn cut_only(pool: &PgPool, kind: Kind, opts: &PlanOptions) -> Result<usize> {
-    if !is_built(kind) {
-        return Err(not_built(kind));
-    }
-    let cutoff = cutoff(pool, kind, &opts.policy).await?;
-    let after = ledger::open_high_water(pool, kind).await?.map(|(k, _)| k);
-    let mut sink = Sink::new(None);
-    cut(pool, kind, opts, after, cutoff, &mut sink).await?;
-    sink.finish().await?;
-    Ok(sink.cut)
 }
 
 /// Walks `kind`'s eligible rows above `after` into `sink`.
@@ -359,7 +343,7 @@ struct Chunk {
 /// Takes cut batches and hands them on a chunk at a time to
 /// [`record_and_publish`], which runs beside the cut.
 struct Sink {
-    /// `None`: cut only, hand on nothing ([`cut_only`]).
+    /// `None` once finished: no more chunks.
     tx: Option<mpsc::Sender<Chunk>>,
     /// Batches cut so far.
     cut: usize,
@@ -368,9 +352,9 @@ struct Sink {
 }
 
 impl Sink {
-    fn new(tx: Option<mpsc::Sender<Chunk>>) -> Self {
+    fn new(tx: mpsc::Sender<Chunk>) -> Self {
         Sink {
-            tx,
+            tx: Some(tx),
             cut: 0,
             rows: 0,
             chunk: Vec::with_capacity(CHUNK),

@@ -31,7 +31,7 @@ use anyhow::{Context, Result, bail, ensure};
 use archiver::config::Policy;
 use archiver::ledger::Kind;
 use archiver::plan::{self, PlanOptions};
-use archiver::transport::amqp::{self, AmqpConfig, AmqpConsumer, AmqpPublisher};
+use archiver::transport::amqp::{AmqpConfig, AmqpConsumer, AmqpPublisher};
 use archiver::transport::{Publisher, inline};
 use archiver::worker::{self, WorkerOptions};
 use archiver::{db, demo, partitions};
@@ -458,8 +458,13 @@ impl Bench {
         }
     }
 
+    /// The archiver's cut-off, by the database's clock: a dry run's (it
+    /// changes nothing, and runs before the timed part).
     async fn cutoff(&self) -> Result<DateTime<Utc>> {
-        Ok(plan::cutoff(&self.pool, self.target.kind(), &Policy::default()).await?)
+        let opts = self.plan_options("inline");
+        Ok(plan::dry_run(&self.pool, self.target.kind(), &opts)
+            .await?
+            .cutoff)
     }
 
     async fn checkpoints(&self) -> Result<i64> {
@@ -921,7 +926,9 @@ impl Broker {
         let conn =
             Connection::connect(cfg.url.expose_secret(), ConnectionProperties::default()).await?;
         let channel = conn.create_channel().await?;
-        amqp::declare(&channel, cfg).await?;
+        // The topology, declared as the planner's publisher declares it,
+        // before any worker consumes.
+        AmqpPublisher::connect(cfg.clone()).await?.close().await?;
         Ok(Broker { conn, channel })
     }
 
@@ -1182,7 +1189,7 @@ fn print_metrics_table(lines: &[Line], idle: &Latency) {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    archiver::telemetry::init_with("warn,sqlx::query=error");
+    archiver_bench::init_logging("warn,sqlx::query=error");
     let args = Args::parse();
     ensure!(
         args.rows.is_none_or(|n| n > 0)

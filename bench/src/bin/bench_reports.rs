@@ -852,7 +852,7 @@ async fn measure(
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    archiver::telemetry::init_with("warn");
+    archiver_bench::init_logging("warn");
     let args = Args::parse();
     match (&args.child_put, &args.child_store) {
         (Some(file), Some(spec)) => run_child(file, spec, args.s3_endpoint.as_deref()).await,
