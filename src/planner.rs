@@ -183,10 +183,6 @@ async fn dry_run(pool: &PgPool, kinds: &[Kind], opts: &PlanOptions) -> Result<bo
 /// a deployment without reports is told so and goes on; `--reports` alone
 /// is an error.
 fn wanted(kind: Kind, opts: &PlanOptions, explicit_reports: bool) -> Result<bool> {
-    if !plan::is_built(kind) {
-        println!("{}", summary::not_built(kind));
-        return Ok(false);
-    }
     if kind == Kind::Reports && opts.reports_root.is_none() {
         if explicit_reports {
             return Err(Error::config(

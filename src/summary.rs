@@ -9,11 +9,6 @@ use crate::vocabulary::JobType;
 use crate::vocabulary::Kind;
 use std::time::Duration;
 
-/// A kind this version cannot plan yet.
-pub fn not_built(kind: Kind) -> String {
-    format!("{kind}: not built yet in this version; skipped (nothing changed)")
-}
-
 /// A dry run's finding.
 pub fn eligible(e: &Eligible, batch_size: i64) -> String {
     let what = match e.kind {

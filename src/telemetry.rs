@@ -28,12 +28,6 @@ pub fn init(verbose: bool, format: LogFormat) {
     );
 }
 
-/// Installs the global subscriber (text) with `default` as its filter
-/// unless `RUST_LOG` is set (the benchmarks keep the library quiet this way).
-pub fn init_with(default: &str) {
-    install(default, LogFormat::Text);
-}
-
 fn install(default: &str, format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()

@@ -35,11 +35,6 @@ pub struct PlanOptions {
     pub transport: &'static str,
 }
 
-/// Which kinds this version can plan.
-pub fn is_built(kind: Kind) -> bool {
-    matches!(kind, Kind::Logs | Kind::Metrics | Kind::Reports)
-}
-
 /// What a dry run found for one kind.
 #[derive(Debug, Clone)]
 pub struct Eligible {
@@ -135,7 +130,7 @@ pub async fn out_of_range(pool: &PgPool, kind: Kind, policy: &Policy) -> Result<
 }
 
 /// The cut-off for a policy age, by the database's clock.
-pub async fn cutoff(pool: &PgPool, kind: Kind, policy: &Policy) -> Result<DateTime<Utc>> {
+async fn cutoff(pool: &PgPool, kind: Kind, policy: &Policy) -> Result<DateTime<Utc>> {
     let sql = match kind {
         // Metrics: whole UTC days only, so the cut-off never splits a day.
         Kind::Metrics => {
@@ -213,10 +208,6 @@ async fn missing_reports(
     Ok(missing)
 }
 
-fn not_built(kind: Kind) -> Error {
-    Error::config("--all", format!("{kind} planning is not built yet"))
-}
-
 /// What a run planned for one kind.
 #[derive(Debug, Clone)]
 pub struct Planned {
@@ -242,9 +233,6 @@ pub async fn plan(
     opts: &PlanOptions,
     publisher: &dyn Publisher,
 ) -> Result<Planned> {
-    if !is_built(kind) {
-        return Err(not_built(kind));
-    }
     if kind == Kind::Reports {
         reports_root(opts)?;
     }
@@ -253,7 +241,7 @@ pub async fn plan(
     let job = ledger::create_job(pool, kind, cutoff, opts.batch_size, opts.transport).await?;
     ledger::start_job(pool, job).await?;
     let (tx, rx) = mpsc::channel(CHUNKS_AHEAD);
-    let mut sink = Sink::new(Some(tx));
+    let mut sink = Sink::new(tx);
     let after = pending.map(|(k, _)| k);
     // The cut runs ahead of recording and publishing, bounded by the channel.
     let cutting = async {
@@ -281,22 +269,6 @@ pub async fn plan(
             Err(e)
         }
     }
-}
-
-/// Cuts `kind`'s eligible rows into batches exactly as [`plan`] does, but
-/// records and publishes nothing (it may create archive partitions, as
-/// planning does): the rate at which the planner alone cuts batches, for
-/// the publishing benchmark. Returns the batches cut.
-pub async fn cut_only(pool: &PgPool, kind: Kind, opts: &PlanOptions) -> Result<usize> {
-    if !is_built(kind) {
-        return Err(not_built(kind));
-    }
-    let cutoff = cutoff(pool, kind, &opts.policy).await?;
-    let after = ledger::open_high_water(pool, kind).await?.map(|(k, _)| k);
-    let mut sink = Sink::new(None);
-    cut(pool, kind, opts, after, cutoff, &mut sink).await?;
-    sink.finish().await?;
-    Ok(sink.cut)
 }
 
 /// Walks `kind`'s eligible rows above `after` into `sink`.
@@ -354,7 +326,7 @@ struct Chunk {
 /// Takes cut batches and hands them on a chunk at a time to
 /// [`record_and_publish`], which runs beside the cut.
 struct Sink {
-    /// `None`: cut only, hand on nothing ([`cut_only`]).
+    /// `None` once finished: no more chunks.
     tx: Option<mpsc::Sender<Chunk>>,
     /// Batches cut so far.
     cut: usize,
@@ -363,9 +335,9 @@ struct Sink {
 }
 
 impl Sink {
-    fn new(tx: Option<mpsc::Sender<Chunk>>) -> Self {
+    fn new(tx: mpsc::Sender<Chunk>) -> Self {
         Sink {
-            tx,
+            tx: Some(tx),
             cut: 0,
             rows: 0,
             chunk: Vec::with_capacity(CHUNK),

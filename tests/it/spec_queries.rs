@@ -93,7 +93,7 @@ async fn the_specs_queries_run_and_return_the_expected_rows() {
     assert_eq!(
         types,
         ["logs", "metrics"],
-        "one job per built kind (reports are not built yet)"
+        "one job per kind planned (no REPORTS_ROOT: reports are skipped)"
     );
     assert!(
         jobs.iter()

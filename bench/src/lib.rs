@@ -1,10 +1,27 @@
-//! What the benchmarks share: a scratch database made anew for each run.
+//! What the benchmarks share (`src/bin/`): a scratch database made anew for
+//! each run, and their logging.
 
 use anyhow::{Result, ensure};
 use archiver::{config, db};
 use sqlx::AssertSqlSafe;
 use sqlx::postgres::PgConnectOptions;
+use std::io::IsTerminal;
 use std::time::Duration;
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global subscriber: text to stderr (coloured only on a
+/// terminal), as the archiver's commands write it, with `default` as its
+/// filter unless `RUST_LOG` is set: the benchmarks keep the library quiet
+/// this way, so stdout and stderr carry their own lines.
+pub fn init_logging(default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
 
 /// Drops and recreates `database` on the server at `admin_url` (as
 /// `application`), then runs `settings` in it by name (e.g. `ALTER DATABASE

@@ -2,7 +2,7 @@
 //! the in-database limit, and its impact on live inserts, in one run.
 //!
 //! Run it with `scripts/bench [--kind logs|metrics] [--rows N]` (brings up
-//! the services first), or `cargo run --release --example bench -- --help`
+//! the services first), or `cargo run --release -p archiver-bench --bin bench -- --help`
 //! with `ARCHIVER_PG_ADMIN_URL` and `ARCHIVER_AMQP_URL` set.
 //!
 //! It (re)creates a scratch database, loads the data, keeps a pristine copy,
@@ -27,13 +27,11 @@
 //! pool records insert latency into the hot table of the kind, idle and
 //! during each run.
 
-mod common;
-
 use anyhow::{Context, Result, bail, ensure};
 use archiver::config::Policy;
 use archiver::plan::{self, PlanOptions};
-use archiver::transport::amqp::{self, AmqpConfig, AmqpConsumer, AmqpPublisher};
-use archiver::transport::{Publisher, inline};
+use archiver::transport::Publisher;
+use archiver::transport::amqp::{AmqpConfig, AmqpConsumer, AmqpPublisher};
 use archiver::vocabulary::Kind;
 use archiver::worker::{self, WorkerOptions};
 use archiver::{db, demo, partitions};
@@ -53,14 +51,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-const ONE_STATEMENT: &str = include_str!("../bench/move_one_statement.sql");
-const BATCHED_PROC: &str = include_str!("../bench/move_batched.sql");
-const RESET: &str = include_str!("../bench/reset.sql");
-const LIVE_INSERT: &str = include_str!("../bench/live_insert.sql");
-const METRICS_ONE_STATEMENT: &str = include_str!("../bench/metrics_one_statement.sql");
-const METRICS_RESET: &str = include_str!("../bench/metrics_reset.sql");
-const METRICS_LIVE_INSERT: &str = include_str!("../bench/metrics_live_insert.sql");
-const METRICS_LOAD_RANDOM: &str = include_str!("../bench/metrics_load_random.sql");
+const ONE_STATEMENT: &str = include_str!("../../move_one_statement.sql");
+const BATCHED_PROC: &str = include_str!("../../move_batched.sql");
+const RESET: &str = include_str!("../../reset.sql");
+const LIVE_INSERT: &str = include_str!("../../live_insert.sql");
+const METRICS_ONE_STATEMENT: &str = include_str!("../../metrics_one_statement.sql");
+const METRICS_RESET: &str = include_str!("../../metrics_reset.sql");
+const METRICS_LIVE_INSERT: &str = include_str!("../../metrics_live_insert.sql");
+const METRICS_LOAD_RANDOM: &str = include_str!("../../metrics_load_random.sql");
 /// The scenario of live rows (`bench/live_insert.sql`,
 /// `bench/metrics_live_insert.sql`).
 const LIVE_SCENARIO: &str = "00000000-0000-0000-0000-00000000ffff";
@@ -460,8 +458,13 @@ impl Bench {
         }
     }
 
+    /// The archiver's cut-off, by the database's clock: a dry run's (it
+    /// changes nothing, and runs before the timed part).
     async fn cutoff(&self) -> Result<DateTime<Utc>> {
-        Ok(plan::cutoff(&self.pool, self.target.kind(), &Policy::default()).await?)
+        let opts = self.plan_options("inline");
+        Ok(plan::dry_run(&self.pool, self.target.kind(), &opts)
+            .await?
+            .cutoff)
     }
 
     async fn checkpoints(&self) -> Result<i64> {
@@ -566,43 +569,33 @@ impl Bench {
         Ok(Moved { cutoff })
     }
 
-    /// As the planner does with no broker (`cli::run_inline`).
+    /// As the planner does with no broker (`worker::run_inline`).
     async fn inline(&self, probe: &mut Probe, rest_ratio: f64) -> Result<Moved> {
         let c = self.args.inline_concurrency;
         let pool = self.connect(u32::from(c) + 3).await?;
-        let (publisher, mut consumer) = inline::queue();
         let wopts = WorkerOptions {
             concurrency: c.into(),
             rest_ratio,
             ..Default::default()
         };
         probe.start().await?;
-        let executors = {
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                worker::run(&pool, &mut consumer, wopts, CancellationToken::new()).await
-            })
-        };
-        let planned = plan::plan(
-            &pool,
-            self.target.kind(),
-            &self.plan_options("inline"),
-            &publisher,
-        )
+        let opts = self.plan_options("inline");
+        let ran = worker::run_inline(&pool, wopts, async |publisher| {
+            let planned = plan::plan(&pool, self.target.kind(), &opts, publisher).await?;
+            Ok((planned, probe.elapsed()))
+        })
         .await
-        .context("planning")?;
-        publisher.close().await?;
-        let plan_returned = probe.elapsed();
+        .context("planning and running inline")?;
+        let (planned, plan_returned) = ran.fed;
+        // The inline run returns once every batch is settled.
         self.wait_job(planned.job).await?;
         let done_seen = probe.elapsed();
         probe.finish()?;
         self.timeline(planned.job, plan_returned, done_seen).await?;
-        executors.await??;
-        let dead = publisher.dead_letters().await;
         ensure!(
-            dead.is_empty(),
+            ran.dead.is_empty(),
             "{} inline batch(es) dead-lettered",
-            dead.len()
+            ran.dead.len()
         );
         pool.close().await;
         Ok(Moved {
@@ -923,7 +916,9 @@ impl Broker {
         let conn =
             Connection::connect(cfg.url.expose_secret(), ConnectionProperties::default()).await?;
         let channel = conn.create_channel().await?;
-        amqp::declare(&channel, cfg).await?;
+        // The topology, declared as the planner's publisher declares it,
+        // before any worker consumes.
+        AmqpPublisher::connect(cfg.clone()).await?.close().await?;
         Ok(Broker { conn, channel })
     }
 
@@ -976,7 +971,8 @@ async fn create_database(args: &Args) -> Result<PgConnectOptions> {
     } else {
         Vec::new()
     };
-    common::recreate_database(&args.admin_url, &args.database, "archiver-bench", &settings).await
+    archiver_bench::recreate_database(&args.admin_url, &args.database, "archiver-bench", &settings)
+        .await
 }
 
 /// Schema, data, pristine copy, the procedure (logs), every archive
@@ -1183,7 +1179,7 @@ fn print_metrics_table(lines: &[Line], idle: &Latency) {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    archiver::telemetry::init_with("warn,sqlx::query=error");
+    archiver_bench::init_logging("warn,sqlx::query=error");
     let args = Args::parse();
     ensure!(
         args.rows.is_none_or(|n| n > 0)

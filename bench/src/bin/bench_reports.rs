@@ -4,7 +4,7 @@
 //!
 //! Run it with `scripts/bench-reports [--size-mib N] [--rss-size-mib N]`
 //! (brings up the S3-protocol server first), or
-//! `cargo run --release --example bench_reports -- --help` with
+//! `cargo run --release -p archiver-bench --bin bench_reports -- --help` with
 //! `ARCHIVER_S3_ENDPOINT` set.
 //!
 //! 1. Throughput: a report-like CSV (`--size-mib`, 256 by default) is
@@ -18,7 +18,7 @@
 //!    guessed). `--repeat` rounds (3); the median of each is reported, as
 //!    MB/s of the original file (MB = 10^6 bytes) and as a ratio to the CLI.
 //! 2. Peak RSS: a 1 GiB CSV (`--rss-size-mib`) is archived by a fresh child
-//!    process (this example re-run with a hidden `--child-put`), once per
+//!    process (this benchmark re-run with a hidden `--child-put`), once per
 //!    backend; the child prints its `VmHWM` from `/proc/self/status` before
 //!    and after the put.
 //!
@@ -497,7 +497,7 @@ struct ChildReport {
     hwm_end_kib: u64,
 }
 
-/// Runs this example again as `--child-put FILE --child-store SPEC` and
+/// Runs this benchmark again as `--child-put FILE --child-store SPEC` and
 /// parses what it prints.
 async fn child_put(backend: &Backend, label: &'static str, file: &Path) -> Result<ChildReport> {
     let exe = std::env::current_exe()?;
@@ -852,7 +852,7 @@ async fn measure(
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    archiver::telemetry::init_with("warn");
+    archiver_bench::init_logging("warn");
     let args = Args::parse();
     match (&args.child_put, &args.child_store) {
         (Some(file), Some(spec)) => run_child(file, spec, args.s3_endpoint.as_deref()).await,

@@ -3,8 +3,8 @@
 //! operator sees whether publishing is the bottleneck.
 //!
 //! Run it with `scripts/bench-publish [--batches N] [--batch-size N]`
-//! (brings up the services first), or `cargo run --release --example
-//! bench_publish -- --help` with `ARCHIVER_PG_ADMIN_URL`,
+//! (brings up the services first), or `cargo run --release -p
+//! archiver-bench --bin bench_publish -- --help` with `ARCHIVER_PG_ADMIN_URL`,
 //! `ARCHIVER_AMQP_URL` and `ARCHIVER_S3_ENDPOINT` (moto serves SQS there)
 //! set.
 //!
@@ -12,7 +12,8 @@
 //! every one older than the logs policy, and plans one logs job per method,
 //! starting each from an empty ledger:
 //!
-//! - `cut-only`: the planner's keyset walk alone (nothing recorded);
+//! - `cut-only`: the planner's keyset walk alone (nothing recorded), as a
+//!   copy of its statements ([`Bench::cut_only`]);
 //! - `record-only`: cut and record in the ledger, with a publisher that
 //!   accepts every message at once (no broker);
 //! - `rabbitmq`: cut, record, publish with confirms to a fresh quorum queue;
@@ -22,8 +23,6 @@
 //! marked published (except `cut-only`, which records none), and the queue
 //! holds exactly one message per batch. Queues are deleted afterwards.
 
-mod common;
-
 use anyhow::{Context, Result, ensure};
 use archiver::config::Policy;
 use archiver::plan::{self, PlanOptions};
@@ -31,11 +30,12 @@ use archiver::transport::amqp::{AmqpConfig, AmqpPublisher};
 use archiver::transport::sqs::{QueueUrls, SqsConfig, SqsPublisher, ensure_queues};
 use archiver::transport::{BatchMessage, Publisher};
 use archiver::vocabulary::Kind;
-use archiver::{db, demo};
+use archiver::{db, demo, partitions};
 use async_trait::async_trait;
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_sqs::types::QueueAttributeName;
+use chrono::{DateTime, Utc};
 use clap::Parser;
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Connection, ConnectionProperties};
@@ -187,13 +187,7 @@ impl Bench {
         self.reset().await?;
         let want = self.batches(method) as usize;
         let (batches, secs) = match method {
-            Method::CutOnly => {
-                let t = Instant::now();
-                let n =
-                    plan::cut_only(&self.pool, Kind::Logs, &self.plan_options(method, "inline"))
-                        .await?;
-                (n, t.elapsed().as_secs_f64())
-            }
+            Method::CutOnly => self.cut_only(method).await?,
             Method::RecordOnly => self.plan(method, &NullPublisher, "inline").await?,
             Method::Amqp => {
                 let cfg = AmqpConfig {
@@ -253,6 +247,75 @@ impl Bench {
             line.rate()
         );
         Ok(line)
+    }
+
+    /// The planner's cut of the logs job alone, nothing recorded; (batches,
+    /// seconds). The library has no cut without recording, so this runs a
+    /// copy of the statements of `first`, `boundary` and `tail` in
+    /// `src/plan/keyset.rs` as its `cut` does (one round trip a batch, the
+    /// archive's partitions ensured first): keep them in step with it.
+    async fn cut_only(&self, method: Method) -> Result<(usize, f64)> {
+        let opts = self.plan_options(method, "inline");
+        // The planner's cut-off, by the database's clock (a dry run changes nothing).
+        let cutoff = plan::dry_run(&self.pool, Kind::Logs, &opts).await?.cutoff;
+        // Just below the floor, as the planner's walk starts with an empty ledger.
+        let floor = (
+            opts.policy.floor_time() - chrono::Duration::microseconds(1),
+            Uuid::max(),
+        );
+        let t = Instant::now();
+        let first: Option<(DateTime<Utc>, Uuid)> = sqlx::query_as(
+            "SELECT received_at, id FROM scenario_logs
+             WHERE (received_at, id) > ($1, $2) AND received_at < $3
+             ORDER BY received_at, id LIMIT 1",
+        )
+        .bind(floor.0)
+        .bind(floor.1)
+        .bind(cutoff)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(first) = first else {
+            return Ok((0, t.elapsed().as_secs_f64()));
+        };
+        let mut lo = (first.0 - chrono::Duration::microseconds(1), Uuid::max());
+        partitions::ensure_months(
+            &self.pool,
+            "scenario_logs_archive",
+            lo.0.max(floor.0),
+            cutoff,
+        )
+        .await?;
+        let mut batches = 0;
+        loop {
+            let boundary: Option<(DateTime<Utc>, Uuid)> = sqlx::query_as(
+                "SELECT received_at, id FROM scenario_logs
+                 WHERE (received_at, id) > ($1, $2) AND received_at < $3
+                 ORDER BY received_at, id OFFSET $4 LIMIT 1",
+            )
+            .bind(lo.0)
+            .bind(lo.1)
+            .bind(cutoff)
+            .bind(opts.batch_size - 1)
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some(hi) = boundary {
+                batches += 1;
+                lo = hi;
+                continue;
+            }
+            let tail: Option<(DateTime<Utc>, Uuid, i64)> = sqlx::query_as(
+                "SELECT received_at, id, count(*) OVER () AS n FROM scenario_logs
+                 WHERE (received_at, id) > ($1, $2) AND received_at < $3
+                 ORDER BY received_at DESC, id DESC LIMIT 1",
+            )
+            .bind(lo.0)
+            .bind(lo.1)
+            .bind(cutoff)
+            .fetch_optional(&self.pool)
+            .await?;
+            batches += usize::from(tail.is_some());
+            return Ok((batches, t.elapsed().as_secs_f64()));
+        }
     }
 
     /// Plans the job through `publisher`; (batches, seconds).
@@ -355,7 +418,7 @@ fn sqs_client(endpoint: &str) -> Client {
 }
 
 async fn create_database(args: &Args) -> Result<PgConnectOptions> {
-    common::recreate_database(
+    archiver_bench::recreate_database(
         &args.admin_url,
         &args.database,
         "archiver-bench-publish",
@@ -437,7 +500,7 @@ fn print_table(bench: &Bench, lines: &[Line]) {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    archiver::telemetry::init_with("warn,sqlx::query=error");
+    archiver_bench::init_logging("warn,sqlx::query=error");
     let args = Args::parse();
     ensure!(
         args.batches > 0
