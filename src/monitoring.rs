@@ -20,14 +20,15 @@
 //! and, for the operator: `archive_rows_archived_total{job_type}`,
 //! `archive_jobs_running{job_type}`, `archive_batches{status}` (batches
 //! not done: `pending`, or `dead` in the dead-letter queue awaiting
-//! `planner redrive`) and `archive_batch_last_completed_timestamp` (0 until
+//! `planner redrive`), the same by kind in `archive_batches_by_kind{kind,
+//! status}` (the backlog per kind), and `archive_batch_last_completed_timestamp` (0 until
 //! a batch completes; with pending batches, it tells whether workers make
 //! progress, or never started). Counters of every job type are present from the
 //! start, at 0, so that `increase()` sees the first failure.
 
 use crate::error::{Error, Result};
 use crate::ledger::{self, Figures};
-use crate::vocabulary::{BatchStatus, JobType};
+use crate::vocabulary::{BatchStatus, JobType, Kind};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
@@ -84,6 +85,7 @@ struct Series {
     archived_rows: IntCounterVec,
     running: IntGaugeVec,
     open: IntGaugeVec,
+    open_by_kind: IntGaugeVec,
     last_batch_done: prometheus::Gauge,
 }
 
@@ -132,6 +134,17 @@ impl Series {
             "Batches not done: pending, or dead (parked in the dead-letter queue).",
             "status",
         )?;
+        let open_by_kind = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "archive_batches_by_kind",
+                    "Batches not done, by kind: pending (the backlog) or dead.",
+                ),
+                &["kind", "status"],
+            )
+            .map_err(metric_error)?,
+        )?;
         let last_batch_done = register(
             &registry,
             prometheus::Gauge::with_opts(Opts::new(
@@ -147,6 +160,7 @@ impl Series {
             archived_rows,
             running,
             open,
+            open_by_kind,
             last_batch_done,
             registry,
         })
@@ -163,6 +177,7 @@ pub fn render(figures: &Figures) -> Result<String> {
         archived_rows,
         running,
         open,
+        open_by_kind,
         last_batch_done,
     } = Series::new()?;
     last_batch_done.set(figures.last_batch_done.unwrap_or(0.0));
@@ -176,6 +191,9 @@ pub fn render(figures: &Figures) -> Result<String> {
     }
     for s in [BatchStatus::Pending, BatchStatus::Dead] {
         open.with_label_values(&[s.as_str()]);
+        for k in Kind::ALL {
+            open_by_kind.with_label_values(&[k.as_str(), s.as_str()]);
+        }
     }
     for j in &figures.jobs {
         let t = [j.job_type.as_str()];
@@ -188,8 +206,11 @@ pub fn render(figures: &Figures) -> Result<String> {
             last_success.with_label_values(&t).set(ts);
         }
     }
-    for (status, n) in &figures.open_batches {
-        open.with_label_values(&[status.as_str()]).set(*n);
+    for (kind, status, n) in &figures.open_batches {
+        open.with_label_values(&[status.as_str()]).add(*n);
+        open_by_kind
+            .with_label_values(&[kind.as_str(), status.as_str()])
+            .set(*n);
     }
 
     let mut out = Vec::new();
@@ -327,7 +348,11 @@ mod tests {
                 bytes: 4096,
                 rows: 5000,
             }],
-            open_batches: vec![(BatchStatus::Pending, 7), (BatchStatus::Dead, 1)],
+            open_batches: vec![
+                (Kind::Logs, BatchStatus::Pending, 5),
+                (Kind::Metrics, BatchStatus::Pending, 2),
+                (Kind::Logs, BatchStatus::Dead, 1),
+            ],
             last_batch_done: Some(1_700_000_100.0),
         };
         let text = render(&figures).unwrap();
@@ -339,6 +364,9 @@ mod tests {
             "archive_rows_archived_total{job_type=\"logs\"} 5000",
             "archive_batches{status=\"pending\"} 7",
             "archive_batches{status=\"dead\"} 1",
+            "archive_batches_by_kind{kind=\"logs\",status=\"pending\"} 5",
+            "archive_batches_by_kind{kind=\"metrics\",status=\"pending\"} 2",
+            "archive_batches_by_kind{kind=\"reports\",status=\"pending\"} 0",
             "archive_batch_last_completed_timestamp 1700000100",
             "archive_job_failures_total{job_type=\"metrics\"} 0",
         ] {

@@ -3,7 +3,7 @@
 //! renders.
 
 use crate::error::Result;
-use crate::vocabulary::{BatchStatus, JobType};
+use crate::vocabulary::{BatchStatus, JobType, Kind};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -90,8 +90,8 @@ pub struct JobTypeFigures {
 pub struct Figures {
     /// Per job type that has jobs.
     pub jobs: Vec<JobTypeFigures>,
-    /// Batches not done, by status.
-    pub open_batches: Vec<(BatchStatus, i64)>,
+    /// Batches not done, by kind and status.
+    pub open_batches: Vec<(Kind, BatchStatus, i64)>,
     /// Unix time the newest batch of any kind was completed.
     pub last_batch_done: Option<f64>,
 }
@@ -111,8 +111,8 @@ pub async fn figures(pool: &PgPool) -> Result<Figures> {
     .fetch_all(pool)
     .await?;
     let open_batches = sqlx::query_as(
-        "SELECT status::text AS status, count(*) AS n FROM archive_batches
-         WHERE status <> 'done' GROUP BY status",
+        "SELECT kind, status, count(*) AS n FROM archive_batches
+         WHERE status <> 'done' GROUP BY kind, status",
     )
     .fetch_all(pool)
     .await?;
