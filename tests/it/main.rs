@@ -4,6 +4,7 @@
 
 mod cli;
 mod database;
+mod deploy;
 mod failures;
 mod fleet_amqp;
 mod fleet_sqs;
