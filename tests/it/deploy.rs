@@ -887,3 +887,238 @@ fn prometheus_accepts_the_scrape_config_and_the_dashboard_is_whole() {
         "{path} is not where compose mounts the dashboard: {mounts}"
     );
 }
+
+// ------------------------------------------------- the stack, as processes
+
+/// What the stack's names become on this machine: the services' host names
+/// are the loopback services the tests use, a volume is a scratch
+/// directory, a listening address a free loopback port. The work queue and
+/// the bucket get names of this test's own, so that the shared broker and
+/// store are not touched by anything else.
+struct Here {
+    db: String,
+    queue: String,
+    bucket: String,
+    reports: PathBuf,
+}
+
+impl Here {
+    /// `env` as the compose file gives it, with the stack's names mapped.
+    fn localize(&self, env: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for (key, value) in env {
+            let local = match key.as_str() {
+                "DATABASE_URL" => {
+                    assert!(value.contains("@postgres:5432/"), "{key}={value}");
+                    self.db.clone()
+                }
+                "QUEUE_URL" => {
+                    assert!(value.contains("@rabbitmq:5672/"), "{key}={value}");
+                    crate::helpers::amqp::amqp_url()
+                }
+                "AWS_ENDPOINT_URL_S3" | "AWS_ENDPOINT_URL" => {
+                    assert!(value.starts_with("http://objects:"), "{key}={value}");
+                    crate::helpers::s3::endpoint()
+                }
+                "REPORTS_ROOT" => {
+                    assert_eq!(value, "/srv/reports", "the reports volume's mount point");
+                    self.reports.display().to_string()
+                }
+                "REPORTS_ARCHIVE_BUCKET" => self.bucket.clone(),
+                "ARCHIVER_WORKER_LISTEN" | "ARCHIVER_METRICS_LISTEN" => free_port(),
+                _ => value.clone(),
+            };
+            out.insert(key.clone(), local);
+        }
+        if out.contains_key("QUEUE_URL") {
+            out.insert("ARCHIVER_QUEUE".into(), self.queue.clone());
+        }
+        out
+    }
+
+    /// A service's command line and environment as they run here: the
+    /// process, and the address it serves on (`--listen` or
+    /// `ARCHIVER_WORKER_LISTEN`, mapped to a free loopback port), if any.
+    fn process(
+        &self,
+        cmd: &[String],
+        env: &BTreeMap<String, String>,
+    ) -> (bin::Bin, Option<String>) {
+        let (program, args) = cmd.split_first().expect("a command");
+        let mut b = match program.as_str() {
+            "planner" => bin::planner(&self.db),
+            "worker" => bin::worker(&self.db),
+            other => panic!("{other} is not one of the archiver's binaries"),
+        };
+        let mut args: Vec<String> = args.to_vec();
+        let mut listen = None;
+        for i in 1..args.len() {
+            if args[i - 1] == "--listen" {
+                args[i] = free_port();
+                listen = Some(args[i].clone());
+            }
+        }
+        let env = self.localize(env);
+        listen = listen.or_else(|| env.get("ARCHIVER_WORKER_LISTEN").cloned());
+        b = b.args(&args);
+        for (k, v) in env {
+            b = b.env(&k, v);
+        }
+        (b, listen)
+    }
+}
+
+/// A loopback address with a port nothing listens on now.
+fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// `GET path` on `addr`: the status code and body; `None` while nothing
+/// answers.
+fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((code, body))
+}
+
+/// The value of the series `series` (name with labels, as printed).
+fn series_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn the_stacks_archiver_services_run_as_the_compose_file_gives_them() {
+    use crate::helpers::wait::wait_until;
+    use std::time::Duration;
+    let stack = stack(BASE);
+    let db = TestDb::unmigrated().await;
+    let s3 = crate::helpers::s3::client();
+    let here = Here {
+        db: db.url.clone(),
+        queue: format!("test.stack.{}", uuid::Uuid::new_v4().simple()),
+        bucket: crate::helpers::s3::new_bucket(&s3).await,
+        reports: tempdir("stack-reports"),
+    };
+
+    // migrate: a one-shot that must succeed before anything else starts.
+    let migrate = service(&stack, "migrate");
+    assert!(waits_for(migrate, "postgres", "service_healthy"));
+    ok(&here
+        .process(&command(migrate), &env_of(migrate))
+        .0
+        .output_within(Duration::from_secs(120))
+        .await);
+    // The exporter and three workers, each with the command and
+    // environment the file gives it.
+    let exporter = service(&stack, "exporter");
+    let (run, addr) = here.process(&command(exporter), &env_of(exporter));
+    let exporter_addr = addr.expect("the exporter listens");
+    let exporter_run = run.spawn();
+    let worker = service(&stack, "worker");
+    assert!(waits_for(
+        worker,
+        "migrate",
+        "service_completed_successfully"
+    ));
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        let (run, addr) = here.process(&command(worker), &env_of(worker));
+        workers.push((addr.expect("ARCHIVER_WORKER_LISTEN"), run.spawn()));
+    }
+    for (addr, _) in &workers {
+        wait_until(
+            &format!("worker at {addr} ready"),
+            Duration::from_secs(60),
+            || std::future::ready(http_get(addr, "/readyz").is_some_and(|(c, _)| c == 200)),
+        )
+        .await;
+    }
+
+    // Old rows to archive, then the scheduler's nightly job.
+    db.load_logs(3000).await;
+    let old = db
+        .scalar(
+            "SELECT count(*) FROM scenario_logs WHERE received_at < now() - interval '365 days'",
+        )
+        .await;
+    assert!(old > 0);
+    let scheduler = service(&stack, "scheduler");
+    let nightly = crontab_jobs(&stack)
+        .into_iter()
+        .find(|(_, job)| job.contains("--all"))
+        .expect("a nightly planner --all");
+    let words: Vec<String> = nightly.1.split_whitespace().map(str::to_owned).collect();
+    ok(&here
+        .process(&words, &env_of(scheduler))
+        .0
+        .output_within(Duration::from_secs(180))
+        .await);
+    wait_until("every job completed", Duration::from_secs(180), || async {
+        db.scalar("SELECT count(*) FROM archive_jobs WHERE status <> 'completed'")
+            .await
+            == 0
+    })
+    .await;
+    let archived = db
+        .scalar("SELECT count(*) FROM scenario_logs_archive")
+        .await;
+    assert_eq!(archived, old, "every old row archived once");
+
+    // Every worker answers, and together they archived what the ledger says.
+    let mut rows_by_workers = 0.0;
+    for (addr, _) in &workers {
+        let (code, _) = http_get(addr, "/readyz").expect("readyz answers");
+        assert_eq!(code, 200, "{addr} /readyz");
+        let (code, text) = http_get(addr, "/metrics").expect("metrics answer");
+        assert_eq!(code, 200, "{addr} /metrics");
+        for name in WORKER_METRICS {
+            assert!(text.contains(name), "{addr} /metrics lacks {name}:\n{text}");
+        }
+        rows_by_workers +=
+            series_value(&text, "archiver_worker_rows_total{kind=\"logs\"}").unwrap_or(0.0);
+    }
+    assert_eq!(
+        rows_by_workers as i64, archived,
+        "rows the workers say they archived"
+    );
+    // The exporter's figures are the ledger's.
+    let (code, text) = http_get(&exporter_addr, "/metrics").expect("the exporter answers");
+    assert_eq!(code, 200);
+    let ledger = db
+        .scalar("SELECT COALESCE(sum(records_archived), 0)::bigint FROM archive_jobs WHERE job_type = 'logs'")
+        .await;
+    assert_eq!(
+        series_value(&text, "archive_rows_archived_total{job_type=\"logs\"}"),
+        Some(ledger as f64),
+        "{text}"
+    );
+    assert_eq!(ledger, archived);
+
+    for (_, w) in workers {
+        w.stop().await;
+    }
+    exporter_run.stop().await;
+    crate::helpers::s3::delete_bucket(&s3, &here.bucket).await;
+    crate::helpers::amqp::delete_queues(&archiver::transport::amqp::AmqpConfig {
+        url: crate::helpers::amqp::amqp_url().into(),
+        queue: here.queue.clone(),
+        delivery_limit: 5,
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&here.reports);
+    db.cleanup().await;
+}
