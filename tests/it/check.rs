@@ -132,6 +132,22 @@ async fn every_dependency_passes_with_one_line_each() {
         );
     }
 
+    // The queue exists with a delivery limit of 5: the broker refuses the
+    // publisher's declare with another, and the line says so.
+    let o = check(
+        db.worker()
+            .args(["--kinds", "logs"])
+            .amqp(&cfg)
+            .env("ARCHIVER_DELIVERY_LIMIT", "3"),
+    )
+    .await;
+    assert_failed(&o, &["queue"], "ARCHIVER_QUEUE", &[]);
+    assert!(
+        line(&stdout(&o), "queue").contains("exists with other arguments"),
+        "{}",
+        both(&o)
+    );
+
     delete_queues(&cfg).await;
     s3::delete_bucket(&client, &bucket).await;
     db.cleanup().await;

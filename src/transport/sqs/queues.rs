@@ -210,28 +210,8 @@ pub async fn check_queues(client: &Client, cfg: &SqsConfig) -> Result<String> {
     let dead_arn = dead
         .remove(&QueueAttributeName::QueueArn)
         .ok_or_else(|| Error::Broker(format!("SQS queue {dead_name} has no ARN")))?;
-    let expected = (dead_arn, u64::from(cfg.delivery_limit));
-    match work
-        .remove(&QueueAttributeName::RedrivePolicy)
-        .as_deref()
-        .map(redrive_policy)
-    {
-        Some(Some(found)) if found == expected => {}
-        found => {
-            let shown = match found {
-                None => "none".to_string(),
-                Some(None) => "unreadable".to_string(),
-                Some(Some((arn, count))) => format!("to {arn} after {count} receives"),
-            };
-            return Err(Error::config(
-                "QUEUE_URL",
-                format!(
-                    "SQS queue {}: redrive policy {shown}, expected to {} after {} receives (ARCHIVER_DELIVERY_LIMIT); the planner's next run or a starting worker sets it",
-                    cfg.name, expected.0, expected.1
-                ),
-            ));
-        }
-    }
+    let policy = work.remove(&QueueAttributeName::RedrivePolicy);
+    check_redrive(cfg, policy.as_deref(), dead_arn)?;
     let count = |a: &HashMap<QueueAttributeName, String>| {
         a.get(&waiting).cloned().unwrap_or_else(|| "?".into())
     };
@@ -244,9 +224,52 @@ pub async fn check_queues(client: &Client, cfg: &SqsConfig) -> Result<String> {
     ))
 }
 
+/// The work queue's redrive policy parks in `dead_arn` after the delivery
+/// limit; a configuration error saying what it does otherwise.
+fn check_redrive(cfg: &SqsConfig, policy: Option<&str>, dead_arn: String) -> Result<()> {
+    let expected = (dead_arn, u64::from(cfg.delivery_limit));
+    let shown = match policy.map(redrive_policy) {
+        Some(Some(found)) if found == expected => return Ok(()),
+        None => "none".to_string(),
+        Some(None) => "unreadable".to_string(),
+        Some(Some((arn, count))) => format!("to {arn} after {count} receives"),
+    };
+    Err(Error::config(
+        "QUEUE_URL",
+        format!(
+            "SQS queue {}: redrive policy {shown}, expected to {} after {} receives (ARCHIVER_DELIVERY_LIMIT); the planner's next run or a starting worker sets it",
+            cfg.name, expected.0, expected.1
+        ),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_redrive_policy_is_checked_against_the_delivery_limit() {
+        let cfg = SqsConfig::new("sqs://q", 5).unwrap();
+        let arn = "arn:aws:sqs:us-east-1:1:q-dead";
+        let five = format!(r#"{{"deadLetterTargetArn":"{arn}","maxReceiveCount":"5"}}"#);
+        assert!(check_redrive(&cfg, Some(&five), arn.into()).is_ok());
+        let three = five.replace('5', "3");
+        let e = check_redrive(&cfg, Some(&three), arn.into())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("QUEUE_URL: ") && e.contains("after 3 receives"),
+            "{e}"
+        );
+        let e = check_redrive(&cfg, None, arn.into())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("redrive policy none"), "{e}");
+        let e = check_redrive(&cfg, Some("{"), arn.into())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unreadable"), "{e}");
+    }
 
     #[test]
     fn redrive_policies_compare_by_meaning() {
