@@ -1,8 +1,9 @@
 //! The two commands' flags, and the dispatch to what each does. The
 //! binaries only call [`planner_main`] and [`worker_main`]; flags are parsed
 //! and checked first (clap), resolved second ([`App`]), then handed to the
-//! use case (`planner`, `ops`, `serve`); every error becomes one line and a
-//! documented exit status: 0 done, 1 failed, 2 bad flag or setting,
+//! use case (`planner`, `ops`, `serve`, `check`); every error becomes one
+//! line and a documented exit status: 0 done, 1 failed, 2 bad flag or
+//! setting (for `check`: a setting whose dependency failed its check),
 //! 3 another planner is running, 4 done but archived reports' local files
 //! were left in place (each with its reason: `planner status`; the next
 //! `planner --reports` run retries them).
@@ -15,7 +16,7 @@ use crate::ops::{self, Redrive};
 use crate::plan::PlanOptions;
 use crate::planner::{self, RunOptions};
 use crate::vocabulary::Kind;
-use crate::{retention, serve, shutdown, telemetry};
+use crate::{check, retention, serve, shutdown, telemetry};
 use clap::{Args, Parser, Subcommand};
 use secrecy::SecretString;
 use std::path::PathBuf;
@@ -253,6 +254,11 @@ pub enum PlannerCommand {
         #[arg(long, default_value_t = 1095)]
         expire_after_days: i32,
     },
+    /// Reach every dependency a planner run uses — database (and its
+    /// schema), broker queues, object store, REPORTS_ROOT — with these
+    /// settings; one line each, secrets redacted. Exit 0 when all pass,
+    /// else 2 naming the setting behind the first failure.
+    Check,
 }
 
 impl PlannerCli {
@@ -367,6 +373,7 @@ async fn run_planner(cli: &PlannerCli) -> Result<bool> {
             };
             ops::lifecycle(&app, rule, *dry_run).await
         }
+        PlannerCommand::Check => check::planner(&app).await.map(|()| true),
     }
 }
 
@@ -378,6 +385,9 @@ async fn run_planner(cli: &PlannerCli) -> Result<bool> {
     about = "Executes archive batches from the queue; SIGTERM finishes in-flight batches and exits."
 )]
 pub struct WorkerCli {
+    /// Instead of consuming: `check`.
+    #[command(subcommand)]
+    pub command: Option<WorkerCommand>,
     /// The kinds this worker executes, comma-separated (logs,metrics,reports).
     /// Unset: every kind, and then reports need REPORTS_ROOT. A batch of a
     /// kind it does not serve is handed back for another worker, never failed.
@@ -388,12 +398,26 @@ pub struct WorkerCli {
     pub common: Common,
 }
 
+/// Worker subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum WorkerCommand {
+    /// Reach every dependency this worker uses — database (and its
+    /// schema), broker queues, and for reports (per --kinds) the object
+    /// store and REPORTS_ROOT — with these settings; one line each, secrets
+    /// redacted. Exit 0 when all pass, else 2 naming the setting behind the
+    /// first failure.
+    Check,
+}
+
 /// Runs the worker command line.
 pub async fn worker_main(cli: WorkerCli) -> ExitCode {
     telemetry::init(cli.common.verbose, cli.common.log_format);
     let shutdown = shutdown::on_signal();
     let run = async {
         let app = App::new(cli.common.settings(), "archiver-worker")?;
+        if let Some(WorkerCommand::Check) = cli.command {
+            return check::worker(&app, &cli.kinds).await;
+        }
         serve::run(&app, &cli.kinds, shutdown).await
     };
     match run.await {

@@ -25,6 +25,8 @@
 //! - [`planner`]: the planner run: plan, then publish or run inline.
 //! - [`ops`]: the operator commands: migrate, status, redrive, retention,
 //!   metrics, lifecycle, restore-report.
+//! - [`check`]: `planner check` and `worker check`: every dependency
+//!   reached, one line each.
 //! - [`serve`]: the worker process: consume until told to stop.
 //! - [`shutdown`]: SIGTERM and SIGINT as a cancellation token.
 //! - [`cli`]: the `planner` and `worker` command lines, parsed and dispatched.
@@ -34,6 +36,7 @@
 #![warn(missing_docs, unreachable_pub, unused_qualifications)]
 
 pub mod app;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod db;

@@ -30,6 +30,14 @@ pub fn report_key_base(created_at: DateTime<Utc>, id: Uuid, format: &str) -> Str
     )
 }
 
+/// Where a store check writes its test object and deletes it again:
+/// `archived-reports/.archiver-check/<uuid>`, under the reports prefix (so
+/// a lifecycle rule on it also expires one a crash left behind) and never
+/// a report's key (those are `YYYY/MM/...`).
+pub(super) fn check_key_name() -> String {
+    format!("{REPORTS_PREFIX}.archiver-check/{}", Uuid::new_v4())
+}
+
 /// Refuses keys that are empty, absolute, or climb out of the store.
 pub(super) fn check_key(key: &str) -> Result<()> {
     let bad = key.is_empty()

@@ -6,7 +6,7 @@
 
 use super::encode;
 use super::fs::{local_error, sync_parent, temp_path};
-use super::key::check_key;
+use super::key::{check_key, check_key_name};
 use super::restore;
 use super::source::Source;
 use super::store::{Compression, Encoding, ObjectMeta, ObjectStore, Original, Stored, verify};
@@ -187,6 +187,27 @@ impl ObjectStore for LocalStore {
         Ok(format!(
             "lifecycle rule for {}: not applicable (local directory store; expire old objects by other means)",
             self.location(prefix)
+        ))
+    }
+
+    async fn check(&self) -> Result<String> {
+        let key = check_key_name();
+        let path = self.object_path(&key)?;
+        let dir = path.parent().unwrap_or(&self.root);
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| local_error(dir, e))?;
+        tokio::fs::write(&path, b"archiver check: safe to delete\n")
+            .await
+            .map_err(|e| local_error(&path, e))?;
+        tokio::fs::remove_file(&path)
+            .await
+            .map_err(|e| local_error(&path, e))?;
+        // Best effort: another check may be writing beside it.
+        let _ = tokio::fs::remove_dir(dir).await;
+        Ok(format!(
+            "{}: writable (wrote and deleted {key})",
+            self.location("")
         ))
     }
 

@@ -210,6 +210,12 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
         dry_run: bool,
     ) -> Result<String>;
 
+    /// Checks that archiving could write here now: S3, that the bucket
+    /// exists; both, that a test object written under
+    /// `archived-reports/.archiver-check/<uuid>` can be deleted again.
+    /// Returns what it found, for `check`.
+    async fn check(&self) -> Result<String>;
+
     /// Human/SQL location of a key: `s3://bucket/key` or `file:///abs/dir/key`.
     fn location(&self, key: &str) -> String;
 }

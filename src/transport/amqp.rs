@@ -162,6 +162,77 @@ fn mismatch(e: Error, queue: &str) -> Error {
     }
 }
 
+/// Where `cfg` points, for people: scheme, user, host, port and vhost;
+/// never the password.
+pub fn describe(cfg: &AmqpConfig) -> String {
+    match cfg.url.expose_secret().parse::<lapin::uri::AMQPUri>() {
+        Ok(u) => format!(
+            "{}://{}@{}:{}, vhost {}",
+            u.scheme, u.authority.userinfo.username, u.authority.host, u.authority.port, u.vhost
+        ),
+        // `QueueConfig::parse` has parsed it already; never echo it.
+        Err(_) => "(an unparsable URL)".to_string(),
+    }
+}
+
+/// Checks the broker as the planner and the workers find it at start:
+/// connects with the configured URL and runs the same [`declare`] the
+/// publisher and the consumer run at start. That declare is the argument
+/// check: the broker refuses to redeclare an existing queue with other
+/// arguments (quorum, delivery limit, dead-letter exchange), and that
+/// refusal is the error; a missing queue is created as the process would
+/// create it. (A passive declare cannot see arguments, and on a missing
+/// queue it closes the channel with an error lapin logs.) Then reads the
+/// queues' depths with passive declares, which find them now. Returns what
+/// it found.
+pub async fn check(cfg: &AmqpConfig) -> Result<String> {
+    let props = ConnectionProperties::default()
+        .with_connection_name(LongString::from(format!("archiver-check {}", cfg.queue)));
+    // Failures say where (lapin's do not); never with the password.
+    let at = |e: Error| match e {
+        Error::Broker(m) => Error::Broker(format!("{}: {m}", describe(cfg))),
+        e => e,
+    };
+    let conn = timed(
+        "connect",
+        Connection::connect(cfg.url.expose_secret(), props),
+    )
+    .await
+    .map_err(at)?;
+    let checked = async {
+        let channel = timed("channel.open", conn.create_channel()).await?;
+        declare(&channel, cfg).await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let mut ready = Vec::new();
+        for queue in [cfg.queue.clone(), cfg.dead_queue()] {
+            let q = timed(
+                "queue.declare (passive)",
+                channel.queue_declare(queue.as_str().into(), passive, FieldTable::default()),
+            )
+            .await?;
+            ready.push(q.message_count());
+        }
+        let _ = timed("channel.close", channel.close(200, "checked".into())).await;
+        Ok::<_, Error>(format!(
+            "{}, queue {} (quorum, delivery limit {}, dead-letter exchange {}) and {} (quorum) \
+             as the publisher declares them (arguments as expected; created if missing); {} ready, {} dead",
+            describe(cfg),
+            cfg.queue,
+            cfg.delivery_limit,
+            cfg.dlx(),
+            cfg.dead_queue(),
+            ready[0],
+            ready[1]
+        ))
+    }
+    .await;
+    let _ = timed("connection.close", conn.close(200, "checked".into())).await;
+    checked.map_err(at)
+}
+
 /// Publishes batch messages with confirms.
 pub struct AmqpPublisher {
     cfg: AmqpConfig,

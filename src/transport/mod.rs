@@ -155,6 +155,27 @@ pub async fn consumer(queue: &QueueConfig, concurrency: u16) -> Result<Box<dyn C
     }
 }
 
+/// Checks the configured broker as the planner and workers use it, and
+/// says what it found (never a password): RabbitMQ through the declare the
+/// publisher runs at start ([`amqp::check`]), SQS read-only
+/// ([`sqs::check_queues`]). `None` with no broker (inline).
+pub async fn check(queue: &QueueConfig) -> Result<Option<String>> {
+    Ok(match queue {
+        QueueConfig::Inline => None,
+        QueueConfig::Amqp(cfg) => Some(amqp::check(cfg).await?),
+        QueueConfig::Sqs(cfg) => {
+            let client = sqs::client_from_env(cfg).await;
+            let found = sqs::check_queues(&client, cfg).await?;
+            let at = cfg.endpoint.as_deref().unwrap_or("the AWS endpoint");
+            let region = client
+                .config()
+                .region()
+                .map_or("no region".to_string(), |r| r.to_string());
+            Some(format!("{at} ({region}), {found}"))
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,7 +22,7 @@ mod target;
 pub use consumer::{RECEIVE_LEASE, SqsConsumer};
 pub use dead::{dead_messages, redrive_dead};
 pub use publisher::SqsPublisher;
-pub use queues::{QueueUrls, ensure_queues, lookup_queues};
+pub use queues::{QueueUrls, check_queues, ensure_queues, lookup_queues};
 
 use crate::error::{Class, Error, Result};
 use aws_config::meta::region::RegionProviderChain;

@@ -2,6 +2,7 @@
 //! server (moto), brought up by
 //! `scripts/services.sh`. Each test has its own database, queues and bucket.
 
+mod check;
 mod cli;
 mod database;
 mod deploy;

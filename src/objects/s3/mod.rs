@@ -16,7 +16,7 @@ mod wire;
 
 use crate::error::{Error, Result};
 use crate::objects::encode;
-use crate::objects::key::check_key;
+use crate::objects::key::{check_key, check_key_name};
 use crate::objects::restore;
 use crate::objects::source::Source;
 use crate::objects::store::{Compression, ObjectMeta, ObjectStore, Original, Stored, verify};
@@ -257,6 +257,42 @@ impl ObjectStore for S3Store {
             dry_run,
         )
         .await
+    }
+
+    async fn check(&self) -> Result<String> {
+        match self.client.head_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => {}
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => {
+                return Err(Error::config(
+                    "REPORTS_ARCHIVE_BUCKET",
+                    format!(
+                        "bucket {:?} does not exist (or these credentials cannot see it)",
+                        self.bucket
+                    ),
+                ));
+            }
+            Err(e) => return Err(sdk_error("HeadBucket", &self.bucket, e)),
+        }
+        let key = check_key_name();
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .body(ByteStream::from_static(b"archiver check: safe to delete\n"))
+            .send()
+            .await
+            .map_err(|e| sdk_error("PutObject", &key, e))?;
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .send()
+            .await
+            .map_err(|e| sdk_error("DeleteObject", &key, e))?;
+        Ok(format!(
+            "{}: the bucket exists; wrote and deleted {key}",
+            self.location("")
+        ))
     }
 
     fn location(&self, key: &str) -> String {

@@ -149,20 +149,127 @@ fn same_attribute(name: &QueueAttributeName, current: Option<&str>, wanted: &str
     if *name != QueueAttributeName::RedrivePolicy {
         return current == wanted;
     }
-    let norm = |s: &str| {
-        let v: serde_json::Value = serde_json::from_str(s).ok()?;
-        let count = match &v["maxReceiveCount"] {
-            serde_json::Value::String(s) => s.parse::<u64>().ok()?,
-            n => n.as_u64()?,
-        };
-        Some((v["deadLetterTargetArn"].as_str()?.to_string(), count))
+    redrive_policy(current).is_some_and(|c| Some(c) == redrive_policy(wanted))
+}
+
+/// A redrive policy's (dead-letter target ARN, `maxReceiveCount`); the
+/// count may come back as a number or a string.
+fn redrive_policy(s: &str) -> Option<(String, u64)> {
+    let v: serde_json::Value = serde_json::from_str(s).ok()?;
+    let count = match &v["maxReceiveCount"] {
+        serde_json::Value::String(s) => s.parse::<u64>().ok()?,
+        n => n.as_u64()?,
     };
-    norm(current).is_some_and(|c| Some(c) == norm(wanted))
+    Some((v["deadLetterTargetArn"].as_str()?.to_string(), count))
+}
+
+/// Checks, read-only, that the work queue and its dead-letter queue exist
+/// and that the work queue's redrive policy parks a message in that
+/// dead-letter queue after `delivery_limit` receives. Read-only on purpose:
+/// [`ensure_queues`] (what the planner and workers run at start) converges
+/// attributes silently, so running it here would hide the very mismatch a
+/// check is for. Returns what it found.
+pub async fn check_queues(client: &Client, cfg: &SqsConfig) -> Result<String> {
+    let Some(urls) = lookup_queues(client, cfg).await? else {
+        return Err(Error::config(
+            "QUEUE_URL",
+            format!(
+                "SQS queue {} or {} does not exist: the planner creates both on its first run, a worker at start",
+                cfg.name,
+                cfg.dead_name()
+            ),
+        ));
+    };
+    let attributes = |url: &str, queue: &str, names: Vec<QueueAttributeName>| {
+        let (url, queue) = (url.to_string(), queue.to_string());
+        async move {
+            client
+                .get_queue_attributes()
+                .queue_url(&url)
+                .set_attribute_names(Some(names))
+                .send()
+                .await
+                .map_err(|e| sqs_error("GetQueueAttributes", &queue, e))
+                .map(|out| out.attributes.unwrap_or_default())
+        }
+    };
+    let waiting = QueueAttributeName::ApproximateNumberOfMessages;
+    let dead_name = cfg.dead_name();
+    let mut dead = attributes(
+        &urls.dead,
+        &dead_name,
+        vec![QueueAttributeName::QueueArn, waiting.clone()],
+    )
+    .await?;
+    let mut work = attributes(
+        &urls.work,
+        &cfg.name,
+        vec![QueueAttributeName::RedrivePolicy, waiting.clone()],
+    )
+    .await?;
+    let dead_arn = dead
+        .remove(&QueueAttributeName::QueueArn)
+        .ok_or_else(|| Error::Broker(format!("SQS queue {dead_name} has no ARN")))?;
+    let policy = work.remove(&QueueAttributeName::RedrivePolicy);
+    check_redrive(cfg, policy.as_deref(), dead_arn)?;
+    let count = |a: &HashMap<QueueAttributeName, String>| {
+        a.get(&waiting).cloned().unwrap_or_else(|| "?".into())
+    };
+    Ok(format!(
+        "SQS queue {} and {dead_name} exist, redrive after {} receives (checked read-only); {} waiting, {} dead",
+        cfg.name,
+        cfg.delivery_limit,
+        count(&work),
+        count(&dead)
+    ))
+}
+
+/// The work queue's redrive policy parks in `dead_arn` after the delivery
+/// limit; a configuration error saying what it does otherwise.
+fn check_redrive(cfg: &SqsConfig, policy: Option<&str>, dead_arn: String) -> Result<()> {
+    let expected = (dead_arn, u64::from(cfg.delivery_limit));
+    let shown = match policy.map(redrive_policy) {
+        Some(Some(found)) if found == expected => return Ok(()),
+        None => "none".to_string(),
+        Some(None) => "unreadable".to_string(),
+        Some(Some((arn, count))) => format!("to {arn} after {count} receives"),
+    };
+    Err(Error::config(
+        "QUEUE_URL",
+        format!(
+            "SQS queue {}: redrive policy {shown}, expected to {} after {} receives (ARCHIVER_DELIVERY_LIMIT); the planner's next run or a starting worker sets it",
+            cfg.name, expected.0, expected.1
+        ),
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_redrive_policy_is_checked_against_the_delivery_limit() {
+        let cfg = SqsConfig::new("sqs://q", 5).unwrap();
+        let arn = "arn:aws:sqs:us-east-1:1:q-dead";
+        let five = format!(r#"{{"deadLetterTargetArn":"{arn}","maxReceiveCount":"5"}}"#);
+        assert!(check_redrive(&cfg, Some(&five), arn.into()).is_ok());
+        let three = five.replace('5', "3");
+        let e = check_redrive(&cfg, Some(&three), arn.into())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("QUEUE_URL: ") && e.contains("after 3 receives"),
+            "{e}"
+        );
+        let e = check_redrive(&cfg, None, arn.into())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("redrive policy none"), "{e}");
+        let e = check_redrive(&cfg, Some("{"), arn.into())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unreadable"), "{e}");
+    }
 
     #[test]
     fn redrive_policies_compare_by_meaning() {
