@@ -862,7 +862,7 @@ fn prometheus_accepts_the_scrape_config_and_the_dashboard_is_whole() {
     }
     let titles: Vec<&str> = panels.iter().filter_map(|p| p["title"].as_str()).collect();
     for needed in [
-        "Backlog",
+        "Backlog by kind",
         "Workers up",
         "Dead batches",
         "Last success per kind",
