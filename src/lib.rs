@@ -26,6 +26,7 @@
 //! - [`ops`]: the operator commands: migrate, status, redrive, retention,
 //!   metrics, lifecycle, restore-report.
 //! - [`serve`]: the worker process: consume until told to stop.
+//!   - [`serve::http`]: its endpoint: `/healthz`, `/readyz`, `/metrics`.
 //! - [`shutdown`]: SIGTERM and SIGINT as a cancellation token.
 //! - [`cli`]: the `planner` and `worker` command lines, parsed and dispatched.
 //! - [`telemetry`]: logging setup.
