@@ -393,6 +393,15 @@ pub struct WorkerCli {
     /// kind it does not serve is handed back for another worker, never failed.
     #[arg(long, env = "ARCHIVER_KINDS", value_delimiter = ',')]
     pub kinds: Vec<Kind>,
+    /// Serve GET /healthz, /readyz and /metrics on this address (e.g.
+    /// 0.0.0.0:9188). Unset: no endpoint.
+    #[arg(long, env = "ARCHIVER_WORKER_LISTEN")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// /healthz answers 503 once the worker loop has not turned for this
+    /// many seconds: every slot holds a batch and none settles.
+    #[arg(long, env = "ARCHIVER_WORKER_STUCK_AFTER", value_name = "SECONDS",
+          default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub stuck_after: u64,
     /// Shared settings.
     #[command(flatten)]
     pub common: Common,
@@ -418,7 +427,11 @@ pub async fn worker_main(cli: WorkerCli) -> ExitCode {
         if let Some(WorkerCommand::Check) = cli.command {
             return check::worker(&app, &cli.kinds).await;
         }
-        serve::run(&app, &cli.kinds, shutdown).await
+        let endpoint = cli.listen.map(|listen| serve::Endpoint {
+            listen,
+            stuck_after: Duration::from_secs(cli.stuck_after),
+        });
+        serve::run(&app, &cli.kinds, endpoint, shutdown).await
     };
     match run.await {
         Ok(()) => ExitCode::SUCCESS,

@@ -28,6 +28,7 @@
 //! - [`check`]: `planner check` and `worker check`: every dependency
 //!   reached, one line each.
 //! - [`serve`]: the worker process: consume until told to stop.
+//!   - [`serve::http`]: its endpoint: `/healthz`, `/readyz`, `/metrics`.
 //! - [`shutdown`]: SIGTERM and SIGINT as a cancellation token.
 //! - [`cli`]: the `planner` and `worker` command lines, parsed and dispatched.
 //! - [`telemetry`]: logging setup.

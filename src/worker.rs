@@ -3,18 +3,22 @@
 //! loop around it with bounded concurrency and clean shutdown: on
 //! cancellation no new delivery is taken and in-flight batches finish.
 //! [`run_inline`] is the same loop with no broker, over an in-process queue.
+//! [`WorkerStats`] counts what the loop settles, and carries its heartbeat
+//! (what the worker's `/healthz` and `/metrics` read).
 
 use crate::error::{Class, Error, Result};
 use crate::execute::{self, Executor, Outcome};
 use crate::ledger;
 use crate::transport::inline::{self, InlinePublisher};
 use crate::transport::{BatchMessage, Consumer, Delivery, Publisher};
+use crate::vocabulary::Kind;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::FutureExt;
+use prometheus::{HistogramOpts, HistogramVec};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -59,6 +63,21 @@ pub enum Disposition {
     /// Not ours to run (a kind this worker does not serve): give it back,
     /// after a pause so another worker can take it, spending no attempt.
     Decline(String),
+}
+
+impl Disposition {
+    /// The `outcome` label of the duration histogram: `done`,
+    /// `already_done`, `retry`, `dead`, `hand_back` or `decline`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Disposition::Ack(Outcome::Done { .. }) => "done",
+            Disposition::Ack(Outcome::AlreadyDone) => "already_done",
+            Disposition::DeadLetter(_) => "dead",
+            Disposition::Retry(_) => "retry",
+            Disposition::HandBack => "hand_back",
+            Disposition::Decline(_) => "decline",
+        }
+    }
 }
 
 /// How long a declined delivery is held before it is handed back, so that a
@@ -175,7 +194,7 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Counters of one worker's run.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WorkerStats {
     /// Batches executed.
     pub done: AtomicU64,
@@ -189,6 +208,125 @@ pub struct WorkerStats {
     pub retried: AtomicU64,
     /// Deliveries of kinds this worker does not serve, handed back.
     pub declined: AtomicU64,
+    /// Deliveries given back without spending an attempt: not run because
+    /// the worker is stopping, or declined (a kind it does not serve).
+    pub handed_back: AtomicU64,
+    /// Deliveries being handled now (taken, not yet settled).
+    pub in_flight: AtomicI64,
+    /// Rows and bytes archived, by kind (in [`Kind::ALL`]'s order).
+    pub by_kind: [KindCounts; 3],
+    /// Unix time, in milliseconds, a delivery was last settled; 0: never.
+    pub last_settled_ms: AtomicU64,
+    /// Seconds from taking a delivery to settling it, by `kind` (`unknown`
+    /// for a message that does not parse) and `outcome` (see
+    /// [`Disposition::label`]).
+    pub durations: HistogramVec,
+    /// When the loop last turned (see [`Heartbeat`]).
+    pub heartbeat: Heartbeat,
+}
+
+/// Rows and bytes archived of one kind.
+#[derive(Debug, Default)]
+pub struct KindCounts {
+    /// Rows written to the archive (metrics: daily aggregates; reports: files).
+    pub rows: AtomicU64,
+    /// Bytes archived (logs: `size_bytes`; reports: original file bytes).
+    pub bytes: AtomicU64,
+}
+
+/// The name the duration histogram is exposed under.
+pub const DURATION_METRIC: &str = "archiver_worker_batch_duration_seconds";
+
+/// From a no-op redelivery (milliseconds) to a reports batch of large files
+/// or a batch waiting out row locks (minutes).
+const DURATION_BUCKETS: [f64; 14] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+impl Default for WorkerStats {
+    fn default() -> Self {
+        let durations = HistogramVec::new(
+            HistogramOpts::new(
+                DURATION_METRIC,
+                "Seconds from taking a delivery to settling it, by kind and outcome.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["kind", "outcome"],
+        )
+        .expect("the histogram's options are valid");
+        // Present from the start, so that the series exist before any batch.
+        for k in Kind::ALL {
+            durations.with_label_values(&[k.as_str(), "done"]);
+        }
+        WorkerStats {
+            done: AtomicU64::default(),
+            already_done: AtomicU64::default(),
+            rows: AtomicU64::default(),
+            dead_lettered: AtomicU64::default(),
+            retried: AtomicU64::default(),
+            declined: AtomicU64::default(),
+            handed_back: AtomicU64::default(),
+            in_flight: AtomicI64::default(),
+            by_kind: Default::default(),
+            last_settled_ms: AtomicU64::default(),
+            durations,
+            heartbeat: Heartbeat::default(),
+        }
+    }
+}
+
+impl WorkerStats {
+    /// The counts of `kind`.
+    pub fn of(&self, kind: Kind) -> &KindCounts {
+        let i = Kind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        &self.by_kind[i]
+    }
+}
+
+/// When the worker loop last turned. The loop beats while it waits on the
+/// broker (every [`HEARTBEAT_TICK`], even on an empty queue), when it takes
+/// a delivery, and when a batch is settled. It stops beating only when every
+/// slot holds a batch and none of them settles: a loop that has not beaten
+/// for long is stuck, while one long batch among others that settle, or a
+/// worker waiting for a broker that is down (which `/readyz` reports), is not.
+#[derive(Debug)]
+pub struct Heartbeat {
+    epoch: Instant,
+    /// Milliseconds after `epoch` of the last beat; `u64::MAX`: the loop
+    /// has not started.
+    last_ms: AtomicU64,
+}
+
+/// How often the loop beats while it waits on the broker.
+pub const HEARTBEAT_TICK: Duration = Duration::from_millis(250);
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Heartbeat {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+impl Heartbeat {
+    /// The loop turned now.
+    pub fn beat(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long since the loop last turned; `None` before it has started.
+    pub fn since(&self) -> Option<Duration> {
+        match self.last_ms.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            ms => Some(
+                self.epoch
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(ms)),
+            ),
+        }
+    }
 }
 
 /// Consumes until `shutdown` (or until the consumer has no more), executing
@@ -216,15 +354,28 @@ pub async fn run_counting<C: Consumer + ?Sized>(
     let permits = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let tracker = TaskTracker::new();
     let mut failure = None;
+    let mut tick = tokio::time::interval(HEARTBEAT_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    stats.heartbeat.beat();
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
             _ = shutdown.cancelled() => break,
         };
-        let delivery = tokio::select! {
-            d = consumer.receive() => d,
-            _ = shutdown.cancelled() => break,
+        stats.heartbeat.beat();
+        // The receive is not restarted at each tick (a connect in progress
+        // would start over): it is polled alongside the ticks until it ends.
+        let receiving = consumer.receive();
+        tokio::pin!(receiving);
+        let delivery = loop {
+            tokio::select! {
+                d = &mut receiving => break Some(d),
+                _ = tick.tick() => stats.heartbeat.beat(),
+                _ = shutdown.cancelled() => break None,
+            }
         };
+        let Some(delivery) = delivery else { break };
+        stats.heartbeat.beat();
         let delivery = match delivery {
             Ok(Some(d)) => d,
             Ok(None) => break,
@@ -235,7 +386,7 @@ pub async fn run_counting<C: Consumer + ?Sized>(
         };
         let (exec, stats, token) = (exec.clone(), stats.clone(), shutdown.clone());
         tracker.spawn(async move {
-            let started = std::time::Instant::now();
+            let started = Instant::now();
             handle(&exec, delivery, opts, &stats, &token).await;
             rest(started.elapsed(), opts.rest_ratio, &token).await;
             drop(permit);
@@ -307,13 +458,23 @@ async fn handle(
     stats: &WorkerStats,
     shutdown: &CancellationToken,
 ) {
+    let started = Instant::now();
+    stats.in_flight.fetch_add(1, Ordering::Relaxed);
+    // Only for the counters: `process` decodes (and judges) it again.
+    let kind = BatchMessage::decode(&d.payload).ok().map(|m| m.kind);
     let disposition = process(exec, &d.payload, opts, shutdown).await;
+    let outcome = disposition.label();
     let settled = match disposition {
         Disposition::Ack(Outcome::Done { counts, .. }) => {
             stats.done.fetch_add(1, Ordering::Relaxed);
-            stats
-                .rows
-                .fetch_add(counts.archived as u64, Ordering::Relaxed);
+            let archived = u64::try_from(counts.archived).unwrap_or(0);
+            stats.rows.fetch_add(archived, Ordering::Relaxed);
+            if let Some(kind) = kind {
+                let of = stats.of(kind);
+                of.rows.fetch_add(archived, Ordering::Relaxed);
+                let bytes = u64::try_from(counts.bytes).unwrap_or(0);
+                of.bytes.fetch_add(bytes, Ordering::Relaxed);
+            }
             d.acker.ack().await
         }
         Disposition::Ack(Outcome::AlreadyDone) => {
@@ -328,9 +489,13 @@ async fn handle(
             stats.retried.fetch_add(1, Ordering::Relaxed);
             d.acker.retry_later().await
         }
-        Disposition::HandBack => d.acker.hand_back().await,
+        Disposition::HandBack => {
+            stats.handed_back.fetch_add(1, Ordering::Relaxed);
+            d.acker.hand_back().await
+        }
         Disposition::Decline(_) => {
             stats.declined.fetch_add(1, Ordering::Relaxed);
+            stats.handed_back.fetch_add(1, Ordering::Relaxed);
             tokio::select! {
                 _ = tokio::time::sleep(DECLINE_PAUSE) => {}
                 _ = shutdown.cancelled() => {}
@@ -338,7 +503,21 @@ async fn handle(
             d.acker.hand_back().await
         }
     };
-    if let Err(e) = settled {
-        tracing::warn!("settling a delivery failed: {e}");
+    let kind = kind.map_or("unknown", Kind::as_str);
+    stats
+        .durations
+        .with_label_values(&[kind, outcome])
+        .observe(started.elapsed().as_secs_f64());
+    match settled {
+        Ok(()) => {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default();
+            let ms = u64::try_from(now.as_millis()).unwrap_or(u64::MAX);
+            stats.last_settled_ms.store(ms, Ordering::Relaxed);
+        }
+        Err(e) => tracing::warn!("settling a delivery failed: {e}"),
     }
+    stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    stats.heartbeat.beat();
 }

@@ -6,7 +6,7 @@
 //! Queue arguments cannot change once declared; a mismatch is reported with
 //! the queue's name.
 
-use super::{Acknowledge, BatchMessage, Consumer, Delivery, Publisher};
+use super::{Acknowledge, BatchMessage, Consumer, Delivery, Link, Publisher};
 use crate::error::{Error, Result};
 use async_trait::async_trait;
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -22,6 +22,7 @@ use lapin::{
 };
 use secrecy::{ExposeSecret, SecretString};
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Where and how to reach the broker.
@@ -344,6 +345,9 @@ pub struct AmqpConsumer {
     cfg: AmqpConfig,
     prefetch: u16,
     live: Option<Live>,
+    /// The live connection's status (lapin updates it as the socket lives
+    /// and dies), for [`Consumer::connected`]: `None` while not consuming.
+    status: Arc<Mutex<Option<lapin::ConnectionStatus>>>,
 }
 
 struct Live {
@@ -369,6 +373,7 @@ impl AmqpConsumer {
             cfg,
             prefetch: concurrency.max(1).saturating_mul(2),
             live: None,
+            status: Arc::default(),
         }
     }
 
@@ -409,6 +414,7 @@ impl AmqpConsumer {
             match self.start().await {
                 Ok(live) => {
                     tracing::info!(queue = %self.cfg.queue, prefetch = self.prefetch, "consuming");
+                    self.set_status(Some(live.conn.status().clone()));
                     self.live = Some(live);
                     return;
                 }
@@ -448,6 +454,7 @@ impl Consumer for AmqpConsumer {
                 Some(Err(e)) => tracing::warn!("consumer failed ({e}); reconnecting"),
                 None => tracing::warn!("consumer cancelled by the broker; reconnecting"),
             }
+            self.set_status(None);
             if let Some(old) = self.live.take() {
                 let _ = tokio::time::timeout(
                     Duration::from_secs(5),
@@ -473,11 +480,29 @@ impl Consumer for AmqpConsumer {
     async fn close(&mut self) {
         AmqpConsumer::close(self).await;
     }
+
+    /// Consuming, over a connection lapin still holds open: a socket the
+    /// network closed shows at once, even while no `receive` runs.
+    fn connected(&self) -> Link {
+        let status = self.status.clone();
+        Link::new(move || {
+            status
+                .lock()
+                .expect("never poisoned")
+                .as_ref()
+                .is_some_and(|s| s.connected())
+        })
+    }
 }
 
 impl AmqpConsumer {
+    fn set_status(&self, status: Option<lapin::ConnectionStatus>) {
+        *self.status.lock().expect("never poisoned") = status;
+    }
+
     /// Closes the connection; unsettled deliveries return to the queue.
     pub async fn close(&mut self) {
+        self.set_status(None);
         if let Some(live) = self.live.take() {
             let _ = timed("channel.close", live.channel.close(200, "shutdown".into())).await;
             let _ = timed("connection.close", live.conn.close(200, "shutdown".into())).await;

@@ -5,7 +5,8 @@
 //!
 //! Three small traits form the seam: a [`Publisher`] that returns only once
 //! the broker holds every message, a [`Consumer`] that yields deliveries, and
-//! the [`Acknowledge`] handle each delivery carries.
+//! the [`Acknowledge`] handle each delivery carries. A consumer also hands
+//! out a [`Link`], which tells other tasks whether it is connected.
 
 pub mod amqp;
 pub mod config;
@@ -17,6 +18,7 @@ pub use config::QueueConfig;
 use crate::error::{Error, Result};
 use crate::vocabulary::Kind;
 use async_trait::async_trait;
+use std::sync::Arc;
 use uuid::Uuid;
 
 /// The body of every message: `{"v":1,"batch_id":"…","kind":"logs"}`.
@@ -129,6 +131,42 @@ pub trait Consumer: Send {
 
     /// Release the connection once the loop is over (after `stop`).
     async fn close(&mut self) {}
+
+    /// A handle that says, whenever asked and from any task, whether this
+    /// consumer is connected to its broker now: the worker loop owns the
+    /// consumer, and the worker's `/readyz` asks the handle. No broker
+    /// (inline): always connected.
+    fn connected(&self) -> Link {
+        Link::always()
+    }
+}
+
+/// Whether a consumer is connected to its broker, read at the time of asking
+/// (see [`Consumer::connected`]).
+#[derive(Clone)]
+pub struct Link(Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl Link {
+    /// A link that asks `up` each time.
+    pub fn new(up: impl Fn() -> bool + Send + Sync + 'static) -> Link {
+        Link(Arc::new(up))
+    }
+
+    /// A link that is always up (no broker to lose).
+    pub fn always() -> Link {
+        Link::new(|| true)
+    }
+
+    /// Connected now.
+    pub fn is_up(&self) -> bool {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Link").field(&self.is_up()).finish()
+    }
 }
 
 /// A publisher to the configured broker (declaring its queues); `None` with

@@ -21,7 +21,7 @@ use super::{
     ensure_queues, receive, release_all, sqs_error, string_attribute, transient,
 };
 use crate::error::{Class, Error, Result};
-use crate::transport::{Acknowledge, Consumer, Delivery};
+use crate::transport::{Acknowledge, Consumer, Delivery, Link};
 use async_trait::async_trait;
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::config::http::HttpResponse;
@@ -30,7 +30,7 @@ use aws_sdk_sqs::types::{Message, MessageSystemAttributeName};
 use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -59,6 +59,9 @@ pub struct SqsConsumer {
     /// A receive has succeeded: from now on every failure is waited out.
     polled: bool,
     stopped: bool,
+    /// The last receive succeeded (SQS has no connection to watch), for
+    /// [`Consumer::connected`].
+    up: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for SqsConsumer {
@@ -161,6 +164,7 @@ impl SqsConsumer {
             polling: None,
             polled: false,
             stopped: false,
+            up: Arc::default(),
         }
     }
 
@@ -284,7 +288,9 @@ impl Consumer for SqsConsumer {
                     acker: Box::new(SqsAcker { held }),
                 }));
             }
-            match self.poll().await {
+            let polled = self.poll().await;
+            self.up.store(polled.is_ok(), Ordering::SeqCst);
+            match polled {
                 Ok(()) => self.polled = true,
                 // Misconfigured from the start (no such access, bad
                 // attributes): say so rather than wait forever.
@@ -300,6 +306,11 @@ impl Consumer for SqsConsumer {
                 }
             }
         }
+    }
+
+    fn connected(&self) -> Link {
+        let up = self.up.clone();
+        Link::new(move || up.load(Ordering::SeqCst))
     }
 
     async fn stop(&mut self) {

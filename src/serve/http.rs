@@ -1,0 +1,393 @@
+//! The worker's HTTP endpoint (`worker --listen ADDR`), for an orchestrator
+//! and for Prometheus; about this worker only (the ledger-wide figures are
+//! `planner metrics`'s):
+//!
+//! - `GET /healthz`: 200 while the worker loop turns; 503 once it has not
+//!   turned for `--stuck-after` (what counts as turning: see
+//!   [`Heartbeat`]). Restarting such a worker is the cure.
+//! - `GET /readyz`: 200 when the database answers `SELECT 1` within
+//!   [`DB_PROBE_TIMEOUT`], the consumer is connected to its broker
+//!   ([`Link`]) and the worker is not draining; otherwise 503 and a
+//!   one-line reason. From SIGTERM on it stays 503 while in-flight batches
+//!   finish.
+//! - `GET /metrics`: this worker's Prometheus series (see [`render`]).
+//!
+//! Anything else is 404; a method other than GET or HEAD, 405. A slow or
+//! flooding client cannot starve the worker: the server is a task of its
+//! own, holds at most [`MAX_CONNECTIONS`] connections (one beyond is closed
+//! at once), drops a client that has not sent its request headers within
+//! [`HEADER_TIMEOUT`] (idle keep-alive connections too), and ends any
+//! connection after [`CONNECTION_LIFETIME`].
+
+use crate::error::{Error, Result};
+use crate::monitoring::CONTENT_TYPE;
+use crate::transport::Link;
+use crate::worker::{Heartbeat, WorkerStats};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus::core::Collector;
+use prometheus::{Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use sqlx::PgPool;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// Connections held at once; one more is closed as soon as it is accepted.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A client must have sent its request headers this long after connecting
+/// (or after its previous response); probes and scrapes take milliseconds.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a connection lives, whatever it does (a client that never
+/// reads its response, say).
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+/// How long `/readyz` waits for the database's `SELECT 1`.
+pub const DB_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the endpoint reads: the loop's counters and heartbeat, the shutdown
+/// token, and — once the worker has connected — its pools and broker link.
+#[derive(Debug)]
+pub struct Probe {
+    stats: Arc<WorkerStats>,
+    stuck_after: Duration,
+    draining: CancellationToken,
+    parts: OnceLock<Parts>,
+}
+
+/// What exists only once the worker has reached its database.
+#[derive(Debug)]
+struct Parts {
+    /// The sessions that execute batches (for the pool gauge).
+    batches: PgPool,
+    /// A session of its own for `SELECT 1`, so that a worker whose batch
+    /// sessions are all busy is not reported unreachable.
+    probe: PgPool,
+    broker: Link,
+}
+
+impl Probe {
+    /// A probe of the loop counting into `stats`, stuck after `stuck_after`
+    /// without a turn, draining once `shutdown` is cancelled.
+    pub fn new(
+        stats: Arc<WorkerStats>,
+        stuck_after: Duration,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Probe {
+            stats,
+            stuck_after,
+            draining: shutdown,
+            parts: OnceLock::new(),
+        }
+    }
+
+    /// The worker is connected: its batch pool, a pool for the readiness
+    /// query, and its consumer's link. Until then `/readyz` says starting.
+    pub fn attach(&self, batches: PgPool, probe: PgPool, broker: Link) {
+        let _ = self.parts.set(Parts {
+            batches,
+            probe,
+            broker,
+        });
+    }
+
+    /// `/healthz`: the status and its one-line reason.
+    pub fn health(&self) -> (StatusCode, String) {
+        health(&self.stats.heartbeat, self.stuck_after, &self.stats)
+    }
+
+    /// `/readyz`: the status and its one-line reason.
+    pub async fn readiness(&self) -> (StatusCode, String) {
+        let unready = |why: String| (StatusCode::SERVICE_UNAVAILABLE, why);
+        if self.draining.is_cancelled() {
+            return unready("draining: stopping, finishing the batches in flight".into());
+        }
+        let Some(parts) = self.parts.get() else {
+            return unready("starting: not connected to the database yet".into());
+        };
+        let select = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&parts.probe);
+        match tokio::time::timeout(DB_PROBE_TIMEOUT, select).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return unready(format!("database unreachable: {}", one_line(&e))),
+            Err(_) => {
+                return unready(format!(
+                    "database unreachable: no answer to SELECT 1 within {DB_PROBE_TIMEOUT:?}"
+                ));
+            }
+        }
+        if !parts.broker.is_up() {
+            return unready("broker unreachable: the consumer is not connected".into());
+        }
+        (StatusCode::OK, "ready\n".into())
+    }
+
+    /// `/metrics`: this worker's series in the text exposition format.
+    pub fn metrics(&self) -> Result<String> {
+        let pool = self.parts.get().map(|p| &p.batches);
+        let in_use = pool.map_or(0, |p| i64::from(p.size()) - p.num_idle() as i64);
+        render(&self.stats, in_use)
+    }
+}
+
+fn health(beat: &Heartbeat, stuck_after: Duration, stats: &WorkerStats) -> (StatusCode, String) {
+    match beat.since() {
+        None => (StatusCode::OK, "alive: starting\n".into()),
+        Some(since) if since > stuck_after => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "stuck: the worker loop has not turned for {}s (--stuck-after {}s); {} batch(es) in flight\n",
+                since.as_secs(),
+                stuck_after.as_secs(),
+                stats.in_flight.load(Ordering::Relaxed)
+            ),
+        ),
+        Some(_) => (StatusCode::OK, "alive\n".into()),
+    }
+}
+
+/// An error's text on one line.
+fn one_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string().replace(['\n', '\r'], " ")
+}
+
+fn metric_error(e: prometheus::Error) -> Error {
+    Error::JobFailed(format!("encoding metrics: {e}"))
+}
+
+fn register<M: Collector + Clone + 'static>(registry: &Registry, metric: M) -> Result<M> {
+    registry
+        .register(Box::new(metric.clone()))
+        .map_err(metric_error)?;
+    Ok(metric)
+}
+
+/// Renders the worker's series, with `in_use` database sessions:
+/// `archiver_worker_batches_in_flight`, `archiver_worker_batch_duration_seconds{kind,outcome}`,
+/// `archiver_worker_rows_total{kind}`, `archiver_worker_bytes_total{kind}`,
+/// `archiver_worker_retries_total`, `archiver_worker_hand_backs_total`,
+/// `archiver_worker_dead_letters_total`, `archiver_worker_db_connections_in_use`
+/// and `archiver_worker_last_settled_timestamp_seconds` (0 until a batch is
+/// settled). Counters count since the process started.
+pub fn render(stats: &WorkerStats, in_use: i64) -> Result<String> {
+    let registry = Registry::new();
+    let gauge = |name: &str, help: &str, value: i64| -> Result<()> {
+        let g = register(
+            &registry,
+            IntGauge::with_opts(Opts::new(name, help)).map_err(metric_error)?,
+        )?;
+        g.set(value);
+        Ok(())
+    };
+    let counter = |name: &str, help: &str, value: &std::sync::atomic::AtomicU64| -> Result<()> {
+        let c = register(
+            &registry,
+            IntCounter::with_opts(Opts::new(name, help)).map_err(metric_error)?,
+        )?;
+        c.inc_by(value.load(Ordering::Relaxed));
+        Ok(())
+    };
+    let by_kind = |name: &str, help: &str| -> Result<IntCounterVec> {
+        register(
+            &registry,
+            IntCounterVec::new(Opts::new(name, help), &["kind"]).map_err(metric_error)?,
+        )
+    };
+    gauge(
+        "archiver_worker_batches_in_flight",
+        "Batches this worker is handling now (taken, not yet settled).",
+        stats.in_flight.load(Ordering::Relaxed),
+    )?;
+    gauge(
+        "archiver_worker_db_connections_in_use",
+        "Batch sessions of this worker's database pool in use (pool size minus idle).",
+        in_use,
+    )?;
+    let rows = by_kind(
+        "archiver_worker_rows_total",
+        "Rows this worker archived, by kind (metrics: daily aggregates; reports: files).",
+    )?;
+    let bytes = by_kind(
+        "archiver_worker_bytes_total",
+        "Bytes this worker archived, by kind (reports: original file bytes).",
+    )?;
+    for k in crate::vocabulary::Kind::ALL {
+        let of = stats.of(k);
+        rows.with_label_values(&[k.as_str()])
+            .inc_by(of.rows.load(Ordering::Relaxed));
+        bytes
+            .with_label_values(&[k.as_str()])
+            .inc_by(of.bytes.load(Ordering::Relaxed));
+    }
+    counter(
+        "archiver_worker_retries_total",
+        "Deliveries this worker gave back to be retried later (an attempt spent).",
+        &stats.retried,
+    )?;
+    counter(
+        "archiver_worker_hand_backs_total",
+        "Deliveries this worker gave back unrun, spending no attempt (stopping, or a kind it does not serve).",
+        &stats.handed_back,
+    )?;
+    counter(
+        "archiver_worker_dead_letters_total",
+        "Deliveries this worker parked in the dead-letter queue.",
+        &stats.dead_lettered,
+    )?;
+    let last = register(
+        &registry,
+        Gauge::with_opts(Opts::new(
+            "archiver_worker_last_settled_timestamp_seconds",
+            "Unix time this worker last settled a delivery (0: none yet).",
+        ))
+        .map_err(metric_error)?,
+    )?;
+    last.set(stats.last_settled_ms.load(Ordering::Relaxed) as f64 / 1000.0);
+    register(&registry, stats.durations.clone())?;
+
+    let mut out = Vec::new();
+    prometheus::TextEncoder::new()
+        .encode(&registry.gather(), &mut out)
+        .map_err(metric_error)?;
+    String::from_utf8(out).map_err(|e| Error::JobFailed(format!("encoding metrics: {e}")))
+}
+
+/// Binds `addr` (a failure is a bad `--listen`: exit 2).
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::config("--listen", format!("{addr}: {e}")))
+}
+
+/// Serves the endpoint on `listener` until `stop` is cancelled (after the
+/// worker has drained, so that `/readyz` says draining meanwhile).
+pub async fn serve(listener: TcpListener, probe: Arc<Probe>, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, say: do not spin.
+                    tracing::warn!("worker endpoint: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        // Full: close it now, rather than let it wait in the backlog.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "worker endpoint: {MAX_CONNECTIONS} connections open; closing one more");
+            drop(stream);
+            continue;
+        };
+        let (probe, stop) = (probe.clone(), stop.clone());
+        tokio::spawn(async move {
+            let service = service_fn(move |req| respond(probe.clone(), req));
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = tokio::time::sleep(CONNECTION_LIFETIME) => {
+                    tracing::debug!(%peer, "worker endpoint: connection open too long; closed");
+                }
+                served = conn => if let Err(e) = served {
+                    tracing::debug!(%peer, "worker endpoint connection: {e}");
+                },
+            }
+            drop(slot);
+        });
+    }
+}
+
+async fn respond(
+    probe: Arc<Probe>,
+    req: Request<Incoming>,
+) -> std::result::Result<Response<Full<Bytes>>, hyper::http::Error> {
+    let reply = |status: StatusCode, content_type: &str, body: String| {
+        Response::builder()
+            .status(status)
+            .header("content-type", content_type)
+            .header("cache-control", "no-store")
+            .body(Full::new(Bytes::from(body)))
+    };
+    let path = req.uri().path();
+    if !matches!(path, "/healthz" | "/readyz" | "/metrics") {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /healthz, /readyz or /metrics\n".into(),
+        );
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Response::builder()
+            .status(StatusCode::METHOD_NOT_ALLOWED)
+            .header("allow", "GET, HEAD")
+            .header("content-type", "text/plain")
+            .body(Full::new(Bytes::from("GET or HEAD only\n")));
+    }
+    match path {
+        "/healthz" => {
+            let (status, why) = probe.health();
+            reply(status, "text/plain", why)
+        }
+        "/readyz" => {
+            let (status, why) = probe.readiness().await;
+            if status != StatusCode::OK {
+                tracing::debug!("not ready: {why}");
+            }
+            reply(status, "text/plain", format!("{}\n", why.trim_end()))
+        }
+        _ => match probe.metrics() {
+            Ok(text) => reply(StatusCode::OK, CONTENT_TYPE, text),
+            Err(e) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                format!("{e}\n"),
+            ),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_series_is_there_before_the_first_batch() {
+        let text = render(&WorkerStats::default(), 0).unwrap();
+        for want in [
+            "archiver_worker_batches_in_flight 0",
+            "archiver_worker_db_connections_in_use 0",
+            "archiver_worker_rows_total{kind=\"logs\"} 0",
+            "archiver_worker_bytes_total{kind=\"reports\"} 0",
+            "archiver_worker_retries_total 0",
+            "archiver_worker_hand_backs_total 0",
+            "archiver_worker_dead_letters_total 0",
+            "archiver_worker_last_settled_timestamp_seconds 0",
+            "archiver_worker_batch_duration_seconds_count{kind=\"logs\",outcome=\"done\"} 0",
+            "# TYPE archiver_worker_batch_duration_seconds histogram",
+        ] {
+            assert!(text.lines().any(|l| l == want), "{want} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_loop_starting_or_just_turned_is_alive() {
+        let stats = WorkerStats::default();
+        let limit = Duration::from_secs(60);
+        // Not started yet (waiting for the database): alive.
+        assert_eq!(health(&stats.heartbeat, limit, &stats).0, StatusCode::OK);
+        stats.heartbeat.beat();
+        assert_eq!(health(&stats.heartbeat, limit, &stats).0, StatusCode::OK);
+    }
+}
