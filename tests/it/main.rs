@@ -19,3 +19,4 @@ mod reports;
 mod retention;
 mod spec_queries;
 mod sqs_stuck;
+mod worker_endpoint;
