@@ -251,15 +251,14 @@ async fn metrics_add_up_to_what_the_run_archived() {
         .scalar("SELECT COALESCE(sum(size_bytes), 0)::bigint FROM scenario_logs_archive")
         .await;
     assert_eq!(archived, planned.rows);
-    let done =
-        format!("archiver_worker_batch_duration_seconds_count{{kind=\"logs\",outcome=\"done\"}}");
+    let done = "archiver_worker_batch_duration_seconds_count{kind=\"logs\",outcome=\"done\"}";
     // The counters move when a delivery is settled, just after its commit.
     let metrics = wait_until(
         "the last batch to be counted",
         Duration::from_secs(10),
         || async {
             let (_, m) = get(addr, "/metrics").await;
-            (value(&m, &done) == Some(planned.batches as f64)).then_some(m)
+            (value(&m, done) == Some(planned.batches as f64)).then_some(m)
         },
     )
     .await;
