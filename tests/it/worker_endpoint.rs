@@ -362,3 +362,40 @@ async fn hostile_requests_are_dropped_and_the_worker_goes_on() {
     delete_queues(&cfg).await;
     db.cleanup().await;
 }
+
+#[tokio::test]
+async fn an_sqs_consumer_is_connected_while_its_receives_succeed() {
+    use crate::helpers::sqs;
+    use archiver::transport::Consumer;
+    use archiver::transport::sqs::{SqsConfig, SqsConsumer, ensure_queues};
+    // Short polls, so that a cut shows within a second.
+    let cfg = SqsConfig {
+        wait_time: Duration::from_secs(1),
+        ..sqs::config()
+    };
+    let urls = ensure_queues(&sqs::client(), &cfg).await.unwrap();
+    let mut relay = Relay::start().await;
+    let mut consumer = SqsConsumer::new(sqs::client_at(&relay.endpoint()), cfg, 1);
+    let link = consumer.connected();
+    assert!(!link.is_up(), "not connected before its first receive");
+    // The queue is empty: the receive polls on until the task is aborted.
+    let polling = tokio::spawn(async move { consumer.receive().await.map(|d| d.is_some()) });
+    wait_until("a receive to succeed", Duration::from_secs(30), || {
+        std::future::ready(link.is_up())
+    })
+    .await;
+    relay.cut().await;
+    wait_until("the cut to show", Duration::from_secs(30), || {
+        std::future::ready(!link.is_up())
+    })
+    .await;
+    relay.restore().await;
+    wait_until("receives to succeed again", Duration::from_secs(60), || {
+        std::future::ready(link.is_up())
+    })
+    .await;
+    assert!(!polling.is_finished(), "{:?}", polling.await);
+    polling.abort();
+    relay.cut().await;
+    sqs::delete_queues(&sqs::client(), &urls).await;
+}
