@@ -21,3 +21,4 @@ mod reports;
 mod retention;
 mod spec_queries;
 mod sqs_stuck;
+mod worker_endpoint;

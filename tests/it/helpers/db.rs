@@ -297,6 +297,33 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// Locks one row of every batch of `job` until the returned transaction
+    /// ends (rolled back when dropped), as the application might: whichever
+    /// batch a worker takes waits on it.
+    pub async fn lock_a_row_of_each_batch(
+        &self,
+        job: Uuid,
+    ) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut tx = self.pool.begin().await.unwrap();
+        let locked: i64 = sqlx::query_scalar(
+            "WITH l AS (
+               SELECT DISTINCT ON (b.id) l.id FROM scenario_logs l, archive_batches b
+               WHERE b.job_id = $1
+                 AND (l.received_at, l.id) > (b.lo_ts, b.lo_id) AND (l.received_at, l.id) <= (b.hi_ts, b.hi_id)
+               ORDER BY b.id, l.received_at, l.id)
+             SELECT count(*) FROM (SELECT 1 FROM scenario_logs s JOIN l ON l.id = s.id FOR UPDATE OF s) t",
+        )
+        .bind(job)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        let batches = self.batches_of(job).await.len() as i64;
+        assert_eq!(locked, batches, "one row locked per batch");
+        tx
+    }
+}
+
 impl Drop for TestDb {
     /// Drops the database when `cleanup` did not: a test that panicked or
     /// returned early. `Drop` cannot await, and the test's runtime may be

@@ -1,12 +1,14 @@
 //! The helper wing of the integration tests, split by what each part talks
 //! to: `db` (a database per test, dropped even when the test panics),
-//! `bin` (the planner and worker binaries), `amqp`, `sqs`, `s3`, and `wait`
+//! `bin` (the planner and worker binaries), `amqp`, `sqs`, `s3`, `http` (a
+//! worker's endpoint), and `wait`
 //! (waiting for a condition instead of sleeping). What runs the library in
 //! this process (planning, inline runs, a reports executor) is here.
 
 pub mod amqp;
 pub mod bin;
 pub mod db;
+pub mod http;
 pub mod s3;
 pub mod sqs;
 pub mod wait;

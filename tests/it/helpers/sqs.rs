@@ -203,8 +203,26 @@ impl Relay {
         relay
     }
 
+    /// A relay to any `host:port` (the RabbitMQ server, say).
+    pub async fn to(target: &str) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut relay = Relay {
+            port: listener.local_addr().unwrap().port(),
+            target: target.to_string(),
+            task: None,
+            accepted: Arc::new(AtomicUsize::new(0)),
+        };
+        relay.serve(listener);
+        relay
+    }
+
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The relay's port on loopback.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// Connections accepted so far.

@@ -1,0 +1,68 @@
+//! Talking to a worker's HTTP endpoint (`worker --listen`) as a probe or a
+//! scraper would, over plain TCP: the address a running worker bound, a GET,
+//! a request of any bytes, and one series read out of `/metrics`.
+
+use super::bin::Running;
+use super::wait::wait_until;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The address a worker started with `--listen 127.0.0.1:0` bound, read
+/// from its log once it has said.
+pub async fn endpoint_of(worker: &Running) -> SocketAddr {
+    wait_until(
+        "the worker to say where its endpoint is",
+        Duration::from_secs(30),
+        || {
+            let log = worker.log();
+            let addr = log
+                .split("worker endpoint on http://")
+                .nth(1)
+                .and_then(|rest| {
+                    rest.split_whitespace()
+                        .next()
+                        .and_then(|a| a.parse::<SocketAddr>().ok())
+                });
+            std::future::ready(addr)
+        },
+    )
+    .await
+}
+
+/// Sends `raw` on a new connection and reads until the server closes it:
+/// (status, body). `None`: the server closed it without an answer (or did
+/// not answer within 20 s).
+pub async fn request(addr: SocketAddr, raw: &[u8]) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    // A server that refuses early may reset a connection still being written.
+    s.write_all(raw).await.ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Some((status, body.to_string()))
+}
+
+/// `GET path`: (status, body).
+pub async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let raw = format!("GET {path} HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n");
+    request(addr, raw.as_bytes())
+        .await
+        .unwrap_or_else(|| panic!("no answer to GET {path} from {addr}"))
+}
+
+/// The value of the series `series` (name and labels exactly as printed)
+/// in a text exposition.
+pub fn value(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
