@@ -974,30 +974,10 @@ fn free_port() -> String {
     l.local_addr().unwrap().to_string()
 }
 
-/// `GET path` on `addr`: the status code and body; `None` while nothing
-/// answers.
-fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    use std::io::Read;
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let code = out.split_whitespace().nth(1)?.parse().ok()?;
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-    Some((code, body))
-}
-
-/// The value of the series `series` (name with labels, as printed).
-fn series_value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
+/// `GET path` on `addr` (as a compose file writes it): status and body;
+/// `None` while nothing answers there.
+async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    crate::helpers::http::try_get(addr.parse().ok()?, path).await
 }
 
 #[tokio::test]
@@ -1043,7 +1023,11 @@ async fn the_stacks_archiver_services_run_as_the_compose_file_gives_them() {
         wait_until(
             &format!("worker at {addr} ready"),
             Duration::from_secs(60),
-            || std::future::ready(http_get(addr, "/readyz").is_some_and(|(c, _)| c == 200)),
+            || async {
+                http_get(addr, "/readyz")
+                    .await
+                    .is_some_and(|(c, _)| c == 200)
+            },
         )
         .await;
     }
@@ -1081,28 +1065,31 @@ async fn the_stacks_archiver_services_run_as_the_compose_file_gives_them() {
     // Every worker answers, and together they archived what the ledger says.
     let mut rows_by_workers = 0.0;
     for (addr, _) in &workers {
-        let (code, _) = http_get(addr, "/readyz").expect("readyz answers");
+        let (code, _) = http_get(addr, "/readyz").await.expect("readyz answers");
         assert_eq!(code, 200, "{addr} /readyz");
-        let (code, text) = http_get(addr, "/metrics").expect("metrics answer");
+        let (code, text) = http_get(addr, "/metrics").await.expect("metrics answer");
         assert_eq!(code, 200, "{addr} /metrics");
         for name in WORKER_METRICS {
             assert!(text.contains(name), "{addr} /metrics lacks {name}:\n{text}");
         }
         rows_by_workers +=
-            series_value(&text, "archiver_worker_rows_total{kind=\"logs\"}").unwrap_or(0.0);
+            crate::helpers::http::value(&text, "archiver_worker_rows_total{kind=\"logs\"}")
+                .unwrap_or(0.0);
     }
     assert_eq!(
         rows_by_workers as i64, archived,
         "rows the workers say they archived"
     );
     // The exporter's figures are the ledger's.
-    let (code, text) = http_get(&exporter_addr, "/metrics").expect("the exporter answers");
+    let (code, text) = http_get(&exporter_addr, "/metrics")
+        .await
+        .expect("the exporter answers");
     assert_eq!(code, 200);
     let ledger = db
         .scalar("SELECT COALESCE(sum(records_archived), 0)::bigint FROM archive_jobs WHERE job_type = 'logs'")
         .await;
     assert_eq!(
-        series_value(&text, "archive_rows_archived_total{job_type=\"logs\"}"),
+        crate::helpers::http::value(&text, "archive_rows_archived_total{job_type=\"logs\"}"),
         Some(ledger as f64),
         "{text}"
     );

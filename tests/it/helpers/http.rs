@@ -51,10 +51,17 @@ pub async fn request(addr: SocketAddr, raw: &[u8]) -> Option<(u16, String)> {
 
 /// `GET path`: (status, body).
 pub async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let raw = format!("GET {path} HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n");
-    request(addr, raw.as_bytes())
+    try_get(addr, path)
         .await
         .unwrap_or_else(|| panic!("no answer to GET {path} from {addr}"))
+}
+
+/// `GET path`: (status, body); `None` while nothing listens there yet (or
+/// nothing answers), for waiting on a process that is starting.
+pub async fn try_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    TcpStream::connect(addr).await.ok()?;
+    let raw = format!("GET {path} HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n");
+    request(addr, raw.as_bytes()).await
 }
 
 /// The value of the series `series` (name and labels exactly as printed)
