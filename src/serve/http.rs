@@ -4,7 +4,9 @@
 //!
 //! - `GET /healthz`: 200 while the worker loop turns; 503 once it has not
 //!   turned for `--stuck-after` (what counts as turning: see
-//!   [`Heartbeat`]). Restarting such a worker is the cure.
+//!   [`Heartbeat`]). Restarting such a worker is the cure, except while its
+//!   batches wait out an unreachable database: that is 200 (and `/readyz`
+//!   503), since a restart cannot bring the database back.
 //! - `GET /readyz`: 200 when the database answers `SELECT 1` within
 //!   [`DB_PROBE_TIMEOUT`], the consumer is connected to its broker
 //!   ([`Link`]) and the worker is not draining; otherwise 503 and a
@@ -98,9 +100,39 @@ impl Probe {
         });
     }
 
-    /// `/healthz`: the status and its one-line reason.
-    pub fn health(&self) -> (StatusCode, String) {
-        health(&self.stats.heartbeat, self.stuck_after, &self.stats)
+    /// `/healthz`: the status and its one-line reason. A loop that has not
+    /// turned because its batches wait out an unreachable database is not
+    /// stuck: a restart would not bring the database back, and a fleet
+    /// restarted together during an outage only adds to it. `/readyz` says
+    /// the database is unreachable meanwhile.
+    pub async fn health(&self) -> (StatusCode, String) {
+        let (status, why) = health(&self.stats.heartbeat, self.stuck_after, &self.stats);
+        if status == StatusCode::OK {
+            return (status, why);
+        }
+        match self.database().await {
+            Err(unreachable) => (
+                StatusCode::OK,
+                format!("alive: batches wait for the database ({unreachable})\n"),
+            ),
+            Ok(()) => (status, why),
+        }
+    }
+
+    /// Whether the database answers `SELECT 1` in time on the probe's own
+    /// session; why not, when it does not.
+    async fn database(&self) -> std::result::Result<(), String> {
+        let Some(parts) = self.parts.get() else {
+            return Err("not connected to the database yet".into());
+        };
+        let select = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&parts.probe);
+        match tokio::time::timeout(DB_PROBE_TIMEOUT, select).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("database unreachable: {}", one_line(&e))),
+            Err(_) => Err(format!(
+                "database unreachable: no answer to SELECT 1 within {DB_PROBE_TIMEOUT:?}"
+            )),
+        }
     }
 
     /// `/readyz`: the status and its one-line reason.
@@ -112,15 +144,8 @@ impl Probe {
         let Some(parts) = self.parts.get() else {
             return unready("starting: not connected to the database yet".into());
         };
-        let select = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&parts.probe);
-        match tokio::time::timeout(DB_PROBE_TIMEOUT, select).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return unready(format!("database unreachable: {}", one_line(&e))),
-            Err(_) => {
-                return unready(format!(
-                    "database unreachable: no answer to SELECT 1 within {DB_PROBE_TIMEOUT:?}"
-                ));
-            }
+        if let Err(why) = self.database().await {
+            return unready(why);
         }
         if !parts.broker.is_up() {
             return unready("broker unreachable: the consumer is not connected".into());
@@ -337,7 +362,7 @@ async fn respond(
     }
     match path {
         "/healthz" => {
-            let (status, why) = probe.health();
+            let (status, why) = probe.health().await;
             reply(status, "text/plain", why)
         }
         "/readyz" => {

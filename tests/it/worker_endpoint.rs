@@ -399,3 +399,64 @@ async fn an_sqs_consumer_is_connected_while_its_receives_succeed() {
     relay.cut().await;
     sqs::delete_queues(&sqs::client(), &urls).await;
 }
+
+#[tokio::test]
+async fn a_worker_waiting_out_a_database_outage_is_alive_and_unready() {
+    let db = TestDb::new().await;
+    db.load_logs(2_000).await;
+    let cfg = amqp_config();
+    // The worker reaches PostgreSQL through a relay the test can cut (the
+    // shared server stays up for the other tests, and for this test's own
+    // checks).
+    let url = url::Url::parse(&db.url).unwrap();
+    let target = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
+    let mut relay = Relay::to(&target).await;
+    let mut via = url.clone();
+    via.set_port(Some(relay.port())).unwrap();
+    let w = crate::helpers::bin::worker(via.as_str())
+        .amqp(&cfg)
+        .args(["--kinds", "logs", "--listen", "127.0.0.1:0"])
+        .args(["--concurrency", "1", "--stuck-after", "2"])
+        .spawn();
+    let addr = endpoint_of(&w).await;
+    wait_status(addr, "/readyz", 200, Duration::from_secs(30)).await;
+
+    // The database goes away; then batches arrive, and the only slot waits.
+    relay.cut().await;
+    let publisher = AmqpPublisher::connect(cfg.clone()).await.unwrap();
+    let planned = plan_logs(&db, &publisher, 500, "amqp").await;
+    let why = wait_status(addr, "/readyz", 503, Duration::from_secs(30)).await;
+    assert!(why.starts_with("database unreachable"), "{why}");
+    wait_until(
+        "the worker to hold a batch",
+        Duration::from_secs(30),
+        || async {
+            let (_, m) = get(addr, "/metrics").await;
+            value(&m, "archiver_worker_batches_in_flight") == Some(1.0)
+        },
+    )
+    .await;
+    // Well past --stuck-after with nothing settled: alive, and saying why.
+    let stuck = crate::helpers::poll_until(Duration::from_secs(6), || async {
+        get(addr, "/healthz").await.0 != 200
+    })
+    .await;
+    assert!(
+        stuck.is_none(),
+        "a worker waiting for the database was reported stuck"
+    );
+    let (_, why) = get(addr, "/healthz").await;
+    assert!(
+        why.starts_with("alive: batches wait for the database"),
+        "{why}"
+    );
+
+    relay.restore().await;
+    assert_eq!(db.wait_job(planned.job).await, "completed");
+    wait_status(addr, "/readyz", 200, Duration::from_secs(60)).await;
+    let log = w.stop().await;
+    assert!(!log.contains("panicked"), "{log}");
+    publisher.close().await.unwrap();
+    delete_queues(&cfg).await;
+    db.cleanup().await;
+}
