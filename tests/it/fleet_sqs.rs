@@ -5,7 +5,7 @@
 //! messages back. Each test has its own queues, named `test-<uuid>`.
 
 use crate::helpers::sqs::{
-    Relay, client, client_at, config, delete_queues, depth, spawn_worker, stop_all, total,
+    client, client_at, config, delete_queues, depth, spawn_worker, stop_all, total,
 };
 use crate::helpers::{TestDb, plan_logs, wait_until};
 use archiver::transport::sqs::{self, SqsConfig, SqsConsumer, SqsPublisher, ensure_queues};
@@ -371,7 +371,7 @@ async fn a_worker_keeps_polling_through_an_sqs_outage() {
     };
     let publisher = SqsPublisher::new(client.clone(), &cfg).await.unwrap();
     let urls = ensure_queues(&client, &cfg).await.unwrap();
-    let mut relay = Relay::start().await;
+    let mut relay = crate::helpers::sqs::relay().await;
     let stop = CancellationToken::new();
     let workers = vec![spawn_worker(
         &db.url,

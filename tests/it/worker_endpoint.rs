@@ -8,7 +8,7 @@
 use crate::helpers::amqp::{amqp_config, amqp_url, delete_queues};
 use crate::helpers::bin::Running;
 use crate::helpers::http::{endpoint_of, get, request, value};
-use crate::helpers::sqs::Relay;
+use crate::helpers::relay::Relay;
 use crate::helpers::{TestDb, plan_logs, wait_until};
 use archiver::transport::Publisher;
 use archiver::transport::amqp::{AmqpConfig, AmqpPublisher};
@@ -374,7 +374,7 @@ async fn an_sqs_consumer_is_connected_while_its_receives_succeed() {
         ..sqs::config()
     };
     let urls = ensure_queues(&sqs::client(), &cfg).await.unwrap();
-    let mut relay = Relay::start().await;
+    let mut relay = crate::helpers::sqs::relay().await;
     let mut consumer = SqsConsumer::new(sqs::client_at(&relay.endpoint()), cfg, 1);
     let link = consumer.connected();
     assert!(!link.is_up(), "not connected before its first receive");

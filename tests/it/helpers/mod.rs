@@ -9,6 +9,7 @@ pub mod amqp;
 pub mod bin;
 pub mod db;
 pub mod http;
+pub mod relay;
 pub mod s3;
 pub mod sqs;
 pub mod wait;

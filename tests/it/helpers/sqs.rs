@@ -2,13 +2,14 @@
 //! their own per test, their depth, in-process workers (stoppable, or in a
 //! runtime of their own to be killed), and a relay to cut the network.
 
+use super::relay::Relay;
 use archiver::transport::sqs::{self, QueueUrls, SqsConfig, SqsConsumer};
 use archiver::worker::{self, WorkerOptions, WorkerStats};
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_sqs::types::QueueAttributeName;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -174,93 +175,13 @@ impl Process {
     }
 }
 
-/// A TCP relay to the SQS server on loopback that can be cut and restored,
-/// as a network outage would; counts the connections it accepted.
-pub struct Relay {
-    port: u16,
-    target: String,
-    task: Option<JoinHandle<()>>,
-    accepted: Arc<AtomicUsize>,
-}
-
-impl Relay {
-    pub async fn start() -> Relay {
-        let url = url::Url::parse(&endpoint()).unwrap();
-        let target = format!(
-            "{}:{}",
-            url.host_str().unwrap(),
-            url.port_or_known_default().unwrap()
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let mut relay = Relay {
-            port,
-            target,
-            task: None,
-            accepted: Arc::new(AtomicUsize::new(0)),
-        };
-        relay.serve(listener);
-        relay
-    }
-
-    /// A relay to any `host:port` (the RabbitMQ server, say).
-    pub async fn to(target: &str) -> Relay {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut relay = Relay {
-            port: listener.local_addr().unwrap().port(),
-            target: target.to_string(),
-            task: None,
-            accepted: Arc::new(AtomicUsize::new(0)),
-        };
-        relay.serve(listener);
-        relay
-    }
-
-    pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// The relay's port on loopback.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// Connections accepted so far.
-    pub fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
-    }
-
-    fn serve(&mut self, listener: tokio::net::TcpListener) {
-        let (target, accepted) = (self.target.clone(), self.accepted.clone());
-        self.task = Some(tokio::spawn(async move {
-            // Dropping the set (when the task is aborted) cuts every connection.
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    return;
-                };
-                accepted.fetch_add(1, Ordering::SeqCst);
-                let target = target.clone();
-                conns.spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-            }
-        }));
-    }
-
-    pub async fn cut(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-            let _ = task.await;
-        }
-    }
-
-    pub async fn restore(&mut self) {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
-            .await
-            .unwrap();
-        self.serve(listener);
-    }
+/// A relay to the SQS server on loopback (see [`Relay`]).
+pub async fn relay() -> Relay {
+    let url = url::Url::parse(&endpoint()).unwrap();
+    let target = format!(
+        "{}:{}",
+        url.host_str().unwrap(),
+        url.port_or_known_default().unwrap()
+    );
+    Relay::to(&target).await
 }

@@ -1,0 +1,83 @@
+//! A TCP relay a test can cut and restore: the network between a process
+//! and one of its servers failing, while the shared server itself stays up
+//! for the other tests.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::task::JoinHandle;
+
+/// A TCP relay on loopback to a server (SQS, RabbitMQ, PostgreSQL) that
+/// can be cut and restored, as a network outage would; counts the
+/// connections it accepted.
+pub struct Relay {
+    port: u16,
+    target: String,
+    task: Option<JoinHandle<()>>,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl Relay {
+    /// A relay to any `host:port` (the RabbitMQ server, say).
+    pub async fn to(target: &str) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut relay = Relay {
+            port: listener.local_addr().unwrap().port(),
+            target: target.to_string(),
+            task: None,
+            accepted: Arc::new(AtomicUsize::new(0)),
+        };
+        relay.serve(listener);
+        relay
+    }
+
+    /// The relay as an HTTP endpoint (for an SQS client).
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The relay's port on loopback.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    fn serve(&mut self, listener: tokio::net::TcpListener) {
+        let (target, accepted) = (self.target.clone(), self.accepted.clone());
+        self.task = Some(tokio::spawn(async move {
+            // Dropping the set (when the task is aborted) cuts every connection.
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let target = target.clone();
+                conns.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        }));
+    }
+
+    /// Cuts every connection and refuses new ones.
+    pub async fn cut(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    /// Accepts connections again, on the same port.
+    pub async fn restore(&mut self) {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .unwrap();
+        self.serve(listener);
+    }
+}
