@@ -78,7 +78,7 @@ async fn open(cfg: &AmqpConfig, name: &str) -> Result<(Connection, Channel)> {
 }
 
 /// Declares exchange, dead-letter queue and work queue (idempotent).
-pub async fn declare(channel: &Channel, cfg: &AmqpConfig) -> Result<()> {
+async fn declare(channel: &Channel, cfg: &AmqpConfig) -> Result<()> {
     let durable = QueueDeclareOptions {
         durable: true,
         ..Default::default()
