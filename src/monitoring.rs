@@ -45,12 +45,16 @@ use tokio_util::sync::CancellationToken;
 /// The text exposition format's content type.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-fn metric_error(e: prometheus::Error) -> Error {
+/// A metrics library error as ours.
+pub(crate) fn metric_error(e: prometheus::Error) -> Error {
     Error::JobFailed(format!("encoding metrics: {e}"))
 }
 
 /// Adds `metric` to `registry`; returns it for setting values.
-fn register<M: Collector + Clone + 'static>(registry: &Registry, metric: M) -> Result<M> {
+pub(crate) fn register<M: Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: M,
+) -> Result<M> {
     registry
         .register(Box::new(metric.clone()))
         .map_err(metric_error)?;

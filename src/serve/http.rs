@@ -23,6 +23,7 @@
 
 use crate::error::{Error, Result};
 use crate::monitoring::CONTENT_TYPE;
+use crate::monitoring::{metric_error, register};
 use crate::transport::Link;
 use crate::worker::{Heartbeat, WorkerStats};
 use http_body_util::Full;
@@ -31,7 +32,6 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use prometheus::core::Collector;
 use prometheus::{Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use sqlx::PgPool;
 use std::net::SocketAddr;
@@ -180,17 +180,6 @@ fn health(beat: &Heartbeat, stuck_after: Duration, stats: &WorkerStats) -> (Stat
 /// An error's text on one line.
 fn one_line(e: &dyn std::fmt::Display) -> String {
     e.to_string().replace(['\n', '\r'], " ")
-}
-
-fn metric_error(e: prometheus::Error) -> Error {
-    Error::JobFailed(format!("encoding metrics: {e}"))
-}
-
-fn register<M: Collector + Clone + 'static>(registry: &Registry, metric: M) -> Result<M> {
-    registry
-        .register(Box::new(metric.clone()))
-        .map_err(metric_error)?;
-    Ok(metric)
 }
 
 /// Renders the worker's series, with `in_use` database sessions:
