@@ -1032,6 +1032,29 @@ async fn the_stacks_archiver_services_run_as_the_compose_file_gives_them() {
         .await;
     }
 
+    // The scheduler's healthcheck (`planner check` with the nightly job's
+    // settings) passes: every dependency, one line each.
+    let scheduler = service(&stack, "scheduler");
+    let probe: Vec<String> = scheduler["healthcheck"]["test"]
+        .as_array()
+        .expect("the scheduler has a healthcheck")
+        .iter()
+        .map(|w| w.as_str().unwrap().to_owned())
+        .skip_while(|w| w == "CMD")
+        .collect();
+    let said = ok(&here
+        .process(&probe, &env_of(scheduler))
+        .0
+        .output_within(Duration::from_secs(120))
+        .await);
+    for dependency in ["database", "queue", "reports root", "object store"] {
+        let want = format!("{dependency}: ok, ");
+        assert!(
+            said.lines().any(|l| l.starts_with(&want)),
+            "{probe:?}: no {want:?} in\n{said}"
+        );
+    }
+
     // Old rows to archive, then the scheduler's nightly job.
     db.load_logs(3000).await;
     let old = db
@@ -1040,7 +1063,6 @@ async fn the_stacks_archiver_services_run_as_the_compose_file_gives_them() {
         )
         .await;
     assert!(old > 0);
-    let scheduler = service(&stack, "scheduler");
     let nightly = crontab_jobs(&stack)
         .into_iter()
         .find(|(_, job)| job.contains("--all"))
