@@ -183,12 +183,11 @@ pub(super) async fn execute(
         insert_failure(&mut tx, id, *item, reason).await?;
     }
     if !failed.is_empty() {
-        sqlx::query(
-            "UPDATE archive_jobs SET error_message = COALESCE(error_message,
-                 'some reports were not archived; see archive_item_failures') WHERE id = $1",
+        ledger::note_job_error(
+            &mut tx,
+            batch.job_id,
+            "some reports were not archived; see archive_item_failures",
         )
-        .bind(batch.job_id)
-        .execute(&mut *tx)
         .await?;
     }
     let n = stored.len() as i64;

@@ -260,3 +260,20 @@ pub async fn recent_jobs(pool: &PgPool, limit: i64) -> Result<Vec<JobRow>> {
     .fetch_all(pool)
     .await?)
 }
+
+/// Notes on a job what went wrong with part of it, in the caller's
+/// transaction; the first note stays (a job keeps the first reason).
+pub async fn note_job_error(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    job: Uuid,
+    note: &str,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE archive_jobs SET error_message = COALESCE(error_message, $2) WHERE id = $1",
+    )
+    .bind(job)
+    .bind(note)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

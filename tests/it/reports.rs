@@ -211,6 +211,16 @@ async fn refused_and_missing_files_fail_alone_and_are_left_untouched() {
     );
     assert!(reason(link).contains("outside REPORTS_ROOT"), "{reasons:?}");
     assert!(reason(missing).contains("No such file"), "{reasons:?}");
+    // The job says so, and keeps its first reason.
+    let note: Option<String> =
+        sqlx::query_scalar("SELECT error_message FROM archive_jobs WHERE job_type = 'reports'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        note.as_deref(),
+        Some("some reports were not archived; see archive_item_failures")
+    );
     let stayed: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM reports ORDER BY id")
         .fetch_all(&db.pool)
         .await
