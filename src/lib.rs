@@ -17,6 +17,7 @@
 //! - [`monitoring`]: Prometheus metrics read from the ledger (R9).
 //! - [`query`]: a scenario's logs, live or with the archive (R10).
 //! - [`retention`]: dropping what is past its retention period (R12).
+//! - [`http`]: the bounded HTTP server of the metrics exporter and the worker.
 //! - [`human`]: numbers, bytes and times as a person reads them.
 //! - [`summary`]: what the planner prints.
 //! - [`demo`]: realistic demo data for the README, tests and benchmark.
@@ -44,6 +45,7 @@ pub mod db;
 pub mod demo;
 pub mod error;
 pub mod execute;
+pub mod http;
 pub mod human;
 pub mod ledger;
 pub mod lock;

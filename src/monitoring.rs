@@ -31,15 +31,11 @@ use crate::ledger::{self, Figures};
 use crate::vocabulary::{BatchStatus, JobType, Kind};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::core::Collector;
 use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 use sqlx::PgPool;
 use std::net::SocketAddr;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// The text exposition format's content type.
@@ -234,43 +230,16 @@ pub async fn serve(
     stop: CancellationToken,
     ready: impl FnOnce(SocketAddr),
 ) -> Result<()> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| Error::config("--listen", format!("{addr}: {e}")))?;
+    let listener = crate::http::bind(addr).await?;
     let bound = listener
         .local_addr()
         .map_err(|e| Error::config("--listen", format!("{addr}: {e}")))?;
     ready(bound);
-    loop {
-        let (stream, peer) = tokio::select! {
-            () = stop.cancelled() => return Ok(()),
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors, say: do not spin.
-                    tracing::warn!("metrics listener: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let pool = pool.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| respond(pool.clone(), req));
-            // A client that never finishes its request is dropped.
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                () = stop.cancelled() => {}
-                served = conn => if let Err(e) = served {
-                    tracing::debug!(%peer, "metrics connection: {e}");
-                },
-            }
-        });
-    }
+    crate::http::serve(listener, stop, "metrics", move |req| {
+        respond(pool.clone(), req)
+    })
+    .await;
+    Ok(())
 }
 
 async fn respond(

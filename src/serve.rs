@@ -48,7 +48,7 @@ pub async fn run(
     let mut probe = None;
     let mut server = None;
     if let Some(e) = endpoint {
-        let listener = http::bind(e.listen).await?;
+        let listener = crate::http::bind(e.listen).await?;
         let bound = listener.local_addr().unwrap_or(e.listen);
         tracing::info!("worker endpoint on http://{bound} (/healthz, /readyz, /metrics)");
         let p = Arc::new(Probe::new(stats.clone(), e.stuck_after, shutdown.clone()));

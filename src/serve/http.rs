@@ -16,10 +16,7 @@
 //!
 //! Anything else is 404; a method other than GET or HEAD, 405. A slow or
 //! flooding client cannot starve the worker: the server is a task of its
-//! own, holds at most [`MAX_CONNECTIONS`] connections (one beyond is closed
-//! at once), drops a client that has not sent its request headers within
-//! [`HEADER_TIMEOUT`] (idle keep-alive connections too), and ends any
-//! connection after [`CONNECTION_LIFETIME`].
+//! own, bounded as [`crate::http`] says.
 
 use crate::error::{Error, Result};
 use crate::monitoring::CONTENT_TYPE;
@@ -28,28 +25,15 @@ use crate::transport::Link;
 use crate::worker::{Heartbeat, WorkerStats};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use sqlx::PgPool;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-/// Connections held at once; one more is closed as soon as it is accepted.
-pub const MAX_CONNECTIONS: usize = 64;
-/// A client must have sent its request headers this long after connecting
-/// (or after its previous response); probes and scrapes take milliseconds.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// The longest a connection lives, whatever it does (a client that never
-/// reads its response, say).
-pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 /// How long `/readyz` waits for the database's `SELECT 1`.
 pub const DB_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -272,55 +256,13 @@ pub fn render(stats: &WorkerStats, in_use: i64) -> Result<String> {
     String::from_utf8(out).map_err(|e| Error::JobFailed(format!("encoding metrics: {e}")))
 }
 
-/// Binds `addr` (a failure is a bad `--listen`: exit 2).
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| Error::config("--listen", format!("{addr}: {e}")))
-}
-
 /// Serves the endpoint on `listener` until `stop` is cancelled (after the
 /// worker has drained, so that `/readyz` says draining meanwhile).
 pub async fn serve(listener: TcpListener, probe: Arc<Probe>, stop: CancellationToken) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let (stream, peer) = tokio::select! {
-            () = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors, say: do not spin.
-                    tracing::warn!("worker endpoint: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        // Full: close it now, rather than let it wait in the backlog.
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "worker endpoint: {MAX_CONNECTIONS} connections open; closing one more");
-            drop(stream);
-            continue;
-        };
-        let (probe, stop) = (probe.clone(), stop.clone());
-        tokio::spawn(async move {
-            let service = service_fn(move |req| respond(probe.clone(), req));
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                () = stop.cancelled() => {}
-                () = tokio::time::sleep(CONNECTION_LIFETIME) => {
-                    tracing::debug!(%peer, "worker endpoint: connection open too long; closed");
-                }
-                served = conn => if let Err(e) = served {
-                    tracing::debug!(%peer, "worker endpoint connection: {e}");
-                },
-            }
-            drop(slot);
-        });
-    }
+    crate::http::serve(listener, stop, "worker endpoint", move |req| {
+        respond(probe.clone(), req)
+    })
+    .await;
 }
 
 async fn respond(
