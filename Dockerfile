@@ -21,6 +21,9 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY migrations ./migrations
 COPY src ./src
+# A workspace member: cargo loads every member's manifest, even to build
+# only the two binaries.
+COPY bench ./bench
 # Cache mounts keep the registry and target/ between builds; the binaries
 # are copied out because a cache mount is not part of the image.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

@@ -231,6 +231,44 @@ fn the_image_runs_both_binaries_as_a_non_root_user_with_a_small_context() {
             ".dockerignore lets {kept_out} in"
         );
     }
+
+    // What the build stage copies is a workspace cargo can load: every
+    // member's manifest is there (a member left out of the context fails
+    // the build before it starts).
+    let context = tempdir("image-context");
+    for line in dockerfile.lines().filter(|l| l.starts_with("COPY ")) {
+        let words: Vec<&str> = line.split_whitespace().skip(1).collect();
+        if words.iter().any(|w| w.starts_with("--from=")) {
+            continue;
+        }
+        for src in &words[..words.len() - 1] {
+            let copied = Command::new("cp")
+                .args(["-r", src, context.to_str().unwrap()])
+                .current_dir(repo())
+                .status()
+                .unwrap();
+            assert!(copied.success(), "cp {src}");
+        }
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let o = run(
+        &cargo,
+        &[
+            "metadata",
+            "--no-deps",
+            "--offline",
+            "--format-version",
+            "1",
+        ],
+        &context,
+        "",
+    );
+    assert!(
+        o.status.success(),
+        "the image's build context is not a workspace cargo can load: {}",
+        both(&o)
+    );
+    let _ = std::fs::remove_dir_all(&context);
 }
 
 // ----------------------------------------------------------------- compose
