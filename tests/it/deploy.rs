@@ -8,6 +8,7 @@
 //! hadolint compose` (ARCHIVER_HADOLINT, ARCHIVER_COMPOSE in its env.sh).
 
 use crate::helpers::bin::{self, both, stdout};
+use crate::helpers::http::WORKER_SERIES;
 use crate::helpers::{TestDb, ok};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,23 +16,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-/// The metric names a worker serves at `/metrics` (`worker --listen`). The
-/// worker endpoint's own test checks that it serves exactly these; here
-/// they stand for it, so that this test does not need a broker.
-const WORKER_METRICS: &[&str] = &[
-    "archiver_worker_batches_in_flight",
-    "archiver_worker_batch_duration_seconds",
-    "archiver_worker_rows_total",
-    "archiver_worker_bytes_total",
-    "archiver_worker_retries_total",
-    "archiver_worker_hand_backs_total",
-    "archiver_worker_dead_letters_total",
-    "archiver_worker_db_connections_in_use",
-    "archiver_worker_last_settled_timestamp_seconds",
-];
-
-/// Histograms among them: their series carry these suffixes.
-const WORKER_HISTOGRAMS: &[&str] = &["archiver_worker_batch_duration_seconds"];
+/// Histograms' series carry these suffixes.
 const HISTOGRAM_SUFFIXES: &[&str] = &["_bucket", "_sum", "_count"];
 
 /// A database URL for commands that only parse their flags.
@@ -763,10 +748,10 @@ fn unserved(queries: &BTreeMap<String, Vec<String>>, served: &BTreeSet<String>) 
     let known = |name: &str| {
         name == "up"
             || served.contains(name)
-            || WORKER_METRICS.contains(&name)
+            || WORKER_SERIES.iter().any(|(n, _)| *n == name)
             || HISTOGRAM_SUFFIXES.iter().any(|suffix| {
                 name.strip_suffix(suffix)
-                    .is_some_and(|base| WORKER_HISTOGRAMS.contains(&base))
+                    .is_some_and(|base| WORKER_SERIES.contains(&(base, "histogram")))
             })
     };
     let mut wrong = Vec::new();
@@ -1129,7 +1114,7 @@ async fn the_stacks_archiver_services_run_as_the_compose_file_gives_them() {
         assert_eq!(code, 200, "{addr} /readyz");
         let (code, text) = http_get(addr, "/metrics").await.expect("metrics answer");
         assert_eq!(code, 200, "{addr} /metrics");
-        for name in WORKER_METRICS {
+        for (name, _) in WORKER_SERIES {
             assert!(text.contains(name), "{addr} /metrics lacks {name}:\n{text}");
         }
         rows_by_workers +=

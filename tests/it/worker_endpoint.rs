@@ -7,7 +7,7 @@
 
 use crate::helpers::amqp::{amqp_config, amqp_url, delete_queues};
 use crate::helpers::bin::Running;
-use crate::helpers::http::{endpoint_of, get, request, value};
+use crate::helpers::http::{WORKER_SERIES, endpoint_of, get, request, value};
 use crate::helpers::relay::Relay;
 use crate::helpers::{TestDb, plan_logs, wait_until};
 use archiver::transport::Publisher;
@@ -218,20 +218,14 @@ async fn metrics_add_up_to_what_the_run_archived() {
     let cfg = amqp_config();
     let (w, addr) = start(&db, &cfg, &["--concurrency", "2"]).await;
     let (_, before) = get(addr, "/metrics").await;
-    for (name, kind) in [
-        ("archiver_worker_batches_in_flight", "gauge"),
-        ("archiver_worker_batch_duration_seconds", "histogram"),
-        ("archiver_worker_rows_total", "counter"),
-        ("archiver_worker_bytes_total", "counter"),
-        ("archiver_worker_retries_total", "counter"),
-        ("archiver_worker_hand_backs_total", "counter"),
-        ("archiver_worker_dead_letters_total", "counter"),
-        ("archiver_worker_db_connections_in_use", "gauge"),
-        ("archiver_worker_last_settled_timestamp_seconds", "gauge"),
-    ] {
+    for (name, kind) in WORKER_SERIES {
         let line = format!("# TYPE {name} {kind}");
         assert!(before.lines().any(|l| l == line), "{line} in\n{before}");
     }
+    // Exactly these: a series served and not listed would escape the
+    // dashboard and alert checks.
+    let served = before.lines().filter(|l| l.starts_with("# TYPE ")).count();
+    assert_eq!(served, WORKER_SERIES.len(), "{before}");
     assert_eq!(
         value(&before, "archiver_worker_last_settled_timestamp_seconds"),
         Some(0.0)

@@ -146,6 +146,17 @@ pub struct Running {
     log: PathBuf,
 }
 
+/// A test that fails before stopping its process must not leave it running
+/// (a worker would go on consuming from the shared broker).
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl Running {
     /// What it has written to stderr so far.
     pub fn log(&self) -> String {

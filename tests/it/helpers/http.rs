@@ -32,10 +32,10 @@ pub async fn endpoint_of(worker: &Running) -> SocketAddr {
 }
 
 /// Sends `raw` on a new connection and reads until the server closes it:
-/// (status, body). `None`: the server closed it without an answer (or did
-/// not answer within 20 s).
+/// (status, body). `None`: nothing listens there, or the server closed it
+/// without an answer (or did not answer within 20 s).
 pub async fn request(addr: SocketAddr, raw: &[u8]) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut s = TcpStream::connect(addr).await.ok()?;
     // A server that refuses early may reset a connection still being written.
     s.write_all(raw).await.ok()?;
     let mut buf = Vec::new();
@@ -59,7 +59,6 @@ pub async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
 /// `GET path`: (status, body); `None` while nothing listens there yet (or
 /// nothing answers), for waiting on a process that is starting.
 pub async fn try_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    TcpStream::connect(addr).await.ok()?;
     let raw = format!("GET {path} HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n");
     request(addr, raw.as_bytes()).await
 }
@@ -73,3 +72,18 @@ pub fn value(metrics: &str, series: &str) -> Option<f64> {
             .and_then(|v| v.trim().parse().ok())
     })
 }
+
+/// Every series a worker serves at `/metrics`, with its type: the worker
+/// endpoint's test checks it serves exactly these, and the deployment test
+/// checks the dashboard and alert rules against them.
+pub const WORKER_SERIES: &[(&str, &str)] = &[
+    ("archiver_worker_batches_in_flight", "gauge"),
+    ("archiver_worker_batch_duration_seconds", "histogram"),
+    ("archiver_worker_rows_total", "counter"),
+    ("archiver_worker_bytes_total", "counter"),
+    ("archiver_worker_retries_total", "counter"),
+    ("archiver_worker_hand_backs_total", "counter"),
+    ("archiver_worker_dead_letters_total", "counter"),
+    ("archiver_worker_db_connections_in_use", "gauge"),
+    ("archiver_worker_last_settled_timestamp_seconds", "gauge"),
+];
