@@ -29,6 +29,7 @@ use crate::error::{Error, Result};
 use crate::schema::reports_root;
 use crate::transport;
 use crate::vocabulary::Kind;
+use percent_encoding::percent_decode_str;
 use secrecy::ExposeSecret;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -39,7 +40,8 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long an unreachable database is retried: a check reports, it does
 /// not wait for the fleet to come up.
 const DATABASE_PATIENCE: Duration = Duration::from_secs(5);
-/// Shorter secrets are not searched for in the lines.
+/// Shorter passwords are not searched for alone in the lines (they are
+/// still redacted inside a URL's user-info).
 const MIN_SECRET: usize = 4;
 /// Entries of `REPORTS_ROOT` counted at most (a listing proves it is
 /// readable; a huge directory need not be walked).
@@ -144,7 +146,8 @@ pub async fn worker(app: &App, kinds: &[Kind]) -> Result<()> {
 /// The lines printed so far, and what to take out of them.
 struct Report {
     lines: Vec<Line>,
-    secrets: Vec<(String, &'static str)>,
+    /// (text, shown instead, replaced however short it is).
+    secrets: Vec<(String, &'static str, bool)>,
 }
 
 impl Report {
@@ -160,11 +163,15 @@ impl Report {
             };
             // The whole URL first, then its password alone, as written and
             // decoded (user names stay: they say who logged in).
-            secrets.push((url.to_string(), shown));
+            secrets.push((url.to_string(), shown, true));
             if let Some(password) = password_of(url) {
-                let decoded = percent_decode(&password);
-                secrets.push((password, "<password>"));
-                secrets.push((decoded, "<password>"));
+                // In its user-info, a password of any length is unambiguous.
+                secrets.push((format!(":{password}@"), ":<password>@", true));
+                let decoded = percent_decode_str(&password)
+                    .decode_utf8_lossy()
+                    .into_owned();
+                secrets.push((password, "<password>", false));
+                secrets.push((decoded, "<password>", false));
             }
         }
         // The SDKs never print them, but a line must not be the first to.
@@ -172,7 +179,7 @@ impl Report {
             if let Ok(v) = std::env::var(var)
                 && !v.is_empty()
             {
-                secrets.push((v, "<redacted>"));
+                secrets.push((v, "<redacted>", false));
             }
         }
         Report {
@@ -198,10 +205,10 @@ impl Report {
 
     fn clean(&self, text: &str) -> String {
         let mut text = text.to_string();
-        for (secret, shown) in &self.secrets {
-            // A secret of a few characters ("t" for a test server) would
-            // turn every line to mush, and is no secret worth the name.
-            if secret.chars().count() >= MIN_SECRET {
+        for (secret, shown, always) in &self.secrets {
+            // Alone, a secret of a few characters ("t" for a test server)
+            // would turn every line to mush.
+            if *always || secret.chars().count() >= MIN_SECRET {
                 text = text.replace(secret.as_str(), shown);
             }
         }
@@ -354,38 +361,11 @@ fn list_root(root: &Path) -> Result<String> {
     ))
 }
 
-/// The password in a URL's user-info, as written; `None` without one.
+/// The password in a URL's user-info, as written (percent-encoded);
+/// `None` without one.
 fn password_of(url: &str) -> Option<String> {
-    let (_, rest) = url.split_once("://")?;
-    // The user-info ends at the last `@` before the path.
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
-    let (userinfo, _) = authority.rsplit_once('@')?;
-    let (_, password) = userinfo.split_once(':')?;
-    (!password.is_empty()).then(|| password.to_string())
-}
-
-/// `%XX` sequences decoded (invalid ones, and invalid UTF-8, left as they are).
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).unwrap_or_else(|_| text.to_string())
+    let parsed = url::Url::parse(url).ok()?;
+    parsed.password().map(str::to_owned)
 }
 
 /// Text on one line: control characters (a newline in a hostile path or
@@ -413,12 +393,42 @@ mod tests {
             Some("hunter2")
         );
         assert_eq!(
-            password_of("amqp://u:p%40ss@h/%2f").map(|p| percent_decode(&p)),
-            Some("p@ss".to_string())
+            password_of("amqp://u:p%40ss@h/%2f").as_deref(),
+            Some("p%40ss")
         );
         assert_eq!(password_of("postgresql://postgres@db/app"), None);
         assert_eq!(password_of("postgresql://db/a@b"), None);
         assert_eq!(password_of("sqs://queue"), None);
+    }
+
+    #[test]
+    fn passwords_never_reach_a_line_however_short() {
+        let settings = crate::app::Settings {
+            database_url: Some("postgresql://app:pw@db:5432/app".into()),
+            queue_url: Some("amqp://guest:p%40ssword@rabbit:5672/%2f".into()),
+            queue: "q".into(),
+            delivery_limit: 5,
+            concurrency: 1,
+            rest_ratio: 0.0,
+            reports_root: None,
+            reports_bucket: None,
+            reports_archive_dir: "reports-archive".into(),
+            compression: crate::objects::Compression::Zstd,
+            batch_timeouts: Default::default(),
+        };
+        let app = App::new(settings, "t").unwrap();
+        let report = Report::new(&app);
+        let said = report.clean(
+            "connect postgresql://app:pw@db:5432/app failed; as app:pw@db; amqp://guest:p@ssword@rabbit",
+        );
+        assert!(
+            !said.contains(":pw@") && !said.contains("p@ssword"),
+            "{said}"
+        );
+        assert!(
+            said.contains("app:<password>@db"),
+            "the user name stays: {said}"
+        );
     }
 
     #[test]
