@@ -341,6 +341,23 @@ struct Archived {
 const ARCHIVED_SQL: &str =
     "SELECT id, file_path, object_key, file_size_bytes, sha256 FROM reports_archive";
 
+impl Archived {
+    /// Where its object is, and what the original file was (to check a
+    /// download or a local file against); `None` when a column is missing.
+    fn object(&self) -> Option<(&str, objects::Original)> {
+        let (Some(key), Some(size), Some(sha256)) =
+            (&self.object_key, self.file_size_bytes, &self.sha256)
+        else {
+            return None;
+        };
+        let original = objects::Original {
+            size: size.max(0) as u64,
+            sha256: sha256.clone(),
+        };
+        Some((key, original))
+    }
+}
+
 /// Archived reports whose file was left in place: a cleanup tried and kept
 /// it, or none has run an hour after the commit (a worker that died between
 /// its commit and its cleanup). Files of batches being archived right now
@@ -453,13 +470,8 @@ async fn clean_up(exec: &Executor, ctx: &ReportsContext, rows: Vec<Archived>) ->
 
 /// Decides, and if safe does, the delete of one archived file.
 async fn clean_one(ctx: &ReportsContext, row: &Archived) -> Cleaned {
-    let (Some(key), Some(size), Some(sha256)) = (&row.object_key, row.file_size_bytes, &row.sha256)
-    else {
+    let Some((key, want)) = row.object() else {
         return Cleaned::Kept("reports_archive has no object key, size or SHA-256 for it".into());
-    };
-    let want = objects::Original {
-        size: size.max(0) as u64,
-        sha256: sha256.clone(),
     };
     match ctx.store.head(key).await {
         Ok(Some((_, meta)))
@@ -583,18 +595,13 @@ pub async fn archived_object(
     pool: &sqlx::PgPool,
     id: Uuid,
 ) -> Result<Option<(String, objects::Original)>> {
-    let row: Option<(Option<String>, Option<i64>, Option<String>)> = sqlx::query_as(
-        "SELECT object_key, file_size_bytes, sha256 FROM reports_archive WHERE id = $1",
-    )
-    .bind(id)
-    .fetch_optional(pool)
-    .await?;
-    let (Some(key), Some(size), Some(sha256)) = row.unwrap_or_default() else {
-        return Ok(None);
-    };
-    let original = objects::Original {
-        size: size.max(0) as u64,
-        sha256,
-    };
-    Ok(Some((key, original)))
+    let row: Option<Archived> =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!("{ARCHIVED_SQL} WHERE id = $1")))
+            .bind(id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(row
+        .as_ref()
+        .and_then(Archived::object)
+        .map(|(key, original)| (key.to_owned(), original)))
 }
