@@ -57,8 +57,9 @@ async fn timed<T>(what: &'static str, f: impl Future<Output = lapin::Result<T>>)
     }
 }
 
-/// Opens a connection and a channel in confirm mode, and declares the topology.
-async fn open(cfg: &AmqpConfig, name: &str) -> Result<(Connection, Channel)> {
+/// Opens a connection and a channel in confirm mode, and declares the
+/// topology (see [`declare`] for what it returns).
+async fn open(cfg: &AmqpConfig, name: &str) -> Result<(Connection, Channel, Depths)> {
     let props =
         // Named after the queue too, so operators (and tests) can tell fleets apart.
         ConnectionProperties::default().with_connection_name(LongString::from(format!("{name} {}", cfg.queue)));
@@ -73,12 +74,21 @@ async fn open(cfg: &AmqpConfig, name: &str) -> Result<(Connection, Channel)> {
         channel.confirm_select(ConfirmSelectOptions::default()),
     )
     .await?;
-    declare(&channel, cfg).await?;
-    Ok((conn, channel))
+    let depths = declare(&channel, cfg).await?;
+    Ok((conn, channel, depths))
 }
 
-/// Declares exchange, dead-letter queue and work queue (idempotent).
-async fn declare(channel: &Channel, cfg: &AmqpConfig) -> Result<()> {
+/// Messages ready in the work queue and in the dead-letter queue, as their
+/// declare found them.
+#[derive(Debug, Clone, Copy)]
+struct Depths {
+    work: u32,
+    dead: u32,
+}
+
+/// Declares exchange, dead-letter queue and work queue (idempotent);
+/// returns the depths the declares report.
+async fn declare(channel: &Channel, cfg: &AmqpConfig) -> Result<Depths> {
     let durable = QueueDeclareOptions {
         durable: true,
         ..Default::default()
@@ -101,7 +111,7 @@ async fn declare(channel: &Channel, cfg: &AmqpConfig) -> Result<()> {
         "x-queue-type".into(),
         AMQPValue::LongString("quorum".into()),
     );
-    timed(
+    let dead = timed(
         "queue.declare (dead)",
         channel.queue_declare(cfg.dead_queue().into(), durable, dead_args),
     )
@@ -140,13 +150,16 @@ async fn declare(channel: &Channel, cfg: &AmqpConfig) -> Result<()> {
         "x-overflow".into(),
         AMQPValue::LongString("reject-publish".into()),
     );
-    timed(
+    let work = timed(
         "queue.declare",
         channel.queue_declare(cfg.queue.as_str().into(), durable, args),
     )
     .await
     .map_err(|e| mismatch(e, &cfg.queue))?;
-    Ok(())
+    Ok(Depths {
+        work: work.message_count(),
+        dead: dead.message_count(),
+    })
 }
 
 fn mismatch(e: Error, queue: &str) -> Error {
@@ -177,61 +190,33 @@ pub fn describe(cfg: &AmqpConfig) -> String {
 }
 
 /// Checks the broker as the planner and the workers find it at start:
-/// connects with the configured URL and runs the same [`declare`] the
-/// publisher and the consumer run at start. That declare is the argument
+/// opens a connection as they do ([`open`]), which runs the same
+/// [`declare`]. That declare is the argument
 /// check: the broker refuses to redeclare an existing queue with other
 /// arguments (quorum, delivery limit, dead-letter exchange), and that
 /// refusal is the error; a missing queue is created as the process would
 /// create it. (A passive declare cannot see arguments, and on a missing
-/// queue it closes the channel with an error lapin logs.) Then reads the
-/// queues' depths with passive declares, which find them now. Returns what
-/// it found.
+/// queue it closes the channel with an error lapin logs.) The declares
+/// also report the queues' depths. Returns what it found.
 pub async fn check(cfg: &AmqpConfig) -> Result<String> {
-    let props = ConnectionProperties::default()
-        .with_connection_name(LongString::from(format!("archiver-check {}", cfg.queue)));
     // Failures say where (lapin's do not); never with the password.
-    let at = |e: Error| match e {
+    let (conn, channel, depths) = open(cfg, "archiver-check").await.map_err(|e| match e {
         Error::Broker(m) => Error::Broker(format!("{}: {m}", describe(cfg))),
         e => e,
-    };
-    let conn = timed(
-        "connect",
-        Connection::connect(cfg.url.expose_secret(), props),
-    )
-    .await
-    .map_err(at)?;
-    let checked = async {
-        let channel = timed("channel.open", conn.create_channel()).await?;
-        declare(&channel, cfg).await?;
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        let mut ready = Vec::new();
-        for queue in [cfg.queue.clone(), cfg.dead_queue()] {
-            let q = timed(
-                "queue.declare (passive)",
-                channel.queue_declare(queue.as_str().into(), passive, FieldTable::default()),
-            )
-            .await?;
-            ready.push(q.message_count());
-        }
-        let _ = timed("channel.close", channel.close(200, "checked".into())).await;
-        Ok::<_, Error>(format!(
-            "{}, queue {} (quorum, delivery limit {}, dead-letter exchange {}) and {} (quorum) \
-             as the publisher declares them (arguments as expected; created if missing); {} ready, {} dead",
-            describe(cfg),
-            cfg.queue,
-            cfg.delivery_limit,
-            cfg.dlx(),
-            cfg.dead_queue(),
-            ready[0],
-            ready[1]
-        ))
-    }
-    .await;
+    })?;
+    let _ = timed("channel.close", channel.close(200, "checked".into())).await;
     let _ = timed("connection.close", conn.close(200, "checked".into())).await;
-    checked.map_err(at)
+    Ok(format!(
+        "{}, queue {} (quorum, delivery limit {}, dead-letter exchange {}) and {} (quorum) \
+         as the publisher declares them (arguments as expected; created if missing); {} ready, {} dead",
+        describe(cfg),
+        cfg.queue,
+        cfg.delivery_limit,
+        cfg.dlx(),
+        cfg.dead_queue(),
+        depths.work,
+        depths.dead
+    ))
 }
 
 /// Publishes batch messages with confirms.
@@ -255,7 +240,7 @@ const PUBLISH_WINDOW: usize = 500;
 impl AmqpPublisher {
     /// Connects and declares the topology.
     pub async fn connect(cfg: AmqpConfig) -> Result<Self> {
-        let (conn, channel) = open(&cfg, "archiver-planner").await?;
+        let (conn, channel, _) = open(&cfg, "archiver-planner").await?;
         Ok(AmqpPublisher { cfg, conn, channel })
     }
 
@@ -378,7 +363,7 @@ impl AmqpConsumer {
     }
 
     async fn start(&self) -> Result<Live> {
-        let (conn, channel) = open(&self.cfg, "archiver-worker").await?;
+        let (conn, channel, _) = open(&self.cfg, "archiver-worker").await?;
         // Set on every (re)connect: a recovered channel may not keep it.
         timed(
             "basic.qos",
