@@ -71,17 +71,16 @@ pub mod reports_root {
         Ok(canon)
     }
 
-    /// Resolves a report's `file_path` (relative paths against `root`) and
-    /// refuses anything that is not a regular file under `root` once every
-    /// symlink is followed. (The dry run's check; archiving opens the file
+    /// Resolves a report's `file_path` (relative paths against `canon_root`,
+    /// the root as [`check`] returns it) and refuses anything that is not a
+    /// regular file under it once every symlink is followed. (The dry run's check; archiving opens the file
     /// with `execute::reports::open_under`.)
-    pub fn resolve(root: &Path, file_path: &str) -> Result<PathBuf, String> {
-        let canon_root = check(root).map_err(|e| format!("REPORTS_ROOT {e}"))?;
+    pub fn resolve(canon_root: &Path, file_path: &str) -> Result<PathBuf, String> {
         let path = canon_root.join(file_path);
         let canon = path
             .canonicalize()
             .map_err(|e| format!("{file_path}: {e}"))?;
-        if !canon.starts_with(&canon_root) {
+        if !canon.starts_with(canon_root) {
             return Err(format!(
                 "{file_path} resolves to {} outside REPORTS_ROOT {}: refused",
                 canon.display(),

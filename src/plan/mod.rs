@@ -163,7 +163,7 @@ pub async fn dry_run(pool: &PgPool, kind: Kind, opts: &PlanOptions) -> Result<El
             let mut e =
                 keyset::eligible(pool, keyset::REPORTS, from, cutoff, opts.reports_batch_size)
                     .await?;
-            e.missing = Some(missing_reports(pool, from, cutoff, reports_root(opts)?).await?);
+            e.missing = Some(missing_reports(pool, from, cutoff, &reports_root(opts)?).await?);
             e
         }
     };
@@ -172,18 +172,19 @@ pub async fn dry_run(pool: &PgPool, kind: Kind, opts: &PlanOptions) -> Result<El
     Ok(e)
 }
 
-fn reports_root(opts: &PlanOptions) -> Result<&std::path::Path> {
+/// The reports root, checked and canonical.
+fn reports_root(opts: &PlanOptions) -> Result<std::path::PathBuf> {
     let root = opts.reports_root.as_deref().ok_or_else(|| {
         Error::config(
             "REPORTS_ROOT",
             "not set: the directory report files must live under",
         )
     })?;
-    schema::reports_root::check(root).map_err(|r| Error::config("REPORTS_ROOT", r))?;
-    Ok(root)
+    schema::reports_root::check(root).map_err(|r| Error::config("REPORTS_ROOT", r))
 }
 
-/// Eligible reports whose file is missing, unreadable or outside `root`.
+/// Eligible reports whose file is missing, unreadable or outside `root`
+/// (canonical: the root is resolved once, not once per report).
 async fn missing_reports(
     pool: &PgPool,
     after: Option<Key>,
