@@ -33,6 +33,15 @@ pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 /// A response with a body held in memory.
 pub type Reply = std::result::Result<Response<Full<Bytes>>, hyper::http::Error>;
 
+/// A reply with `body`, never cached (each is read fresh: a scrape, a probe).
+pub fn reply(status: hyper::StatusCode, content_type: &str, body: String) -> Reply {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .header("cache-control", "no-store")
+        .body(Full::new(Bytes::from(body)))
+}
+
 /// Binds `addr` (a failure is a bad `--listen`: exit 2).
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr)

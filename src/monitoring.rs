@@ -27,11 +27,11 @@
 //! start, at 0, so that `increase()` sees the first failure.
 
 use crate::error::{Error, Result};
+use crate::http::{Reply, reply};
 use crate::ledger::{self, Figures};
 use crate::vocabulary::{BatchStatus, JobType, Kind};
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
 use prometheus::core::Collector;
 use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 use sqlx::PgPool;
@@ -242,16 +242,7 @@ pub async fn serve(
     Ok(())
 }
 
-async fn respond(
-    pool: PgPool,
-    req: Request<Incoming>,
-) -> std::result::Result<Response<Full<Bytes>>, hyper::http::Error> {
-    let reply = |status: StatusCode, content_type: &str, body: String| {
-        Response::builder()
-            .status(status)
-            .header("content-type", content_type)
-            .body(Full::new(Bytes::from(body)))
-    };
+async fn respond(pool: PgPool, req: Request<Incoming>) -> Reply {
     if req.uri().path() != "/metrics" {
         return reply(
             StatusCode::NOT_FOUND,

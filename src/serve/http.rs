@@ -19,6 +19,7 @@
 //! own, bounded as [`crate::http`] says.
 
 use crate::error::{Error, Result};
+use crate::http::{Reply, reply};
 use crate::monitoring::CONTENT_TYPE;
 use crate::monitoring::{metric_error, register};
 use crate::transport::Link;
@@ -265,17 +266,7 @@ pub async fn serve(listener: TcpListener, probe: Arc<Probe>, stop: CancellationT
     .await;
 }
 
-async fn respond(
-    probe: Arc<Probe>,
-    req: Request<Incoming>,
-) -> std::result::Result<Response<Full<Bytes>>, hyper::http::Error> {
-    let reply = |status: StatusCode, content_type: &str, body: String| {
-        Response::builder()
-            .status(status)
-            .header("content-type", content_type)
-            .header("cache-control", "no-store")
-            .body(Full::new(Bytes::from(body)))
-    };
+async fn respond(probe: Arc<Probe>, req: Request<Incoming>) -> Reply {
     let path = req.uri().path();
     if !matches!(path, "/healthz" | "/readyz" | "/metrics") {
         return reply(
