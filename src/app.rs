@@ -11,6 +11,8 @@ use crate::db;
 use crate::error::{Error, Result};
 use crate::execute::Executor;
 use crate::execute::reports::ReportsContext;
+use crate::governor::replica::Replicas;
+use crate::governor::{Governor, GovernorOptions};
 use crate::objects::{self, Compression, ObjectStore};
 use crate::transport::{self, Consumer, Publisher, QueueConfig};
 use crate::vocabulary::Kind;
@@ -47,6 +49,11 @@ pub struct Settings {
     pub compression: Compression,
     /// Server-side limits on a batch's session.
     pub batch_timeouts: BatchTimeouts,
+    /// The live-traffic governor's settings (its replicas come from
+    /// `replica_urls`, resolved by [`App::new`]).
+    pub governor: GovernorOptions,
+    /// `--replica-url`s (may hold passwords).
+    pub replica_urls: Vec<SecretString>,
 }
 
 /// The settings resolved: the database's connection options and the queue's
@@ -84,6 +91,8 @@ impl App {
             &settings.queue,
             settings.delivery_limit,
         )?;
+        let mut settings = settings;
+        settings.governor.replicas = Replicas::parse(&settings.replica_urls)?;
         Ok(App {
             database,
             queue,
@@ -132,7 +141,10 @@ impl App {
     /// What executing batches needs; reports only when `REPORTS_ROOT` is set.
     pub async fn executor(&self, pool: &PgPool) -> Result<Executor> {
         let Some(root) = &self.settings.reports_root else {
-            return Ok(Executor::from(pool));
+            return Ok(Executor {
+                governor: self.governor(),
+                ..Executor::from(pool)
+            });
         };
         if !root.is_dir() {
             return Err(Error::config(
@@ -150,7 +162,13 @@ impl App {
             pool: pool.clone(),
             reports: Some(Arc::new(ctx)),
             kinds: None,
+            governor: self.governor(),
         })
+    }
+
+    /// The live-traffic governor of this process's batches.
+    pub fn governor(&self) -> Arc<Governor> {
+        Arc::new(Governor::new(self.settings.governor.clone()))
     }
 
     /// How the worker loop behaves.

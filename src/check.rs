@@ -415,6 +415,8 @@ mod tests {
             reports_archive_dir: "reports-archive".into(),
             compression: crate::objects::Compression::Zstd,
             batch_timeouts: Default::default(),
+            governor: Default::default(),
+            replica_urls: Vec::new(),
         };
         let app = App::new(settings, "t").unwrap();
         let report = Report::new(&app);

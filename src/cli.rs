@@ -11,6 +11,8 @@
 use crate::app::{App, Settings};
 use crate::config::{self, Policy};
 use crate::error::{Error, Result};
+use crate::governor::GovernorOptions;
+use crate::governor::window::Window;
 use crate::objects::Compression;
 use crate::ops::{self, Redrive};
 use crate::plan::PlanOptions;
@@ -82,6 +84,93 @@ pub struct Common {
     #[arg(long, env = "ARCHIVER_IDLE_IN_TRANSACTION_TIMEOUT", default_value = "30s",
           value_parser = config::parse_timeout)]
     pub idle_in_transaction_timeout: Duration,
+    /// The live-traffic governor.
+    #[command(flatten)]
+    pub governor: GovernorArgs,
+}
+
+/// The live-traffic governor's flags: checked by every worker before each
+/// chunk of a batch, so they hold for the fleet together.
+#[derive(Debug, Clone, Args)]
+pub struct GovernorArgs {
+    /// Target duration of one chunk's transaction: a batch runs as chunks
+    /// sized from the last ones' rows a second (500ms, 100ms; 0: each batch
+    /// is one transaction).
+    #[arg(long, env = "ARCHIVER_CHUNK_TIME", default_value = "100ms",
+          value_parser = config::parse_timeout)]
+    pub chunk_time: Duration,
+    /// Wait before each chunk while any streaming replica lags more than
+    /// this (seconds, or 500ms, 2min); a replica that stops reporting lags.
+    #[arg(long, env = "ARCHIVER_MAX_REPLICA_LAG", value_parser = config::parse_timeout)]
+    pub max_replica_lag: Option<Duration>,
+    /// A replica whose lag is read on the replica itself (one behind a
+    /// cascade, which the primary's pg_stat_replication does not list);
+    /// repeat, or comma-separate in the environment.
+    #[arg(long = "replica-url", env = "ARCHIVER_REPLICA_URLS", hide_env_values = true,
+          value_delimiter = ',', value_parser = secret)]
+    pub replica_urls: Vec<SecretString>,
+    /// After waiting this long for lagging replicas, hand the batch back and
+    /// say why.
+    #[arg(long, env = "ARCHIVER_MAX_LAG_WAIT", default_value = "10min",
+          value_parser = config::parse_timeout)]
+    pub max_lag_wait: Duration,
+    /// Wait before each chunk while more than this many sessions other than
+    /// the archiver's are active (pg_stat_activity).
+    #[arg(long, env = "ARCHIVER_MAX_ACTIVE_SESSIONS",
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_active_sessions: Option<u32>,
+    /// Slow down while the round trip of a trivial statement is more than
+    /// this many times its idle baseline (e.g. 3).
+    #[arg(long, env = "ARCHIVER_PROBE_FACTOR", value_parser = probe_factor)]
+    pub probe_factor: Option<f64>,
+    /// Wait before each chunk while the server writes WAL faster than this
+    /// many MB a second (all of it: the archiver's and the application's).
+    #[arg(long, env = "ARCHIVER_MAX_WAL_RATE", value_parser = wal_rate)]
+    pub max_wal_rate: Option<f64>,
+    /// Maintenance window, `HH:MM-HH:MM` in UTC or with a time zone
+    /// (`01:00-06:00 Europe/Berlin`): no chunk starts outside it.
+    #[arg(long, env = "ARCHIVER_WINDOW")]
+    pub window: Option<Window>,
+    /// Stop starting chunks this long after the process started (2h, 90min):
+    /// what is left stays pending for the next run.
+    #[arg(long, env = "ARCHIVER_MAX_RUNTIME", value_parser = config::parse_timeout)]
+    pub max_runtime: Option<Duration>,
+}
+
+impl GovernorArgs {
+    /// The governor's settings, the deadline counted from now.
+    fn options(&self) -> GovernorOptions {
+        GovernorOptions {
+            chunk_time: self.chunk_time,
+            max_replica_lag: self.max_replica_lag,
+            max_lag_wait: self.max_lag_wait,
+            max_active_sessions: self.max_active_sessions,
+            probe_factor: self.probe_factor,
+            max_wal_rate: self.max_wal_rate.map(|mb| mb * 1_000_000.0),
+            window: self.window.clone(),
+            deadline: self
+                .max_runtime
+                .filter(|d| !d.is_zero())
+                .map(|d| std::time::Instant::now() + d),
+            ..GovernorOptions::default()
+        }
+    }
+}
+
+fn probe_factor(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (1.1..=1000.0).contains(&f) => Ok(f),
+        _ => Err(format!("{s:?} is not a factor from 1.1 to 1000")),
+    }
+}
+
+fn wal_rate(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r > 0.0 && r <= 100_000.0 => Ok(r),
+        _ => Err(format!(
+            "{s:?} is not a rate in MB/s from above 0 to 100000"
+        )),
+    }
 }
 
 /// URLs that may hold a password are kept as secrets from the start.
@@ -114,6 +203,8 @@ impl Common {
                 statement: self.statement_timeout,
                 idle_in_transaction: self.idle_in_transaction_timeout,
             },
+            governor: self.governor.options(),
+            replica_urls: self.governor.replica_urls.clone(),
         }
     }
 }

@@ -96,6 +96,11 @@ pub enum Error {
     /// Work stopped because the process is shutting down.
     #[error("shutting down")]
     ShuttingDown,
+    /// The governor stopped a batch between chunks (outside the window,
+    /// past the deadline, replicas lagging too long): its message goes back
+    /// with no attempt spent, and its cursor keeps what was done.
+    #[error("handed back: {0}")]
+    HandBack(String),
     /// The object store failed in a way worth retrying (5xx, throttling,
     /// connection or I/O trouble, a file that changed while it was read).
     #[error("object store: {0}")]
@@ -122,6 +127,7 @@ impl Error {
             Error::Broker(_)
             | Error::Timeout(_)
             | Error::ShuttingDown
+            | Error::HandBack(_)
             | Error::Storage(_) => Class::Transient,
             Error::Migrate(_)
             | Error::Config { .. }

@@ -10,7 +10,9 @@
 //! - [`partitions`]: monthly archive partitions, created ahead of batches.
 //! - [`schema`]: the facts plan and execute share: tables, keys, reports root.
 //! - [`plan`]: eligible rows → batches → ledger → messages; the dry run.
-//! - [`execute`]: one batch, one transaction, per kind.
+//! - [`execute`]: one batch, as chunks of one transaction each, per kind.
+//! - [`governor`]: what a worker checks before each chunk: the window,
+//!   replica lag, database load, WAL rate.
 //! - [`objects`]: the object store for report files: S3 or a local directory.
 //! - [`transport`]: the queue seam: inline (no broker), RabbitMQ and SQS.
 //! - [`worker`]: the unit of work, the consuming loop, and the inline run.
@@ -45,6 +47,7 @@ pub mod db;
 pub mod demo;
 pub mod error;
 pub mod execute;
+pub mod governor;
 pub mod http;
 pub mod human;
 pub mod ledger;

@@ -103,6 +103,13 @@ pub async fn process(
     let err = match execute_with_retry(&exec, msg, opts, shutdown).await {
         Ok(outcome) => return Disposition::Ack(outcome),
         Err(Error::ShuttingDown) => return Disposition::HandBack,
+        Err(Error::HandBack(why)) => {
+            tracing::warn!(
+                archive_batch_id = %msg.batch_id,
+                "handing the batch back (no attempt spent; its cursor keeps what was done): {why}"
+            );
+            return Disposition::HandBack;
+        }
         Err(e @ Error::Declined { .. }) => {
             tracing::error!(
                 archive_batch_id = %msg.batch_id,
@@ -168,6 +175,10 @@ async fn execute_with_retry(
             Err(panic) => Error::Panicked(panic_message(panic.as_ref())),
         };
         crate::db::discard_stale(&err);
+        // Stopped between chunks: hand back now, whatever the class.
+        if matches!(err, Error::HandBack(_) | Error::ShuttingDown) {
+            return Err(err);
+        }
         match err.class() {
             Class::Permanent => return Err(err),
             Class::Transient if transient >= opts.transient_tries => return Err(err),

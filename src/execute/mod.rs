@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod reports;
 
 use crate::error::{Error, Result};
+use crate::governor::Governor;
 use crate::ledger;
 use crate::vocabulary::BatchStatus;
 use crate::vocabulary::Kind;
@@ -30,6 +31,8 @@ pub struct Executor {
     /// The kinds this process serves (`worker --kinds`); `None`: every kind
     /// it is set up for. A batch of another kind is declined, never failed.
     pub kinds: Option<Vec<Kind>>,
+    /// What is checked before each chunk, and the chunk time.
+    pub governor: Arc<Governor>,
 }
 
 impl From<&PgPool> for Executor {
@@ -38,6 +41,7 @@ impl From<&PgPool> for Executor {
             pool: pool.clone(),
             reports: None,
             kinds: None,
+            governor: Arc::default(),
         }
     }
 }
@@ -104,6 +108,10 @@ pub async fn execute_batch(exec: &Executor, id: Uuid, kind: Kind) -> Result<Outc
         check_kind(&batch, kind)?;
         return reports::execute(exec, ctx, batch).await;
     }
+    // Until batches run as chunks, the governor is asked once per batch.
+    exec.governor
+        .before_chunk(&exec.pool, &tokio_util::sync::CancellationToken::new())
+        .await?;
     let mut tx = exec.pool.begin().await?;
     // A batch statement is costed high (jsonb_each, big ranges) and would be
     // JIT-compiled on every run, taking longer than the work itself; and a

@@ -94,7 +94,7 @@ pub async fn reports_executor(db: &TestDb, root: &Path, archive: &Path) -> Execu
             store: objects::open(None, archive).await.unwrap(),
             compression: Compression::Zstd,
         })),
-        kinds: None,
+        ..Executor::from(&db.pool)
     }
 }
 
