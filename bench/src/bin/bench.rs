@@ -29,6 +29,8 @@
 
 use anyhow::{Context, Result, bail, ensure};
 use archiver::config::Policy;
+use archiver::execute::Executor;
+use archiver::governor::{Governor, GovernorOptions, Reason};
 use archiver::plan::{self, PlanOptions};
 use archiver::transport::Publisher;
 use archiver::transport::amqp::{AmqpConfig, AmqpConsumer, AmqpPublisher};
@@ -193,6 +195,31 @@ struct Args {
     /// `archiver-inline-rest` (0: no such line).
     #[arg(long, default_value_t = 0.0)]
     rest_ratio: f64,
+    /// Also measure the live-traffic governor: the inline executor flat out
+    /// (`--chunk-time 0`, no controls: `archiver-inline-flat`), and with
+    /// each of `--chunk-times` and the load and lag controls on
+    /// (`archiver-chunk-<ms>ms`).
+    #[arg(long)]
+    governor: bool,
+    /// Chunk times (milliseconds) of the governed lines.
+    #[arg(long, value_delimiter = ',', default_value = "25,100,400")]
+    chunk_times: Vec<u64>,
+    /// Governed lines: slow down while a trivial statement's round trip is
+    /// over this many times its idle baseline (0: off).
+    #[arg(long, default_value_t = 2.0)]
+    probe_factor: f64,
+    /// Governed lines: wait while more than this many other sessions are
+    /// active (0: off).
+    #[arg(long, default_value_t = 4)]
+    max_active_sessions: u32,
+    /// Governed lines: wait while a streaming replica lags more than this
+    /// many seconds (read from pg_stat_replication; 0: off).
+    #[arg(long, default_value_t = 10)]
+    max_replica_lag: u64,
+    /// Governed lines: wait while the server writes WAL faster than this
+    /// many MB/s (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    max_wal_rate: f64,
     /// Scratch database (dropped and recreated).
     #[arg(long, default_value = "archiver_bench")]
     database: String,
@@ -387,6 +414,12 @@ struct Line {
     load: (f64, f64),
     /// Checkpoints the server finished during the run.
     checkpoints: i64,
+    /// WAL the server wrote during the run, bytes.
+    wal: i64,
+    /// Transactions committed in the database during the run.
+    commits: i64,
+    /// Seconds the governor waited, summed over executors.
+    throttled: f64,
 }
 
 impl Line {
@@ -404,21 +437,28 @@ struct Moved {
 enum Method {
     OneStatement,
     Batched,
+    /// Inline at the archiver's default settings.
     Inline,
     /// Inline, resting `--rest-ratio` × each batch's duration after it.
     InlineRested,
+    /// Inline flat out: each batch one transaction, no controls.
+    InlineFlat,
+    /// Inline with this chunk time (ms) and the load and lag controls on.
+    Governed(u64),
     Workers(usize),
 }
 
 impl Method {
-    fn name(self) -> &'static str {
+    fn name(self) -> String {
         match self {
-            Method::OneStatement => "limit-one-statement",
-            Method::Batched => "limit-batched",
-            Method::Inline => "archiver-inline",
-            Method::InlineRested => "archiver-inline-rest",
-            Method::Workers(1) => "archiver-1-worker",
-            Method::Workers(_) => "archiver-2-workers",
+            Method::OneStatement => "limit-one-statement".into(),
+            Method::Batched => "limit-batched".into(),
+            Method::Inline => "archiver-inline".into(),
+            Method::InlineRested => "archiver-inline-rest".into(),
+            Method::InlineFlat => "archiver-inline-flat".into(),
+            Method::Governed(ms) => format!("archiver-chunk-{ms}ms"),
+            Method::Workers(1) => "archiver-1-worker".into(),
+            Method::Workers(_) => "archiver-2-workers".into(),
         }
     }
 
@@ -475,6 +515,34 @@ impl Bench {
         .await?)
     }
 
+    /// The server's WAL position (bytes) and the scratch database's
+    /// commits so far.
+    async fn wal_and_commits(&self) -> Result<(i64, i64)> {
+        let r = sqlx::query(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint,
+                    (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database())",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((r.get(0), r.get(1)))
+    }
+
+    /// The governor of a governed line: chunk time `ms`, and the load and
+    /// lag controls `--probe-factor`, `--max-active-sessions`,
+    /// `--max-replica-lag` and `--max-wal-rate` (those not 0).
+    fn governed(&self, ms: u64) -> GovernorOptions {
+        let a = &self.args;
+        GovernorOptions {
+            chunk_time: Duration::from_millis(ms),
+            probe_factor: (a.probe_factor > 0.0).then_some(a.probe_factor),
+            max_active_sessions: (a.max_active_sessions > 0).then_some(a.max_active_sessions),
+            max_replica_lag: (a.max_replica_lag > 0)
+                .then(|| Duration::from_secs(a.max_replica_lag)),
+            max_wal_rate: (a.max_wal_rate > 0.0).then_some(a.max_wal_rate * 1_000_000.0),
+            ..GovernorOptions::default()
+        }
+    }
+
     async fn reset(&self) -> Result<()> {
         for stmt in statements(self.target.reset_sql()) {
             sqlx::raw_sql(AssertSqlSafe(stmt.to_string()))
@@ -488,20 +556,32 @@ impl Bench {
     async fn measure(&self, round: u32, method: Method) -> Result<Line> {
         self.reset().await?;
         let checkpoints = self.checkpoints().await?;
+        let (wal0, commits0) = self.wal_and_commits().await?;
         let mut probe = Probe::new(
             self.opts.clone(),
             self.args.insert_rate,
             self.target.live_insert(),
         );
-        let moved = match method {
-            Method::OneStatement => self.one_statement(&mut probe).await?,
-            Method::Batched => self.batched(&mut probe).await?,
-            Method::Inline => self.inline(&mut probe, 0.0).await?,
-            Method::InlineRested => self.inline(&mut probe, self.args.rest_ratio).await?,
-            Method::Workers(n) => self.workers(n, &mut probe).await?,
+        let defaults = GovernorOptions::default;
+        let flat = || GovernorOptions {
+            chunk_time: Duration::ZERO,
+            ..GovernorOptions::default()
+        };
+        let (moved, throttled) = match method {
+            Method::OneStatement => (self.one_statement(&mut probe).await?, 0.0),
+            Method::Batched => (self.batched(&mut probe).await?, 0.0),
+            Method::Inline => self.inline(&mut probe, 0.0, defaults()).await?,
+            Method::InlineRested => {
+                self.inline(&mut probe, self.args.rest_ratio, defaults())
+                    .await?
+            }
+            Method::InlineFlat => self.inline(&mut probe, 0.0, flat()).await?,
+            Method::Governed(ms) => self.inline(&mut probe, 0.0, self.governed(ms)).await?,
+            Method::Workers(n) => (self.workers(n, &mut probe).await?, 0.0),
         };
         let (secs, lat, load0, load1) = probe.done.context("run did not finish its probe")?;
         let checkpoints = self.checkpoints().await? - checkpoints;
+        let (wal1, commits1) = self.wal_and_commits().await?;
         let (moved, groups) = match self.target {
             Target::Logs => (self.verify(method, moved.cutoff).await?, None),
             Target::Metrics => {
@@ -518,6 +598,9 @@ impl Bench {
             lat,
             load: (load0, load1),
             checkpoints,
+            wal: wal1 - wal0,
+            commits: commits1 - commits0,
+            throttled,
         };
         let unit = self.target.unit();
         eprintln!(
@@ -569,10 +652,21 @@ impl Bench {
         Ok(Moved { cutoff })
     }
 
-    /// As the planner does with no broker (`worker::run_inline`).
-    async fn inline(&self, probe: &mut Probe, rest_ratio: f64) -> Result<Moved> {
+    /// As the planner does with no broker (`worker::run_inline`), with
+    /// this governor. Returns also the seconds it waited.
+    async fn inline(
+        &self,
+        probe: &mut Probe,
+        rest_ratio: f64,
+        governor: GovernorOptions,
+    ) -> Result<(Moved, f64)> {
         let c = self.args.inline_concurrency;
         let pool = self.connect(u32::from(c) + 3).await?;
+        let governor = Arc::new(Governor::new(governor));
+        let exec = Executor {
+            governor: governor.clone(),
+            ..Executor::from(&pool)
+        };
         let wopts = WorkerOptions {
             concurrency: c.into(),
             rest_ratio,
@@ -580,7 +674,7 @@ impl Bench {
         };
         probe.start().await?;
         let opts = self.plan_options("inline");
-        let ran = worker::run_inline(&pool, wopts, async |publisher| {
+        let ran = worker::run_inline(exec, wopts, async |publisher| {
             let planned = plan::plan(&pool, self.target.kind(), &opts, publisher).await?;
             Ok((planned, probe.elapsed()))
         })
@@ -598,9 +692,31 @@ impl Bench {
             ran.dead.len()
         );
         pool.close().await;
-        Ok(Moved {
-            cutoff: planned.cutoff,
-        })
+        let waited: Vec<String> = Reason::ALL
+            .iter()
+            .filter(|r| governor.throttled.waits(**r) > 0)
+            .map(|r| {
+                format!(
+                    "{} {:.2} s ({} waits)",
+                    r.as_str(),
+                    governor.throttled.seconds(*r),
+                    governor.throttled.waits(*r)
+                )
+            })
+            .collect();
+        if !waited.is_empty() {
+            eprintln!("bench: governor waited: {}", waited.join(", "));
+        }
+        let throttled = Reason::ALL
+            .iter()
+            .map(|r| governor.throttled.seconds(*r))
+            .sum();
+        Ok((
+            Moved {
+                cutoff: planned.cutoff,
+            },
+            throttled,
+        ))
     }
 
     /// The planner publishing to RabbitMQ, `n` workers consuming.
@@ -1104,7 +1220,7 @@ fn print_table(target: Target, lines: &[Line], idle: &Latency) {
         return print_metrics_table(lines, idle);
     }
     println!(
-        "{:<3} {:<20} {:>10} {:>8} {:>9} {:>8} {:>22} {:>10} {:>14} {:>5}",
+        "{:<3} {:<21} {:>10} {:>8} {:>9} {:>8} {:>22} {:>10} {:>10} {:>14} {:>5} {:>7} {:>9} {:>7}",
         "#",
         "run",
         "rows",
@@ -1112,9 +1228,13 @@ fn print_table(target: Target, lines: &[Line], idle: &Latency) {
         "rows/s",
         "x limit",
         "insert p50/p99/max ms",
+        "p50 x idle",
         "p99 x idle",
         "load1m start>end",
-        "ckpts"
+        "ckpts",
+        "WAL MB",
+        "WAL/commit",
+        "wait s"
     );
     for l in lines {
         let limit = lines
@@ -1123,7 +1243,7 @@ fn print_table(target: Target, lines: &[Line], idle: &Latency) {
             .map(Line::rate)
             .fold(f64::NAN, f64::max);
         println!(
-            "{:<3} {:<20} {:>10} {:>8.2} {:>9.0} {:>8.2} {:>22} {:>10.2} {:>14} {:>5}",
+            "{:<3} {:<21} {:>10} {:>8.2} {:>9.0} {:>8.2} {:>22} {:>10.2} {:>10.2} {:>14} {:>5} {:>7.0} {:>9} {:>7.1}",
             l.round,
             l.method.name(),
             l.moved,
@@ -1131,17 +1251,29 @@ fn print_table(target: Target, lines: &[Line], idle: &Latency) {
             l.rate(),
             l.rate() / limit,
             format!("{:.1}/{:.1}/{:.1}", l.lat.p50, l.lat.p99, l.lat.max),
+            l.lat.p50 / idle.p50,
             l.lat.p99 / idle.p99,
             format!("{:.2}>{:.2}", l.load.0, l.load.1),
             l.checkpoints,
+            l.wal as f64 / 1e6,
+            per_commit(l),
+            l.throttled,
         );
     }
+}
+
+/// WAL written per commit during a run, in kB.
+fn per_commit(l: &Line) -> String {
+    if l.commits <= 0 {
+        return "-".into();
+    }
+    format!("{:.1} kB", l.wal as f64 / l.commits as f64 / 1e3)
 }
 
 /// As [`print_table`], in samples, with the archive rows (groups) written.
 fn print_metrics_table(lines: &[Line], idle: &Latency) {
     println!(
-        "{:<3} {:<20} {:>9} {:>8} {:>8} {:>10} {:>8} {:>22} {:>10} {:>14} {:>5}",
+        "{:<3} {:<21} {:>9} {:>8} {:>8} {:>10} {:>8} {:>22} {:>10} {:>10} {:>14} {:>5} {:>7} {:>9} {:>7}",
         "#",
         "run",
         "samples",
@@ -1150,9 +1282,13 @@ fn print_metrics_table(lines: &[Line], idle: &Latency) {
         "samples/s",
         "x limit",
         "insert p50/p99/max ms",
+        "p50 x idle",
         "p99 x idle",
         "load1m start>end",
-        "ckpts"
+        "ckpts",
+        "WAL MB",
+        "WAL/commit",
+        "wait s"
     );
     for l in lines {
         let limit = lines
@@ -1161,7 +1297,7 @@ fn print_metrics_table(lines: &[Line], idle: &Latency) {
             .map(Line::rate)
             .fold(f64::NAN, f64::max);
         println!(
-            "{:<3} {:<20} {:>9} {:>8} {:>8.2} {:>10.0} {:>8.2} {:>22} {:>10.2} {:>14} {:>5}",
+            "{:<3} {:<21} {:>9} {:>8} {:>8.2} {:>10.0} {:>8.2} {:>22} {:>10.2} {:>10.2} {:>14} {:>5} {:>7.0} {:>9} {:>7.1}",
             l.round,
             l.method.name(),
             l.moved,
@@ -1170,9 +1306,13 @@ fn print_metrics_table(lines: &[Line], idle: &Latency) {
             l.rate(),
             l.rate() / limit,
             format!("{:.1}/{:.1}/{:.1}", l.lat.p50, l.lat.p99, l.lat.max),
+            l.lat.p50 / idle.p50,
             l.lat.p99 / idle.p99,
             format!("{:.2}>{:.2}", l.load.0, l.load.1),
             l.checkpoints,
+            l.wal as f64 / 1e6,
+            per_commit(l),
+            l.throttled,
         );
     }
 }
@@ -1194,6 +1334,20 @@ async fn main() -> Result<()> {
         "--rest-ratio must be from 0 to 100"
     );
     ensure!(
+        args.chunk_times
+            .iter()
+            .all(|&ms| (1..=60_000).contains(&ms)),
+        "--chunk-times must be milliseconds from 1 to 60000"
+    );
+    ensure!(
+        args.probe_factor == 0.0 || (1.1..=1000.0).contains(&args.probe_factor),
+        "--probe-factor must be 0 (off) or from 1.1 to 1000"
+    );
+    ensure!(
+        (0.0..=100_000.0).contains(&args.max_wal_rate),
+        "--max-wal-rate must be from 0 (off) to 100000 MB/s"
+    );
+    ensure!(
         !args.random_order || args.kind == Target::Metrics,
         "--random-order is for --kind metrics"
     );
@@ -1205,6 +1359,12 @@ async fn main() -> Result<()> {
             lines.push(bench.measure(round, method).await?);
             if matches!(method, Method::Inline) && bench.args.rest_ratio > 0.0 {
                 lines.push(bench.measure(round, Method::InlineRested).await?);
+            }
+            if matches!(method, Method::Inline) && bench.args.governor {
+                lines.push(bench.measure(round, Method::InlineFlat).await?);
+                for &ms in &bench.args.chunk_times {
+                    lines.push(bench.measure(round, Method::Governed(ms)).await?);
+                }
             }
         }
     }
