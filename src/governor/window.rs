@@ -22,7 +22,7 @@ use std::time::Instant;
 const MAX_INPUT: usize = 64;
 
 /// A daily window of local time in which chunks may start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
     start: NaiveTime,
     end: NaiveTime,
