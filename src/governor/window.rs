@@ -243,6 +243,41 @@ pub fn past_deadline(g: &Governor) -> Option<String> {
     })
 }
 
+/// Resolves when the window closes or the deadline passes, whichever comes
+/// first (at once when the window is closed now; never, with neither set),
+/// saying which.
+pub async fn until_stop(g: &Governor) -> String {
+    let closes = g.opts.window.as_ref().map(|w| {
+        let now = Utc::now();
+        (w, w.closes_at(now).unwrap_or(now))
+    });
+    let closing = async {
+        match closes {
+            Some((w, at)) => {
+                tokio::time::sleep((at - Utc::now()).to_std().unwrap_or_default()).await;
+                format!(
+                    "the maintenance window {w} closed; it next opens at {}",
+                    w.show(w.next_open(at))
+                )
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let deadline = async {
+        match g.opts.deadline {
+            Some(d) => {
+                tokio::time::sleep_until(d.into()).await;
+                "past --max-runtime".to_string()
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        why = closing => why,
+        why = deadline => why,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
