@@ -1,7 +1,10 @@
 //! The worker process: connect to the database (waiting for it), build the
 //! executor for the kinds it serves, consume the broker's work queue with
 //! the worker loop ([`worker::run_counting`]) until `shutdown`, finish the
-//! batches in flight, and close the connection. With `--listen`, [`http`]
+//! batches in flight, and close the connection. With `--window`, outside
+//! the window it holds no consumer and waits for the window to open; at its
+//! close (or past `--max-runtime`) it takes no new batch and hands back the
+//! batches in hand at their next chunk. With `--listen`, [`http`]
 //! serves `/healthz`, `/readyz` and `/metrics` from before the database is
 //! reached until the batches in flight are finished.
 
@@ -16,6 +19,7 @@ use crate::vocabulary::Kind;
 use crate::worker::{self, WorkerStats};
 use chrono::Utc;
 use http::Probe;
+use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -87,23 +91,7 @@ async fn consume(
         tracing::info!("serving {} batches only", names.join(","));
     }
     exec.kinds = kinds;
-    // The consumer is closed outside the window and a new one opened when
-    // it reopens: `/readyz` asks whichever is open (none: nothing to lose).
-    let current: Arc<Mutex<Option<Link>>> = Arc::default();
-    if let Some(probe) = probe {
-        // One session of its own for `/readyz`, opened when first asked.
-        let probe_pool = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(http::DB_PROBE_TIMEOUT)
-            .connect_lazy_with(app.database.clone());
-        let link = current.clone();
-        let broker = Link::new(move || {
-            link.lock()
-                .map(|l| l.as_ref().is_none_or(Link::is_up))
-                .unwrap_or(true)
-        });
-        probe.attach(pool.clone(), probe_pool, broker);
-    }
+    let current = attach_probe(app, &pool, probe);
     let opts = app.worker_options();
     let gov = exec.governor.clone();
     let ran = loop {
@@ -137,6 +125,29 @@ async fn consume(
     };
     tracing::info!(?stats, "worker stopped");
     ran
+}
+
+/// Gives the probe its pools and a broker link that asks the consumer open
+/// now. The consumer is closed outside the window and a new one opened when
+/// it reopens; with none open, there is no broker link to lose. Returns
+/// where the open consumer's link is to be put.
+fn attach_probe(app: &App, pool: &PgPool, probe: Option<&Probe>) -> Arc<Mutex<Option<Link>>> {
+    let current: Arc<Mutex<Option<Link>>> = Arc::default();
+    if let Some(probe) = probe {
+        // One session of its own for `/readyz`, opened when first asked.
+        let probe_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(http::DB_PROBE_TIMEOUT)
+            .connect_lazy_with(app.database.clone());
+        let link = current.clone();
+        let broker = Link::new(move || {
+            link.lock()
+                .map(|l| l.as_ref().is_none_or(Link::is_up))
+                .unwrap_or(true)
+        });
+        probe.attach(pool.clone(), probe_pool, broker);
+    }
+    current
 }
 
 fn set(current: &Mutex<Option<Link>>, link: Option<Link>) {

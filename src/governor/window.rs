@@ -80,6 +80,31 @@ impl std::str::FromStr for Window {
     }
 }
 
+/// The `--window` parser for clap: its error says what is wrong without
+/// echoing the value whole (clap's own would print any length of input).
+#[derive(Debug, Clone, Copy)]
+pub struct WindowParser;
+
+impl clap::builder::TypedValueParser for WindowParser {
+    type Value = Window;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> std::result::Result<Window, clap::Error> {
+        let refuse = |why: String| {
+            clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("{why}\n"))
+                .with_cmd(cmd)
+        };
+        let s = value
+            .to_str()
+            .ok_or_else(|| refuse("--window / ARCHIVER_WINDOW is not UTF-8".into()))?;
+        s.parse().map_err(refuse)
+    }
+}
+
 /// `H:MM` or `HH:MM`, 00:00 to 23:59.
 fn clock(s: &str) -> std::result::Result<NaiveTime, String> {
     let bad = || format!("{s:?} is not a time of day HH:MM from 00:00 to 23:59");
