@@ -187,7 +187,9 @@ async fn wait_for_window(
     if let Some(p) = probe {
         p.waiting(Some(why));
     }
-    let started = Instant::now();
+    // One wait, its time counted as it goes (`/metrics` shows it meanwhile).
+    gov.throttled.add(Reason::Window, Duration::ZERO);
+    let mut counted = Instant::now();
     let mut tick = tokio::time::interval(worker::HEARTBEAT_TICK);
     let deadline = async {
         match gov.opts.deadline {
@@ -200,13 +202,15 @@ async fn wait_for_window(
     // once would drift from it (or miss a clock step).
     while !w.contains(Utc::now()) {
         stats.heartbeat.beat();
+        gov.throttled.add_time(Reason::Window, counted.elapsed());
+        counted = Instant::now();
         tokio::select! {
             _ = tick.tick() => {}
             () = &mut deadline => break,
             () = shutdown.cancelled() => break,
         }
     }
-    gov.throttled.add(Reason::Window, started.elapsed());
+    gov.throttled.add_time(Reason::Window, counted.elapsed());
     if let Some(p) = probe {
         p.waiting(None);
     }
