@@ -129,7 +129,7 @@ pub struct GovernorArgs {
     pub max_wal_rate: Option<f64>,
     /// Maintenance window, `HH:MM-HH:MM` in UTC or with a time zone
     /// (`01:00-06:00 Europe/Berlin`): no chunk starts outside it.
-    #[arg(long, env = "ARCHIVER_WINDOW")]
+    #[arg(long, env = "ARCHIVER_WINDOW", value_parser = crate::governor::window::WindowParser)]
     pub window: Option<Window>,
     /// Stop starting chunks this long after the process started (2h, 90min):
     /// what is left stays pending for the next run.

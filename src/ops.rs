@@ -26,8 +26,10 @@ pub async fn migrate(app: &App, index_wait: Option<Duration>) -> Result<bool> {
     Ok(true)
 }
 
-/// Jobs, open batches by status, dead batches with their reasons, rows out
-/// of range, and archived reports whose local file was left in place.
+/// Jobs, open batches by status, pending work per kind, dead batches with
+/// their reasons, rows out of range, archived reports whose local file was
+/// left in place, and, with `--window`, whether the window is open and
+/// when it next opens.
 pub async fn status(app: &App, json: bool, policy: &Policy) -> Result<bool> {
     let pool = app.pool(2).await?;
     let jobs = ledger::recent_jobs(&pool, 10).await?;
@@ -41,9 +43,20 @@ pub async fn status(app: &App, json: bool, policy: &Policy) -> Result<bool> {
         }
     }
     let (left_total, left) = crate::execute::reports::left_files(&pool, 20).await?;
+    let pending = ledger::pending_work(&pool).await?;
+    let window = app.settings().governor.window.clone();
+    let now = chrono::Utc::now();
     if json {
+        let window = window.map(|w| {
+            serde_json::json!({
+                "window": w.to_string(), "open": w.contains(now),
+                "closes_at": w.closes_at(now),
+                "next_opens_at": w.opening_after(now),
+            })
+        });
         let v = serde_json::json!({
             "jobs": jobs, "open_batches": counts, "dead_batches": dead,
+            "pending": pending, "window": window,
             "out_of_range": out_of_range,
             "local_files_left": { "total": left_total, "oldest": left },
         });
@@ -53,6 +66,10 @@ pub async fn status(app: &App, json: bool, policy: &Policy) -> Result<bool> {
         );
     } else {
         println!("{}", summary::status(&jobs, &counts, &dead));
+        println!("{}", summary::pending(&pending));
+        if let Some(w) = &window {
+            println!("{}", w.describe(now));
+        }
         for o in &out_of_range {
             println!("{}", summary::out_of_range(o));
         }

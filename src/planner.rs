@@ -7,16 +7,19 @@
 use crate::app::App;
 use crate::error::{Error, Result};
 use crate::execute::Executor;
+use crate::governor::{Governor, window};
 use crate::ledger;
 use crate::lock::{self, LockWatch};
 use crate::plan::{self, Eligible, PlanOptions, Planned};
 use crate::summary;
+use crate::transport::inline::InlinePublisher;
 use crate::transport::{BatchMessage, Publisher};
 use crate::vocabulary::JobStatus;
 use crate::vocabulary::Kind;
 use crate::worker;
 use sqlx::PgPool;
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 /// What a planner run is asked to do, besides the kinds.
 #[derive(Debug, Clone)]
@@ -82,17 +85,40 @@ pub async fn run(app: &App, kinds: &[Kind], opts: &RunOptions) -> Result<bool> {
 }
 
 /// No broker: resume what an earlier inline run left, plan, and execute
-/// every batch here; then say how each job ended.
+/// every batch here; then say how each job ended. Outside the maintenance
+/// window nothing is planned or run; at its close (or past
+/// `--max-runtime`) no new batch starts, the batches in hand are handed
+/// back at their next chunk, and the rest stays pending for the next run.
 async fn inline(app: &App, pool: &PgPool, kinds: &[Kind], opts: &PlanOptions) -> Result<bool> {
+    let gov = app.governor();
+    if let Some(why) = closed_now(&gov) {
+        println!("{why}: nothing planned or run now");
+        println!("{}", summary::left(&ledger::pending_work(pool).await?));
+        return Ok(true);
+    }
     // Batches run on sessions of their own, with the batch timeouts;
     // planning keeps `pool`.
     let concurrency = u32::from(app.settings().concurrency);
     let batch_pool = app
         .batch_pool(concurrency + 1, Duration::from_secs(30))
         .await?;
-    let exec = app.executor(&batch_pool).await?;
+    let mut exec = app.executor(&batch_pool).await?;
+    exec.governor = gov.clone();
     let started = Instant::now();
-    let ran = worker::run_inline(&exec, app.worker_options(), async |publisher| {
+    let stop = CancellationToken::new();
+    let timer = {
+        let (gov, stop) = (gov.clone(), stop.clone());
+        tokio::spawn(async move {
+            let why = window::until_stop(&gov).await;
+            stop.cancel();
+            why
+        })
+    };
+    let ran = worker::run_inline_until(&exec, app.worker_options(), stop.clone(), async |p| {
+        let publisher = Gated {
+            inner: p,
+            stop: &stop,
+        };
         for &kind in kinds {
             let ids = ledger::abandoned_inline_batches(pool, kind).await?;
             if !ids.is_empty() {
@@ -107,15 +133,34 @@ async fn inline(app: &App, pool: &PgPool, kinds: &[Kind], opts: &PlanOptions) ->
                 publisher.publish(&messages).await?;
             }
         }
-        Ok(plan_kinds(pool, kinds, opts, publisher).await)
+        let (mut planned, mut ok) = (Vec::new(), true);
+        for &kind in kinds {
+            if stop.is_cancelled() {
+                println!("{kind}: not planned: the run stopped");
+                continue;
+            }
+            let (p, k) = plan_kinds(pool, &[kind], opts, &publisher).await;
+            planned.extend(p);
+            ok &= k;
+        }
+        Ok((planned, ok))
     })
     .await?;
+    let stopped = if stop.is_cancelled() {
+        timer.await.ok()
+    } else {
+        timer.abort();
+        None
+    };
     let (planned, mut ok) = ran.fed;
     let elapsed = started.elapsed();
     for p in &planned {
         let job = ledger::job(pool, p.job).await?;
         println!("{}", summary::finished(&job, elapsed));
-        ok &= job.status == JobStatus::Completed;
+        // Stopped by the window or the deadline, a job left running is
+        // not a failure: the next run resumes it.
+        ok &= job.status == JobStatus::Completed
+            || (stopped.is_some() && job.status == JobStatus::Running);
     }
     for (payload, reason) in &ran.dead {
         eprintln!(
@@ -123,7 +168,52 @@ async fn inline(app: &App, pool: &PgPool, kinds: &[Kind], opts: &PlanOptions) ->
             String::from_utf8_lossy(payload)
         );
     }
+    if let Some(why) = stopped {
+        println!("stopped: {why}; no new batch started, the batches in hand were handed back");
+        println!("{}", summary::left(&ledger::pending_work(pool).await?));
+    }
     Ok(ok)
+}
+
+/// Why no batch may start now, if none may: outside the window, or past
+/// the deadline.
+fn closed_now(gov: &Governor) -> Option<String> {
+    if let Some(why) = window::past_deadline(gov) {
+        return Some(why);
+    }
+    let w = gov.opts.window.as_ref()?;
+    let now = chrono::Utc::now();
+    (!w.contains(now)).then(|| {
+        format!(
+            "outside the maintenance window {w}: it next opens at {}",
+            w.show(w.next_open(now))
+        )
+    })
+}
+
+/// The inline queue once the run has stopped: what is planned after that
+/// is recorded in the ledger (pending, for the next run) but not queued.
+struct Gated<'a> {
+    inner: &'a InlinePublisher,
+    stop: &'a CancellationToken,
+}
+
+#[async_trait::async_trait]
+impl Publisher for Gated<'_> {
+    async fn publish(&self, messages: &[BatchMessage]) -> Result<()> {
+        if self.stop.is_cancelled() {
+            return Ok(());
+        }
+        match self.inner.publish(messages).await {
+            // The executors stopped meanwhile: the batches stay pending.
+            Err(_) if self.stop.is_cancelled() => Ok(()),
+            r => r,
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
 }
 
 /// Before planning reports: retries deleting the local files earlier runs

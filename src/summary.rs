@@ -2,7 +2,7 @@
 //! glance, and what `planner retention` and `planner status` print.
 
 use crate::human::{bytes, count, time};
-use crate::ledger::{BatchCount, DeadBatch, JobRow};
+use crate::ledger::{BatchCount, DeadBatch, JobRow, PendingWork};
 use crate::plan::{Eligible, OutOfRange, Planned};
 use crate::retention::Findings;
 use crate::vocabulary::JobType;
@@ -177,6 +177,42 @@ pub fn status(jobs: &[JobRow], counts: &[BatchCount], dead: &[DeadBatch]) -> Str
         s.push_str("  fix the cause, then: planner redrive --all (or --batch ID)\n");
     }
     s.trim_end().to_string()
+}
+
+/// The work left pending in the ledger, per kind, on one line.
+pub fn left(pending: &[PendingWork]) -> String {
+    if pending.is_empty() {
+        return "left pending: nothing".into();
+    }
+    let per_kind: Vec<String> = pending
+        .iter()
+        .map(|p| {
+            format!(
+                "{}: {} batch(es) planned with {} rows",
+                p.kind,
+                count(p.batches),
+                count(p.rows)
+            )
+        })
+        .collect();
+    format!("left pending for the next run: {}", per_kind.join("; "))
+}
+
+/// `planner status`: the work pending, per kind.
+pub fn pending(pending: &[PendingWork]) -> String {
+    let mut s = String::from("pending work:");
+    if pending.is_empty() {
+        s.push_str(" none");
+    }
+    for p in pending {
+        s.push_str(&format!(
+            "\n  {:<8} {} batch(es) planned with {} rows",
+            p.kind,
+            count(p.batches),
+            count(p.rows)
+        ));
+    }
+    s
 }
 
 /// One archived report whose local file is still on disk, and why.

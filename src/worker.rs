@@ -434,10 +434,21 @@ pub async fn run_inline<T>(
     opts: WorkerOptions,
     feed: impl AsyncFnOnce(&InlinePublisher) -> Result<T>,
 ) -> Result<InlineRun<T>> {
+    run_inline_until(exec, opts, CancellationToken::new(), feed).await
+}
+
+/// [`run_inline`] that stops taking batches when `stop` fires (the batches
+/// in hand are handed back at their next chunk, and what was not taken
+/// stays pending in the ledger); `feed` must then publish no more.
+pub async fn run_inline_until<T>(
+    exec: impl Into<Executor>,
+    opts: WorkerOptions,
+    stop: CancellationToken,
+    feed: impl AsyncFnOnce(&InlinePublisher) -> Result<T>,
+) -> Result<InlineRun<T>> {
     let exec: Executor = exec.into();
     let (publisher, mut consumer) = inline::queue();
-    let executors =
-        tokio::spawn(async move { run(exec, &mut consumer, opts, CancellationToken::new()).await });
+    let executors = tokio::spawn(async move { run(exec, &mut consumer, opts, stop).await });
     let fed = feed(&publisher).await;
     publisher.close().await?;
     let stats = executors

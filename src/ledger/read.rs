@@ -129,3 +129,26 @@ pub async fn figures(pool: &PgPool) -> Result<Figures> {
         last_batch_done,
     })
 }
+
+/// Pending batches of one kind and the rows they were planned with: the
+/// work left for workers or the next inline run.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct PendingWork {
+    /// Kind.
+    pub kind: String,
+    /// Pending batches.
+    pub batches: i64,
+    /// Rows they were planned with (metrics: samples; reports: files).
+    pub rows: i64,
+}
+
+/// Pending batches and their planned rows, per kind (kinds with none are
+/// left out).
+pub async fn pending_work(pool: &PgPool) -> Result<Vec<PendingWork>> {
+    Ok(sqlx::query_as(
+        "SELECT kind, count(*) AS batches, COALESCE(sum(planned_rows), 0)::bigint AS rows
+         FROM archive_batches WHERE status = 'pending' GROUP BY kind ORDER BY kind",
+    )
+    .fetch_all(pool)
+    .await?)
+}

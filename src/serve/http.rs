@@ -11,7 +11,8 @@
 //!   [`DB_PROBE_TIMEOUT`], the consumer is connected to its broker
 //!   ([`Link`]) and the worker is not draining; otherwise 503 and a
 //!   one-line reason. From SIGTERM on it stays 503 while in-flight batches
-//!   finish.
+//!   finish. Outside its maintenance window (`--window`) the worker holds
+//!   no consumer and `/readyz` is 200, saying when the window opens.
 //! - `GET /metrics`: this worker's Prometheus series (see [`render`]).
 //!
 //! Anything else is 404; a method other than GET or HEAD, 405. A slow or
@@ -30,7 +31,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use prometheus::{Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use sqlx::PgPool;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -46,6 +47,8 @@ pub struct Probe {
     stuck_after: Duration,
     draining: CancellationToken,
     parts: OnceLock<Parts>,
+    /// Set while the worker waits for its maintenance window: why.
+    waiting: Mutex<Option<String>>,
 }
 
 /// What exists only once the worker has reached its database.
@@ -72,6 +75,17 @@ impl Probe {
             stuck_after,
             draining: shutdown,
             parts: OnceLock::new(),
+            waiting: Mutex::default(),
+        }
+    }
+
+    /// The worker waits outside its maintenance window (`Some(why)`), or
+    /// no longer (`None`). Meanwhile `/readyz` is 200 and says why it takes
+    /// nothing: the worker is not broken, and a rollout must not stall on
+    /// workers waiting for their window.
+    pub fn waiting(&self, why: Option<String>) {
+        if let Ok(mut w) = self.waiting.lock() {
+            *w = why;
         }
     }
 
@@ -131,6 +145,9 @@ impl Probe {
         };
         if let Err(why) = self.database().await {
             return unready(why);
+        }
+        if let Some(why) = self.waiting.lock().ok().and_then(|w| w.clone()) {
+            return (StatusCode::OK, format!("ready: {why}\n"));
         }
         if !parts.broker.is_up() {
             return unready("broker unreachable: the consumer is not connected".into());

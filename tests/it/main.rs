@@ -21,4 +21,5 @@ mod reports;
 mod retention;
 mod spec_queries;
 mod sqs_stuck;
+mod window;
 mod worker_endpoint;
