@@ -1,16 +1,20 @@
 //! Streaming replicas' lag: read from `pg_stat_replication` on the primary,
 //! and from each `--replica-url` directly.
 //!
-//! On the primary a replica's position is what its last reply said, and a
-//! standby replies when WAL arrives or every `wal_receiver_status_interval`
-//! (10 s), not when it replays: `replay_lag` is only recomputed when replay
-//! passes a new position, so a standby whose replay is paused keeps showing
-//! its last (small) `replay_lag`. The lag used is therefore the larger of
-//! `replay_lag` and the age, at the replica's last reply, of the oldest WAL
-//! position this process saw the primary write that the replica had not yet
-//! replayed ([`primary_lag`]); a replica that reports having replayed all
-//! that was sent lags 0 (a stale `replay_lag` is ignored), and one that has
-//! not replied for [`SILENT`] (or the limit, if longer) lags.
+//! On the primary a replica's position is what its last reply said; a
+//! standby replies when WAL arrives and every `wal_receiver_status_interval`
+//! (10 s), not when it replays. `replay_lag` (PostgreSQL 15, checked with a
+//! paused standby in tests/it/governor.rs) keeps growing while replay is
+//! paused, but only at each reply; it is NULL once the replica is caught up
+//! and idle, and it keeps its last, possibly large, value for one more reply
+//! after the replica caught up. So: a replica whose last reply says it
+//! replayed all that was sent lags 0; otherwise its lag is the larger of
+//! `replay_lag` and the age, at that reply, of the oldest WAL position this
+//! process saw the primary write that the replica had not replayed
+//! ([`primary_lag`]; a floor that holds even if the server's lag tracker
+//! overflows). A replica that has not replied for [`SILENT`] (or the limit,
+//! if longer) lags. A replica that disconnected is no longer listed: name it
+//! with `--replica-url` to wait for it even then.
 //!
 //! On a replica (`--replica-url`): 0 when everything received is replayed,
 //! else `now() - pg_last_xact_replay_timestamp()`; unreachable, or behind
