@@ -117,6 +117,9 @@ async fn inline(app: &App, pool: &PgPool, kinds: &[Kind], opts: &PlanOptions) ->
         println!("{}", summary::finished(&job, elapsed));
         ok &= job.status == JobStatus::Completed;
     }
+    if let Some(line) = summary::throttled(&exec.governor.throttled) {
+        println!("{line}");
+    }
     for (payload, reason) in &ran.dead {
         eprintln!(
             "planner: dead batch {}: {reason}",

@@ -165,6 +165,8 @@ pub struct Governor {
     direct: replica::Direct,
     /// The round-trip probe's baseline and recent samples.
     probe: std::sync::Mutex<load::Probe>,
+    /// Batches waiting before a chunk now.
+    waiting: AtomicU64,
 }
 
 impl Governor {
@@ -189,6 +191,12 @@ impl Governor {
         load::wait(self, pool, stop).await?;
         wal::wait(self, pool, stop).await?;
         Ok(())
+    }
+
+    /// How many batches are waiting before a chunk now (a worker whose
+    /// batches all wait is throttled, not stuck).
+    pub fn waiting(&self) -> u64 {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     /// Whether any control that reads the database is on (a governor with
@@ -237,6 +245,9 @@ impl<'a> Wait<'a> {
     pub async fn pause(&mut self, d: Duration, stop: &CancellationToken) -> Result<()> {
         let t = Instant::now();
         let first = self.since.is_none();
+        if first {
+            self.g.waiting.fetch_add(1, Ordering::Relaxed);
+        }
         self.since.get_or_insert(t);
         let stopped = tokio::select! {
             _ = tokio::time::sleep(d) => false,
@@ -254,7 +265,8 @@ impl<'a> Wait<'a> {
         Ok(())
     }
 
-    /// The run ended (`how`): logged if it waited at all.
+    /// The run ended (`how`): logged if it waited at all (also counted as
+    /// ended when dropped).
     pub fn done(&self, how: &str) {
         if let Some(s) = self.since {
             tracing::info!(
@@ -263,5 +275,53 @@ impl<'a> Wait<'a> {
                 s.elapsed().as_secs_f64()
             );
         }
+    }
+}
+
+impl Drop for Wait<'_> {
+    fn drop(&mut self) {
+        if self.since.is_some() {
+            self.g.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_wait_counts_as_it_goes_and_ends_when_dropped() {
+        let g = Governor::default();
+        let stop = CancellationToken::new();
+        {
+            let mut w = Wait::new(&g, Reason::WalRate);
+            assert!(w.started());
+            assert!(!w.started());
+            w.pause(Duration::from_millis(5), &stop).await.unwrap();
+            assert_eq!(g.waiting(), 1);
+            w.pause(Duration::from_millis(5), &stop).await.unwrap();
+            assert_eq!(g.throttled.waits(Reason::WalRate), 1);
+            assert!(g.throttled.seconds(Reason::WalRate) >= 0.01);
+            stop.cancel();
+            assert!(matches!(
+                w.pause(Duration::from_secs(60), &stop).await,
+                Err(crate::error::Error::ShuttingDown)
+            ));
+        }
+        assert_eq!(g.waiting(), 0);
+    }
+
+    #[tokio::test]
+    async fn no_control_reads_no_database() {
+        // A pool to nowhere: before_chunk must not touch it.
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgresql://nobody@127.0.0.1:1/none")
+            .unwrap();
+        let g = Governor::default();
+        assert!(!g.reads_database());
+        g.before_chunk(&pool, &CancellationToken::new())
+            .await
+            .unwrap();
     }
 }

@@ -98,11 +98,19 @@ impl Probe {
     /// turned because its batches wait out an unreachable database is not
     /// stuck: a restart would not bring the database back, and a fleet
     /// restarted together during an outage only adds to it. `/readyz` says
-    /// the database is unreachable meanwhile.
+    /// the database is unreachable meanwhile. Nor is one whose batches wait
+    /// for the governor (lagging replicas, a busy database, the WAL rate).
     pub async fn health(&self) -> (StatusCode, String) {
         let (status, why) = health(&self.stats.heartbeat, self.stuck_after, &self.stats);
         if status == StatusCode::OK {
             return (status, why);
+        }
+        let waiting = self.governor.waiting();
+        if waiting > 0 {
+            return (
+                StatusCode::OK,
+                format!("alive: {waiting} batch(es) wait for the governor (see /metrics)\n"),
+            );
         }
         match self.database().await {
             Err(unreachable) => (
