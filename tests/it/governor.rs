@@ -336,27 +336,45 @@ async fn more_active_sessions_than_allowed_hold_chunks_until_they_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_low_wal_rate_paces_the_job_which_still_completes() {
+    const RATE: f64 = 500_000.0;
     let c = tokio::task::spawn_blocking(Clusters::primary)
         .await
         .unwrap();
-    let p = planned(&c, 6000, 25).await;
+    let p = planned(&c, 3000, 25).await;
     let (exec, g) = executor(
         &p.db,
         GovernorOptions {
-            // 1 MB/s: the job's WAL (about 2.5 MB) in seconds, where
-            // unpaced it takes a fraction of one.
-            max_wal_rate: Some(1e6),
+            // The application's burst and the job's WAL (about 1 MB and
+            // 1.3 MB) in about five seconds; unpaced, a fraction of one.
+            max_wal_rate: Some(RATE),
             ..GovernorOptions::default()
         },
     );
     let wal = "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8";
     let before = p.db.scalar(wal).await;
-    let t = std::time::Instant::now();
-    let ds = tokio::time::timeout(40 * SECOND, process_all(exec, p.batches.clone()))
+    // The application writes a burst the governor sees (the WAL is the
+    // server's): the first chunk already waits, however fast the job is.
+    let first = g.reading(&p.db.pool).await.unwrap().lsn;
+    sqlx::query("CREATE TABLE app_writes AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 4000) g")
+        .execute(&p.db.pool)
         .await
-        .expect("a paced job still ends");
+        .unwrap();
+    wait_until("a reading after the burst", 5 * SECOND, || async {
+        g.reading(&p.db.pool).await.unwrap().lsn > first + 500_000
+    })
+    .await;
+    let t = std::time::Instant::now();
+    let run = tokio::spawn(process_all(exec, p.batches.clone()));
+    wait_until("the governor to wait", 10 * SECOND, || async {
+        g.throttled.waits(Reason::WalRate) >= 1
+    })
+    .await;
+    assert_eq!(done(&p.db).await, 0, "the first chunk waits for the burst");
+    let ds = tokio::time::timeout(40 * SECOND, run)
+        .await
+        .expect("a paced job still ends")
+        .unwrap();
     assert_all_acked(&ds);
-    assert!(g.throttled.waits(Reason::WalRate) >= 1);
     let waited = g.throttled.seconds(Reason::WalRate);
     assert!(waited > 0.2, "{waited}");
     let written = (p.db.scalar(wal).await - before) as f64;
@@ -364,7 +382,7 @@ async fn a_low_wal_rate_paces_the_job_which_still_completes() {
     eprintln!("paced job: {took:.1}s, waited {waited:.1}s, {written} bytes of WAL");
     // The pace held: all but the last readings' worth of WAL (a quarter
     // second unmeasured, and the last batch) came at the rate or slower.
-    assert!(took >= 0.5 * written / 1e6, "{took}s for {written} bytes");
+    assert!(took >= 0.5 * written / RATE, "{took}s for {written} bytes");
     p.db.assert_logs_invariant(&p.old, &p.young).await;
     p.db.assert_job_counted_once(p.job, p.old.0).await;
     p.db.cleanup().await;
