@@ -162,6 +162,9 @@ async fn inline(app: &App, pool: &PgPool, kinds: &[Kind], opts: &PlanOptions) ->
         ok &= job.status == JobStatus::Completed
             || (stopped.is_some() && job.status == JobStatus::Running);
     }
+    if let Some(line) = summary::throttled(&exec.governor.throttled) {
+        println!("{line}");
+    }
     for (payload, reason) in &ran.dead {
         eprintln!(
             "planner: dead batch {}: {reason}",

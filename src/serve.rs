@@ -50,6 +50,8 @@ pub async fn run(
     app.queue.broker()?;
     let kinds = app.served(kinds)?;
     let stats = Arc::new(WorkerStats::default());
+    // One governor for the executor and the endpoint's throttle series.
+    let governor = app.governor();
     // Served until the batches in flight are done (not until SIGTERM), so
     // that `/readyz` says "draining" meanwhile.
     let stop_http = CancellationToken::new();
@@ -59,7 +61,10 @@ pub async fn run(
         let listener = crate::http::bind(e.listen).await?;
         let bound = listener.local_addr().unwrap_or(e.listen);
         tracing::info!("worker endpoint on http://{bound} (/healthz, /readyz, /metrics)");
-        let p = Arc::new(Probe::new(stats.clone(), e.stuck_after, shutdown.clone()));
+        let p = Arc::new(
+            Probe::new(stats.clone(), e.stuck_after, shutdown.clone())
+                .with_governor(governor.clone()),
+        );
         server = Some(tokio::spawn(http::serve(
             listener,
             p.clone(),
@@ -67,7 +72,7 @@ pub async fn run(
         )));
         probe = Some(p);
     }
-    let served = consume(app, kinds, stats, probe.as_deref(), shutdown).await;
+    let served = consume(app, kinds, stats, governor, probe.as_deref(), shutdown).await;
     stop_http.cancel();
     if let Some(s) = server {
         let _ = s.await;
@@ -79,6 +84,7 @@ async fn consume(
     app: &App,
     kinds: Option<Vec<Kind>>,
     stats: Arc<WorkerStats>,
+    governor: Arc<Governor>,
     probe: Option<&Probe>,
     shutdown: CancellationToken,
 ) -> Result<()> {
@@ -86,6 +92,7 @@ async fn consume(
     let pool = app.batch_pool(concurrency + 2, DATABASE_PATIENCE).await?;
     crate::db::check_migrated(&pool).await?;
     let mut exec = app.executor(&pool).await?;
+    exec.governor = governor;
     if let Some(kinds) = &kinds {
         let names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
         tracing::info!("serving {} batches only", names.join(","));

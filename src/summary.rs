@@ -1,6 +1,7 @@
 //! What the planner prints: one line per kind that a person reads at a
 //! glance, and what `planner retention` and `planner status` print.
 
+use crate::governor::{Reason, Throttled};
 use crate::human::{bytes, count, time};
 use crate::ledger::{BatchCount, DeadBatch, JobRow, PendingWork};
 use crate::plan::{Eligible, OutOfRange, Planned};
@@ -297,6 +298,32 @@ pub fn retention(found: &Findings, dry_run: bool) -> String {
     s.trim_end().to_owned()
 }
 
+/// What the governor made a run wait before chunks, by reason (`None`
+/// when it never waited): `throttled 12.5s before chunks: replica_lag 10.0s
+/// (2 waits), wal_rate 2.5s (5 waits)`.
+pub fn throttled(t: &Throttled) -> Option<String> {
+    let parts: Vec<String> = Reason::ALL
+        .iter()
+        .filter(|r| t.waits(**r) > 0)
+        .map(|r| {
+            format!(
+                "{} {:.1}s ({} waits)",
+                r.as_str(),
+                t.seconds(*r),
+                t.waits(*r)
+            )
+        })
+        .collect();
+    if parts.is_empty() {
+        return None;
+    }
+    let total: f64 = Reason::ALL.iter().map(|r| t.seconds(*r)).sum();
+    Some(format!(
+        "throttled {total:.1}s before chunks: {}",
+        parts.join(", ")
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,5 +335,17 @@ mod tests {
         assert_eq!(count(-1000), "-1,000");
         assert_eq!(bytes(512), "512 B");
         assert_eq!(bytes(1536), "1.5 KiB");
+    }
+
+    #[test]
+    fn throttling_is_said_only_when_it_happened() {
+        let t = Throttled::default();
+        assert_eq!(throttled(&t), None);
+        t.add(Reason::ReplicaLag, Duration::from_secs(10));
+        t.add(Reason::WalRate, Duration::from_millis(2500));
+        assert_eq!(
+            throttled(&t).unwrap(),
+            "throttled 12.5s before chunks: replica_lag 10.0s (1 waits), wal_rate 2.5s (1 waits)"
+        );
     }
 }

@@ -16,6 +16,7 @@
 //! `/metrics`).
 
 pub mod load;
+pub mod reading;
 pub mod replica;
 pub mod wal;
 pub mod window;
@@ -127,9 +128,16 @@ pub struct Throttled {
 impl Throttled {
     /// Adds a wait of `d` for `why`.
     pub fn add(&self, why: Reason, d: Duration) {
+        self.spent(why, d);
+        self.waits[why.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds `d` to the time spent waiting for `why`, not counting a new
+    /// wait (a long wait is counted as it goes, so `/metrics` shows it
+    /// growing).
+    pub fn spent(&self, why: Reason, d: Duration) {
         let i = why.index();
         self.micros[i].fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-        self.waits[i].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Adds `d` to the time of a wait for `why` already counted (a long
@@ -157,6 +165,14 @@ pub struct Governor {
     pub opts: GovernorOptions,
     /// Time spent waiting, by reason.
     pub throttled: Throttled,
+    /// The last reading and the WAL positions seen (see [`reading`]).
+    memory: tokio::sync::Mutex<reading::Memory>,
+    /// Sessions to `--replica-url`s.
+    direct: replica::Direct,
+    /// The round-trip probe's baseline and recent samples.
+    probe: std::sync::Mutex<load::Probe>,
+    /// Batches waiting before a chunk now.
+    waiting: AtomicU64,
 }
 
 impl Governor {
@@ -164,7 +180,7 @@ impl Governor {
     pub fn new(opts: GovernorOptions) -> Governor {
         Governor {
             opts,
-            throttled: Throttled::default(),
+            ..Governor::default()
         }
     }
 
@@ -174,10 +190,19 @@ impl Governor {
     /// `--max-lag-wait`); `Err(Error::ShuttingDown)` when `stop` fires.
     pub async fn before_chunk(&self, pool: &PgPool, stop: &CancellationToken) -> Result<()> {
         window::check(self)?;
+        if !self.reads_database() {
+            return Ok(());
+        }
         replica::wait(self, pool, stop).await?;
         load::wait(self, pool, stop).await?;
         wal::wait(self, pool, stop).await?;
         Ok(())
+    }
+
+    /// How many batches are waiting before a chunk now (a worker whose
+    /// batches all wait is throttled, not stuck).
+    pub fn waiting(&self) -> u64 {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     /// Whether any control that reads the database is on (a governor with
@@ -188,5 +213,121 @@ impl Governor {
             || o.max_active_sessions.is_some()
             || o.probe_factor.is_some()
             || o.max_wal_rate.is_some()
+    }
+}
+
+/// One run of waiting before a chunk, for one reason: counted in
+/// [`Throttled`] as it goes, logged when it ends.
+#[derive(Debug)]
+pub struct Wait<'a> {
+    g: &'a Governor,
+    why: Reason,
+    since: Option<Instant>,
+    first: bool,
+}
+
+impl<'a> Wait<'a> {
+    /// Not waiting yet.
+    pub fn new(g: &'a Governor, why: Reason) -> Wait<'a> {
+        Wait {
+            g,
+            why,
+            since: None,
+            first: true,
+        }
+    }
+
+    /// True once, when the first pause is about to start (to log why).
+    pub fn started(&mut self) -> bool {
+        std::mem::replace(&mut self.first, false)
+    }
+
+    /// How long this run has waited so far.
+    pub fn elapsed(&self) -> Duration {
+        self.since.map_or(Duration::ZERO, |s| s.elapsed())
+    }
+
+    /// Sleeps `d` (counted), or `Err(ShuttingDown)` when `stop` fires.
+    pub async fn pause(&mut self, d: Duration, stop: &CancellationToken) -> Result<()> {
+        let t = Instant::now();
+        let first = self.since.is_none();
+        if first {
+            self.g.waiting.fetch_add(1, Ordering::Relaxed);
+        }
+        self.since.get_or_insert(t);
+        let stopped = tokio::select! {
+            _ = tokio::time::sleep(d) => false,
+            _ = stop.cancelled() => true,
+        };
+        let spent = t.elapsed();
+        if first {
+            self.g.throttled.add(self.why, spent);
+        } else {
+            self.g.throttled.spent(self.why, spent);
+        }
+        if stopped {
+            return Err(crate::error::Error::ShuttingDown);
+        }
+        Ok(())
+    }
+
+    /// The run ended (`how`): logged if it waited at all (also counted as
+    /// ended when dropped).
+    pub fn done(&self, how: &str) {
+        if let Some(s) = self.since {
+            tracing::info!(
+                reason = self.why.as_str(),
+                "{how}: waited {:.1}s before the chunk",
+                s.elapsed().as_secs_f64()
+            );
+        }
+    }
+}
+
+impl Drop for Wait<'_> {
+    fn drop(&mut self) {
+        if self.since.is_some() {
+            self.g.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_wait_counts_as_it_goes_and_ends_when_dropped() {
+        let g = Governor::default();
+        let stop = CancellationToken::new();
+        {
+            let mut w = Wait::new(&g, Reason::WalRate);
+            assert!(w.started());
+            assert!(!w.started());
+            w.pause(Duration::from_millis(5), &stop).await.unwrap();
+            assert_eq!(g.waiting(), 1);
+            w.pause(Duration::from_millis(5), &stop).await.unwrap();
+            assert_eq!(g.throttled.waits(Reason::WalRate), 1);
+            assert!(g.throttled.seconds(Reason::WalRate) >= 0.01);
+            stop.cancel();
+            assert!(matches!(
+                w.pause(Duration::from_secs(60), &stop).await,
+                Err(crate::error::Error::ShuttingDown)
+            ));
+        }
+        assert_eq!(g.waiting(), 0);
+    }
+
+    #[tokio::test]
+    async fn no_control_reads_no_database() {
+        // A pool to nowhere: before_chunk must not touch it.
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgresql://nobody@127.0.0.1:1/none")
+            .unwrap();
+        let g = Governor::default();
+        assert!(!g.reads_database());
+        g.before_chunk(&pool, &CancellationToken::new())
+            .await
+            .unwrap();
     }
 }

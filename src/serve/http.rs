@@ -20,6 +20,7 @@
 //! own, bounded as [`crate::http`] says.
 
 use crate::error::{Error, Result};
+use crate::governor::{Governor, Reason, Throttled};
 use crate::http::{Reply, reply};
 use crate::monitoring::CONTENT_TYPE;
 use crate::monitoring::{metric_error, register};
@@ -28,7 +29,7 @@ use crate::worker::{Heartbeat, WorkerStats};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use prometheus::{Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{CounterVec, Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use sqlx::PgPool;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -49,6 +50,7 @@ pub struct Probe {
     parts: OnceLock<Parts>,
     /// Set while the worker waits for its maintenance window: why.
     waiting: Mutex<Option<String>>,
+    governor: Arc<Governor>,
 }
 
 /// What exists only once the worker has reached its database.
@@ -76,6 +78,7 @@ impl Probe {
             draining: shutdown,
             parts: OnceLock::new(),
             waiting: Mutex::default(),
+            governor: Arc::default(),
         }
     }
 
@@ -87,6 +90,12 @@ impl Probe {
         if let Ok(mut w) = self.waiting.lock() {
             *w = why;
         }
+    }
+
+    /// The governor whose waits `/metrics` shows.
+    pub fn with_governor(mut self, governor: Arc<Governor>) -> Self {
+        self.governor = governor;
+        self
     }
 
     /// The worker is connected: its batch pool, a pool for the readiness
@@ -103,11 +112,19 @@ impl Probe {
     /// turned because its batches wait out an unreachable database is not
     /// stuck: a restart would not bring the database back, and a fleet
     /// restarted together during an outage only adds to it. `/readyz` says
-    /// the database is unreachable meanwhile.
+    /// the database is unreachable meanwhile. Nor is one whose batches wait
+    /// for the governor (lagging replicas, a busy database, the WAL rate).
     pub async fn health(&self) -> (StatusCode, String) {
         let (status, why) = health(&self.stats.heartbeat, self.stuck_after, &self.stats);
         if status == StatusCode::OK {
             return (status, why);
+        }
+        let waiting = self.governor.waiting();
+        if waiting > 0 {
+            return (
+                StatusCode::OK,
+                format!("alive: {waiting} batch(es) wait for the governor (see /metrics)\n"),
+            );
         }
         match self.database().await {
             Err(unreachable) => (
@@ -159,7 +176,7 @@ impl Probe {
     pub fn metrics(&self) -> Result<String> {
         let pool = self.parts.get().map(|p| &p.batches);
         let in_use = pool.map_or(0, |p| i64::from(p.size()) - p.num_idle() as i64);
-        render(&self.stats, in_use)
+        render(&self.stats, in_use, &self.governor.throttled)
     }
 }
 
@@ -190,8 +207,11 @@ fn one_line(e: &dyn std::fmt::Display) -> String {
 /// `archiver_worker_retries_total`, `archiver_worker_hand_backs_total`,
 /// `archiver_worker_dead_letters_total`, `archiver_worker_db_connections_in_use`
 /// and `archiver_worker_last_settled_timestamp_seconds` (0 until a batch is
-/// settled). Counters count since the process started.
-pub fn render(stats: &WorkerStats, in_use: i64) -> Result<String> {
+/// settled), and what the governor spent waiting before chunks, by reason:
+/// `archiver_worker_throttled_seconds_total{reason}` and
+/// `archiver_worker_throttle_waits_total{reason}`. Counters count since
+/// the process started.
+pub fn render(stats: &WorkerStats, in_use: i64, throttled: &Throttled) -> Result<String> {
     let registry = Registry::new();
     let gauge = |name: &str, help: &str, value: i64| -> Result<()> {
         let g = register(
@@ -266,6 +286,36 @@ pub fn render(stats: &WorkerStats, in_use: i64) -> Result<String> {
     )?;
     last.set(stats.last_settled_ms.load(Ordering::Relaxed) as f64 / 1000.0);
     register(&registry, stats.durations.clone())?;
+    let seconds = register(
+        &registry,
+        CounterVec::new(
+            Opts::new(
+                "archiver_worker_throttled_seconds_total",
+                "Seconds this worker's batches waited before chunks, by reason (replica_lag, active_sessions, probe, wal_rate, window).",
+            ),
+            &["reason"],
+        )
+        .map_err(metric_error)?,
+    )?;
+    let waits = register(
+        &registry,
+        IntCounterVec::new(
+            Opts::new(
+                "archiver_worker_throttle_waits_total",
+                "Times this worker waited before a chunk, by reason.",
+            ),
+            &["reason"],
+        )
+        .map_err(metric_error)?,
+    )?;
+    for r in Reason::ALL {
+        seconds
+            .with_label_values(&[r.as_str()])
+            .inc_by(throttled.seconds(r));
+        waits
+            .with_label_values(&[r.as_str()])
+            .inc_by(throttled.waits(r));
+    }
 
     let mut out = Vec::new();
     prometheus::TextEncoder::new()
@@ -328,7 +378,9 @@ mod tests {
 
     #[test]
     fn every_series_is_there_before_the_first_batch() {
-        let text = render(&WorkerStats::default(), 0).unwrap();
+        let throttled = Throttled::default();
+        throttled.add(Reason::ReplicaLag, Duration::from_millis(1500));
+        let text = render(&WorkerStats::default(), 0, &throttled).unwrap();
         for want in [
             "archiver_worker_batches_in_flight 0",
             "archiver_worker_db_connections_in_use 0",
@@ -340,6 +392,10 @@ mod tests {
             "archiver_worker_last_settled_timestamp_seconds 0",
             "archiver_worker_batch_duration_seconds_count{kind=\"logs\",outcome=\"done\"} 0",
             "# TYPE archiver_worker_batch_duration_seconds histogram",
+            "archiver_worker_throttled_seconds_total{reason=\"replica_lag\"} 1.5",
+            "archiver_worker_throttle_waits_total{reason=\"replica_lag\"} 1",
+            "archiver_worker_throttled_seconds_total{reason=\"window\"} 0",
+            "archiver_worker_throttle_waits_total{reason=\"wal_rate\"} 0",
         ] {
             assert!(text.lines().any(|l| l == want), "{want} in\n{text}");
         }

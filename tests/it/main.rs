@@ -9,6 +9,7 @@ mod deploy;
 mod failures;
 mod fleet_amqp;
 mod fleet_sqs;
+mod governor;
 mod hardening;
 mod helpers;
 mod logs;

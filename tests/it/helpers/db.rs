@@ -27,8 +27,8 @@ pub async fn admin_exec(sql: String) {
 
 /// Drops database `name`, ending its sessions; errors are ignored (it is
 /// cleanup, and the database may already be gone).
-async fn drop_database(name: &str) {
-    if let Ok(mut admin) = PgConnection::connect(&admin_url()).await {
+async fn drop_database(admin: &str, name: &str) {
+    if let Ok(mut admin) = PgConnection::connect(admin).await {
         let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
         )))
@@ -44,6 +44,7 @@ pub struct TestDb {
     pub pool: PgPool,
     pub url: String,
     pub name: String,
+    admin: String,
     dropped: bool,
 }
 
@@ -57,10 +58,22 @@ impl TestDb {
 
     /// A fresh database with no migration applied.
     pub async fn unmigrated() -> TestDb {
+        TestDb::unmigrated_at(&admin_url()).await
+    }
+
+    /// A fresh database with the schema applied, on the server of the
+    /// administrator's URL `admin` (a private cluster's).
+    pub async fn new_at(admin: &str) -> TestDb {
+        let db = TestDb::unmigrated_at(admin).await;
+        archiver::db::migrate(&db.pool).await.unwrap();
+        db
+    }
+
+    async fn unmigrated_at(admin_url: &str) -> TestDb {
         let name = format!("archiver_t_{}", Uuid::new_v4().simple());
         let admin = PgPoolOptions::new()
             .max_connections(1)
-            .connect(&admin_url())
+            .connect(admin_url)
             .await
             .expect("admin connection");
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
@@ -68,7 +81,7 @@ impl TestDb {
             .await
             .unwrap();
         admin.close().await;
-        let mut url = url::Url::parse(&admin_url()).unwrap();
+        let mut url = url::Url::parse(admin_url).unwrap();
         url.set_path(&name);
         let url = url.to_string();
         // From here on `Drop` removes the database, whatever happens next.
@@ -80,6 +93,7 @@ impl TestDb {
             pool,
             url,
             name,
+            admin: admin_url.to_string(),
             dropped: false,
         };
         db.pool.acquire().await.unwrap();
@@ -89,7 +103,7 @@ impl TestDb {
     /// Closes the pool and drops the database; `Drop` then has nothing to do.
     pub async fn cleanup(mut self) {
         self.pool.close().await;
-        drop_database(&self.name).await;
+        drop_database(&self.admin, &self.name).await;
         self.dropped = true;
     }
 
@@ -333,11 +347,12 @@ impl Drop for TestDb {
             return;
         }
         let name = self.name.clone();
+        let admin = self.admin.clone();
         let _ = std::thread::spawn(move || {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .map(|rt| rt.block_on(drop_database(&name)))
+                .map(|rt| rt.block_on(drop_database(&admin, &name)))
         })
         .join();
     }

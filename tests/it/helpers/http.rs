@@ -86,4 +86,6 @@ pub const WORKER_SERIES: &[(&str, &str)] = &[
     ("archiver_worker_dead_letters_total", "counter"),
     ("archiver_worker_db_connections_in_use", "gauge"),
     ("archiver_worker_last_settled_timestamp_seconds", "gauge"),
+    ("archiver_worker_throttled_seconds_total", "counter"),
+    ("archiver_worker_throttle_waits_total", "counter"),
 ];

@@ -1,7 +1,8 @@
 //! The helper wing of the integration tests, split by what each part talks
 //! to: `db` (a database per test, dropped even when the test panics),
 //! `bin` (the planner and worker binaries), `amqp`, `sqs`, `s3`, `http` (a
-//! worker's endpoint), and `wait`
+//! worker's endpoint), `standby` (a private primary and its hot
+//! standby), and `wait`
 //! (waiting for a condition instead of sleeping). What runs the library in
 //! this process (planning, inline runs, a reports executor) is here.
 
@@ -12,6 +13,7 @@ pub mod http;
 pub mod relay;
 pub mod s3;
 pub mod sqs;
+pub mod standby;
 pub mod wait;
 
 pub use bin::{ok, stderr, stdout};
