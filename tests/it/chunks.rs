@@ -5,29 +5,23 @@
 //! contradicts its batch is refused.
 
 use crate::helpers::amqp::{amqp_config, delete_queues};
-use crate::helpers::{TestDb, plan_logs, plan_only, plan_options, poll_until, wait_until};
+use crate::helpers::{
+    TestDb, plan_logs, plan_only, plan_options, poll_until, small_chunks, wait_until,
+};
 use archiver::execute::{self, Executor, Outcome};
-use archiver::governor::{Governor, GovernorOptions};
 use archiver::transport::amqp::AmqpPublisher;
 use archiver::transport::{BatchMessage, Publisher};
 use archiver::vocabulary::Kind;
 use archiver::worker::{self, Disposition, WorkerOptions};
 use sqlx::Row;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// An executor whose chunks aim at 1 ms: every chunk is the minimum size
-/// after the first (1,000 rows), so a 5,000-row batch is many chunks.
+/// An executor whose chunks aim at 1 ms: after the first (1,000 rows)
+/// every chunk is the minimum (100 rows), so a 5,000-row batch is many.
 fn tiny_chunks(db: &TestDb) -> Executor {
-    Executor {
-        governor: Arc::new(Governor::new(GovernorOptions {
-            chunk_time: Duration::from_millis(1),
-            ..GovernorOptions::default()
-        })),
-        ..Executor::from(&db.pool)
-    }
+    small_chunks(&db.pool)
 }
 
 /// (chunks, cursor = hi, status, rows_deleted, planned_rows) of a batch.
