@@ -163,6 +163,7 @@ impl App {
             reports: Some(Arc::new(ctx)),
             kinds: None,
             governor: self.governor(),
+            chunks: Arc::default(),
         })
     }
 

@@ -3,7 +3,7 @@
 //! batch's lower bound and how its range is bound, and where report files
 //! may live.
 
-use crate::ledger::Batch;
+use crate::ledger::{Batch, Key};
 use sqlx::Postgres;
 use sqlx::postgres::PgArguments;
 use sqlx::query::Query;
@@ -42,11 +42,22 @@ pub fn bind_batch<'q>(
     q: Query<'q, Postgres, PgArguments>,
     batch: &Batch,
 ) -> Query<'q, Postgres, PgArguments> {
-    q.bind(batch.lo.map(|k| k.ts))
-        .bind(batch.lo.map(|k| k.id))
-        .bind(batch.hi.ts)
-        .bind(batch.hi.id)
-        .bind(batch.cutoff)
+    bind_range(q, batch.lo, batch.hi, batch.cutoff)
+}
+
+/// Binds an explicit range `(from, upto]` (a chunk of a batch) and a
+/// cut-off as `$1..$5`, as [`bind_batch`] binds a whole batch's.
+pub fn bind_range<'q>(
+    q: Query<'q, Postgres, PgArguments>,
+    from: Option<Key>,
+    upto: Key,
+    cutoff: chrono::DateTime<chrono::Utc>,
+) -> Query<'q, Postgres, PgArguments> {
+    q.bind(from.map(|k| k.ts))
+        .bind(from.map(|k| k.id))
+        .bind(upto.ts)
+        .bind(upto.id)
+        .bind(cutoff)
 }
 
 /// Where report files must live (`REPORTS_ROOT`): the checks both the

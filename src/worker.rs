@@ -166,9 +166,14 @@ async fn execute_with_retry(
         // A panic (say, an application-owned column of a type we cannot
         // decode) fails this batch for good; the delivery is still settled
         // and the worker goes on.
-        let attempt = AssertUnwindSafe(execute::execute_batch(exec, msg.batch_id, msg.kind))
-            .catch_unwind()
-            .await;
+        let attempt = AssertUnwindSafe(execute::execute_batch(
+            exec,
+            msg.batch_id,
+            msg.kind,
+            shutdown,
+        ))
+        .catch_unwind()
+        .await;
         let err = match attempt {
             Ok(Ok(o)) => return Ok(o),
             Ok(Err(e)) => e,

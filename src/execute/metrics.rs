@@ -1,5 +1,7 @@
-//! Metrics (R2): reduce a batch's samples to one archive row per (scenario,
-//! type, name, unit, UTC day) and delete them, in one statement.
+//! Metrics (R2): reduce a chunk of a batch's samples to one archive row per
+//! (scenario, type, name, unit, UTC day) and delete them, in one statement.
+//! Chunks, like batches, are cut on (day, scenario_id) keys, so a group is
+//! never split between two chunks.
 //!
 //! Exact and mergeable: each group's row has a deterministic id (an MD5 of
 //! its key), and keeps `sample_count`, `value_sum`, `value_min` and
@@ -12,12 +14,43 @@
 //! is ever taken from one arbitrary sample.
 
 use crate::error::Result;
-use crate::ledger::{Batch, Counts};
-use crate::schema::{DAY_FROM_START, METRICS, METRICS_ARCHIVE, METRICS_DAY as DAY, bind_batch};
+use crate::ledger::{Batch, Counts, Key};
+use crate::schema::{DAY_FROM_START, METRICS, METRICS_ARCHIVE, METRICS_DAY as DAY, bind_range};
 use sqlx::{Postgres, Row, Transaction};
 
+/// The (day, scenario_id) key of the `n`-th sample of `batch` after its
+/// cursor, in key order, read off the (UTC day, scenario_id) index; `None`
+/// when fewer remain. A chunk ending at that key takes every sample of it,
+/// so it may exceed `n` when one key has many samples.
+pub async fn nth_key(
+    tx: &mut Transaction<'_, Postgres>,
+    batch: &Batch,
+    n: i64,
+) -> Result<Option<Key>> {
+    let sql = format!(
+        "SELECT {DAY} AT TIME ZONE 'UTC' AS day, scenario_id FROM {METRICS}
+         WHERE ({DAY}, scenario_id) > {DAY_FROM_START}
+           AND ({DAY}, scenario_id) <= ($3 AT TIME ZONE 'UTC', $4)
+           AND \"timestamp\" < $5
+         ORDER BY {DAY}, scenario_id OFFSET $6 LIMIT 1"
+    );
+    let row = bind_range(
+        sqlx::query(sqlx::AssertSqlSafe(sql)),
+        batch.cursor,
+        batch.hi,
+        batch.cutoff,
+    )
+    .bind(n.max(1) - 1)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(row.map(|r| Key {
+        ts: r.get("day"),
+        id: r.get("scenario_id"),
+    }))
+}
+
 /// Aggregates and deletes the samples of `batch`'s (day, scenario) range
-/// that are older than its job's cut-off (a whole UTC day).
+/// `(from, upto]` that are older than its job's cut-off (a whole UTC day).
 ///
 /// Most batches meet no archived row for their groups, and a plain INSERT
 /// costs less than one that must be ready to merge (a speculative insertion
@@ -25,11 +58,17 @@ use sqlx::{Postgres, Row, Transaction};
 /// only if one of its groups already has a row (late samples for a day
 /// archived before: a unique violation) is it rolled back to the savepoint
 /// and run again with the merging INSERT.
-pub async fn archive(tx: &mut Transaction<'_, Postgres>, batch: &Batch) -> Result<Counts> {
+pub async fn archive(
+    tx: &mut Transaction<'_, Postgres>,
+    batch: &Batch,
+    from: Option<Key>,
+    upto: Key,
+) -> Result<Counts> {
+    let range = Range { from, upto };
     sqlx::query("SAVEPOINT fresh_groups")
         .execute(&mut **tx)
         .await?;
-    match run(tx, batch, false).await {
+    match run(tx, batch, range, false).await {
         Err(crate::Error::Db(e))
             if e.as_database_error()
                 .is_some_and(|d| d.code().as_deref() == Some(UNIQUE_VIOLATION)) =>
@@ -38,7 +77,7 @@ pub async fn archive(tx: &mut Transaction<'_, Postgres>, batch: &Batch) -> Resul
                 .execute(&mut **tx)
                 .await?;
             tracing::debug!("groups already archived; merging");
-            run(tx, batch, true).await
+            run(tx, batch, range, true).await
         }
         other => other,
     }
@@ -46,9 +85,21 @@ pub async fn archive(tx: &mut Transaction<'_, Postgres>, batch: &Batch) -> Resul
 
 const UNIQUE_VIOLATION: &str = "23505";
 
+/// A chunk's range: `(from, upto]`.
+#[derive(Debug, Clone, Copy)]
+struct Range {
+    from: Option<Key>,
+    upto: Key,
+}
+
 /// One statement: delete the samples, group them, insert (or with `merge`,
 /// insert or merge) one archive row per group.
-async fn run(tx: &mut Transaction<'_, Postgres>, batch: &Batch, merge: bool) -> Result<Counts> {
+async fn run(
+    tx: &mut Transaction<'_, Postgres>,
+    batch: &Batch,
+    range: Range,
+    merge: bool,
+) -> Result<Counts> {
     let group = "scenario_id, metric_type, metric_name, unit, day";
     let on_conflict = if merge { MERGE } else { "" };
     let sql = format!(
@@ -84,10 +135,15 @@ async fn run(tx: &mut Transaction<'_, Postgres>, batch: &Batch, merge: bool) -> 
          )
          SELECT (SELECT count(*) FROM moved) AS samples, (SELECT count(*) FROM ins) AS groups"
     );
-    let row = bind_batch(sqlx::query(sqlx::AssertSqlSafe(sql)), batch)
-        .bind(batch.id)
-        .fetch_one(&mut **tx)
-        .await?;
+    let row = bind_range(
+        sqlx::query(sqlx::AssertSqlSafe(sql)),
+        range.from,
+        range.upto,
+        batch.cutoff,
+    )
+    .bind(batch.id)
+    .fetch_one(&mut **tx)
+    .await?;
     let samples: i64 = row.get("samples");
     Ok(Counts {
         processed: samples,

@@ -1,19 +1,28 @@
-//! Executing one batch: its data change and its ledger row flip to done
-//! commit in one transaction, so a batch has its effect exactly once however
-//! often its message is delivered.
+//! Executing one batch, as one or more chunks (logs and metrics) or in one
+//! go (reports). Each chunk is a transaction that moves the rows of a slice
+//! of the batch's range and, in the same commit, advances the batch's cursor
+//! and adds to its counts and its job's (the last chunk marks it done); so a
+//! batch has its effect exactly once however often its message is
+//! delivered, and a worker killed mid-batch leaves it resumable at the
+//! cursor. Chunks are sized to `--chunk-time` ([`chunk`]); the governor is
+//! asked before each one, outside any transaction.
 
+pub mod chunk;
 pub mod logs;
 pub mod metrics;
 pub mod reports;
 
 use crate::error::{Error, Result};
 use crate::governor::Governor;
-use crate::ledger;
+use crate::ledger::{self, Key};
 use crate::vocabulary::BatchStatus;
 use crate::vocabulary::Kind;
+use chunk::ChunkSizer;
 use reports::ReportsContext;
 use sqlx::PgPool;
 use std::sync::Arc;
+use std::time::Instant;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// Memory a batch's sorts and hashes may use before spilling to disk (per
@@ -33,6 +42,8 @@ pub struct Executor {
     pub kinds: Option<Vec<Kind>>,
     /// What is checked before each chunk, and the chunk time.
     pub governor: Arc<Governor>,
+    /// The chunk sizes, learnt from the chunks this process ran.
+    pub chunks: Arc<ChunkSizer>,
 }
 
 impl From<&PgPool> for Executor {
@@ -42,6 +53,7 @@ impl From<&PgPool> for Executor {
             reports: None,
             kinds: None,
             governor: Arc::default(),
+            chunks: Arc::default(),
         }
     }
 }
@@ -88,9 +100,18 @@ pub enum Outcome {
     AlreadyDone,
 }
 
-/// Executes batch `id`, which a message says is of `kind`.
+/// Executes batch `id`, which a message says is of `kind`: a logs or
+/// metrics batch chunk by chunk from its cursor until the cursor reaches its
+/// upper bound, a reports batch in one go. `stop` cancelled between chunks:
+/// `Err(Error::ShuttingDown)`, the chunks done so far committed and the rest
+/// left for a redelivery.
 #[tracing::instrument(skip_all, fields(archive_batch_id = %id, kind = %kind))]
-pub async fn execute_batch(exec: &Executor, id: Uuid, kind: Kind) -> Result<Outcome> {
+pub async fn execute_batch(
+    exec: &Executor,
+    id: Uuid,
+    kind: Kind,
+    stop: &CancellationToken,
+) -> Result<Outcome> {
     // The ledger, not the message, says what the batch is: a message naming
     // the wrong kind is the message's fault, whatever this process serves.
     if let Some(why) = exec.declines(kind) {
@@ -108,10 +129,61 @@ pub async fn execute_batch(exec: &Executor, id: Uuid, kind: Kind) -> Result<Outc
         check_kind(&batch, kind)?;
         return reports::execute(exec, ctx, batch).await;
     }
-    // Until batches run as chunks, the governor is asked once per batch.
-    exec.governor
-        .before_chunk(&exec.pool, &tokio_util::sync::CancellationToken::new())
-        .await?;
+    let mut ran = ledger::Counts::default();
+    let mut chunks = 0;
+    loop {
+        if chunks > 0 && stop.is_cancelled() {
+            tracing::info!(
+                chunks,
+                rows = ran.processed,
+                "stopping between chunks; the batch's cursor keeps what was done"
+            );
+            return Err(Error::ShuttingDown);
+        }
+        exec.governor.before_chunk(&exec.pool, stop).await?;
+        let Some(chunk) = run_chunk(exec, id, kind).await? else {
+            if chunks == 0 {
+                tracing::debug!("already done; acknowledging without effect");
+                return Ok(Outcome::AlreadyDone);
+            }
+            // Another delivery of the batch ran its last chunk.
+            tracing::debug!(chunks, "finished by another delivery");
+            return Ok(Outcome::Done {
+                counts: ran,
+                job_completed: false,
+            });
+        };
+        ran += chunk.counts;
+        chunks += 1;
+        if let Some(job_completed) = chunk.last {
+            tracing::debug!(
+                rows = ran.archived,
+                bytes = ran.bytes,
+                chunks,
+                job_completed,
+                "batch done"
+            );
+            return Ok(Outcome::Done {
+                counts: ran,
+                job_completed,
+            });
+        }
+    }
+}
+
+/// What one chunk did.
+struct Chunk {
+    counts: ledger::Counts,
+    /// `Some(job_completed)`: it was the batch's last.
+    last: Option<bool>,
+}
+
+/// Runs the next chunk of batch `id` in a transaction of its own: locks the
+/// batch, moves the rows from its cursor up to the chunk's end, and records
+/// them with the new cursor. `None`: the batch is already done.
+async fn run_chunk(exec: &Executor, id: Uuid, kind: Kind) -> Result<Option<Chunk>> {
+    let chunk_time = exec.governor.opts.chunk_time;
+    let size = exec.chunks.size(kind, chunk_time);
     let mut tx = exec.pool.begin().await?;
     // A batch statement is costed high (jsonb_each, big ranges) and would be
     // JIT-compiled on every run, taking longer than the work itself; and a
@@ -124,26 +196,54 @@ pub async fn execute_batch(exec: &Executor, id: Uuid, kind: Kind) -> Result<Outc
     check_kind(&batch, kind)?;
     if batch.status == BatchStatus::Done {
         tx.rollback().await?;
-        tracing::debug!("already done; acknowledging without effect");
-        return Ok(Outcome::AlreadyDone);
+        return Ok(None);
     }
+    let started = Instant::now();
+    let upto = chunk_end(&mut tx, &batch, size).await?;
     let counts = match batch.kind {
-        Kind::Logs => logs::archive(&mut tx, &batch).await?,
-        Kind::Metrics => metrics::archive(&mut tx, &batch).await?,
-        Kind::Reports => unreachable!("reports are executed above"),
+        Kind::Logs => logs::archive(&mut tx, &batch, batch.cursor, upto).await?,
+        Kind::Metrics => metrics::archive(&mut tx, &batch, batch.cursor, upto).await?,
+        Kind::Reports => unreachable!("reports are executed in one go"),
     };
-    let job_completed = ledger::complete_batch(&mut tx, &batch, counts).await?;
+    let last = upto >= batch.hi;
+    let job_completed = ledger::record_chunk(&mut tx, &batch, counts, upto, last).await?;
     tx.commit().await?;
+    let took = started.elapsed();
+    exec.chunks.record(kind, counts.processed, took, chunk_time);
     tracing::debug!(
-        rows = counts.archived,
-        bytes = counts.bytes,
-        job_completed,
-        "batch done"
+        chunk = batch.chunks + 1,
+        rows = counts.processed,
+        ms = took.as_millis() as u64,
+        last,
+        "chunk done"
     );
-    Ok(Outcome::Done {
+    Ok(Some(Chunk {
         counts,
-        job_completed,
-    })
+        last: last.then_some(job_completed),
+    }))
+}
+
+/// The inclusive upper key of the next chunk of `batch`: the key of the
+/// `size`-th row after its cursor, or its upper bound when no more than
+/// `size` rows remain (by the planner's count, without a query, or when
+/// the query finds fewer) or chunks are off (`size` is `None`).
+async fn chunk_end(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    batch: &ledger::Batch,
+    size: Option<i64>,
+) -> Result<Key> {
+    let Some(n) = size else {
+        return Ok(batch.hi);
+    };
+    if batch.planned_rows - batch.moved <= n {
+        return Ok(batch.hi);
+    }
+    let end = match batch.kind {
+        Kind::Logs => logs::nth_key(tx, batch, n).await?,
+        Kind::Metrics => metrics::nth_key(tx, batch, n).await?,
+        Kind::Reports => None,
+    };
+    Ok(end.map_or(batch.hi, |k| k.min(batch.hi)))
 }
 
 fn check_kind(batch: &ledger::Batch, kind: Kind) -> Result<()> {

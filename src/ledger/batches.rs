@@ -1,7 +1,8 @@
 //! Batches in `archive_batches`: recorded by the planner (in cut order,
-//! then marked published), locked and completed by the worker that executes
-//! one (in the batch's own transaction), or charged a failed attempt; dead
-//! ones revived; lost messages found.
+//! then marked published), locked and advanced by the worker that executes
+//! one (chunk by chunk, each chunk's rows and cursor in one transaction,
+//! the last chunk completing it), or charged a failed attempt; dead ones
+//! revived; lost messages found.
 
 use super::{Batch, Counts, Key, NewBatch, fail_job};
 use crate::error::{Error, Result};
@@ -115,11 +116,13 @@ pub async fn abandoned_inline_batches(pool: &PgPool, kind: Kind) -> Result<Vec<U
 }
 
 const BATCH_SQL: &str =
-    "SELECT b.job_id, b.kind, b.lo_ts, b.lo_id, b.hi_ts, b.hi_id, b.status, j.cutoff
+    "SELECT b.job_id, b.kind, b.lo_ts, b.lo_id, b.hi_ts, b.hi_id, b.cursor_ts, b.cursor_id,
+            b.chunks, b.planned_rows, b.rows_deleted, b.status, j.cutoff
      FROM archive_batches b JOIN archive_jobs j ON j.id = b.job_id WHERE b.id = $1";
 
-/// Loads and locks a batch with its job's cut-off. Concurrent deliveries of
-/// the same batch queue up here; the second sees the first's result.
+/// Loads and locks a batch with its job's cut-off, for one chunk's
+/// transaction. Concurrent deliveries of the same batch queue up here, chunk
+/// by chunk; each sees the other's cursor (or result).
 pub async fn lock_batch(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Result<Batch> {
     let sql = format!("{BATCH_SQL} FOR UPDATE OF b");
     let row = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -150,17 +153,49 @@ fn batch_from(id: Uuid, row: Option<sqlx::postgres::PgRow>) -> Result<Batch> {
         (None, None) => None,
         _ => return Err(bad("half a lower bound")),
     };
+    let hi = Key {
+        ts: row.get("hi_ts"),
+        id: row
+            .get::<Option<Uuid>, _>("hi_id")
+            .ok_or_else(|| bad("no upper id"))?,
+    };
+    let cursor = match (
+        row.get::<Option<DateTime<Utc>>, _>("cursor_ts"),
+        row.get::<Option<Uuid>, _>("cursor_id"),
+    ) {
+        (Some(ts), Some(id)) => Some(Key { ts, id }),
+        (None, None) => None,
+        (ts, id) => {
+            return Err(bad(&format!(
+                "half a cursor (cursor_ts {ts:?}, cursor_id {id:?}): cannot tell where its \
+                 committed chunks ended; refusing to run it"
+            )));
+        }
+    };
+    if let Some(c) = cursor {
+        if lo.is_some_and(|lo| c < lo) {
+            return Err(bad(&format!(
+                "cursor ({}, {}) is below the batch's lower bound: refusing to run it",
+                c.ts, c.id
+            )));
+        }
+        if c > hi {
+            return Err(bad(&format!(
+                "cursor ({}, {}) is above the batch's upper bound ({}, {}): refusing to run it",
+                c.ts, c.id, hi.ts, hi.id
+            )));
+        }
+    }
     Ok(Batch {
         id,
         job_id: row.get("job_id"),
         kind: kind.parse().map_err(|e: String| bad(&e))?,
         lo,
-        hi: Key {
-            ts: row.get("hi_ts"),
-            id: row
-                .get::<Option<Uuid>, _>("hi_id")
-                .ok_or_else(|| bad("no upper id"))?,
-        },
+        hi,
+        cursor: cursor.or(lo),
+        chunks: row.get("chunks"),
+        planned_rows: row.get("planned_rows"),
+        moved: row.get("rows_deleted"),
         status: row.get("status"),
         cutoff: row
             .get::<Option<DateTime<Utc>>, _>("cutoff")
@@ -168,36 +203,52 @@ fn batch_from(id: Uuid, row: Option<sqlx::postgres::PgRow>) -> Result<Batch> {
     })
 }
 
-/// Marks a batch done and adds its counts to the job, inside the batch's
-/// transaction. Returns whether this batch completed its job. The job row is
-/// locked last, so concurrent batches hold it only for their commit.
-pub async fn complete_batch(
+/// Records one committed chunk of a batch, inside the chunk's transaction:
+/// adds its counts to the batch row and to the job's counters (so the job's
+/// counters always equal what is in the archive), and moves the batch's
+/// cursor to `upto` (the chunk's inclusive upper key). With `last` (the
+/// cursor reached the batch's upper bound) the batch is also marked done and
+/// counted into the job, and the job completes if it was its last batch;
+/// returns whether it did. The job row is locked last, so concurrent chunks
+/// hold it only for their commit.
+pub async fn record_chunk(
     tx: &mut Transaction<'_, Postgres>,
     batch: &Batch,
     c: Counts,
+    upto: Key,
+    last: bool,
 ) -> Result<bool> {
     sqlx::query(
-        "UPDATE archive_batches SET status = 'done', attempts = attempts + 1, last_error = NULL,
-            rows_archived = $2, rows_deleted = $3, bytes_archived = $4, completed_at = clock_timestamp()
+        "UPDATE archive_batches SET
+            rows_archived = rows_archived + $2, rows_deleted = rows_deleted + $3,
+            bytes_archived = bytes_archived + $4, chunks = chunks + 1,
+            cursor_ts = $5, cursor_id = $6,
+            status = CASE WHEN $7 THEN 'done' ELSE status END,
+            attempts = attempts + CASE WHEN $7 THEN 1 ELSE 0 END,
+            last_error = CASE WHEN $7 THEN NULL ELSE last_error END,
+            completed_at = CASE WHEN $7 THEN clock_timestamp() ELSE completed_at END
          WHERE id = $1",
     )
     .bind(batch.id)
     .bind(c.archived)
     .bind(c.deleted)
     .bind(c.bytes)
+    .bind(upto.ts)
+    .bind(upto.id)
+    .bind(last)
     .execute(&mut **tx)
     .await?;
     let status: JobStatus = sqlx::query_scalar(
         "UPDATE archive_jobs SET
             records_processed = records_processed + $2, records_archived = records_archived + $3,
             records_deleted = records_deleted + $4, bytes_archived = bytes_archived + $5,
-            batches_done = batches_done + 1,
-            status = CASE WHEN planning_done AND status IN ('running', 'failed')
+            batches_done = batches_done + CASE WHEN $6 THEN 1 ELSE 0 END,
+            status = CASE WHEN $6 AND planning_done AND status IN ('running', 'failed')
                                AND batches_done + 1 >= batches_planned
                                AND NOT EXISTS (SELECT 1 FROM archive_batches
                                                WHERE job_id = $1 AND status = 'dead')
                           THEN 'completed' ELSE status END,
-            completed_at = CASE WHEN planning_done AND batches_done + 1 >= batches_planned
+            completed_at = CASE WHEN $6 AND planning_done AND batches_done + 1 >= batches_planned
                                 THEN clock_timestamp() ELSE completed_at END
          WHERE id = $1 RETURNING status",
     )
@@ -206,9 +257,21 @@ pub async fn complete_batch(
     .bind(c.archived)
     .bind(c.deleted)
     .bind(c.bytes)
+    .bind(last)
     .fetch_one(&mut **tx)
     .await?;
-    Ok(status == JobStatus::Completed)
+    Ok(last && status == JobStatus::Completed)
+}
+
+/// Marks a batch done in one step (a reports batch, which is not cut into
+/// chunks: its files have their own progress): [`record_chunk`] of the
+/// whole range, the last.
+pub async fn complete_batch(
+    tx: &mut Transaction<'_, Postgres>,
+    batch: &Batch,
+    c: Counts,
+) -> Result<bool> {
+    record_chunk(tx, batch, c, batch.hi, true).await
 }
 
 /// Records a failed attempt (outside the failed transaction). The batch is

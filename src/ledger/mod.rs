@@ -3,7 +3,8 @@
 //! message may do: a worker executes only what the planner recorded here.
 //! Every SQL statement on those two tables is in this module:
 //! - [`jobs`]: a job's life: created, planned, completed or failed, adopted;
-//! - [`batches`]: recording batches, and executing one (lock, complete, fail);
+//! - [`batches`]: recording batches, and executing one (lock, record each
+//!   chunk and the last one's completion, fail);
 //! - [`read`]: what operators and monitoring read.
 
 mod batches;
@@ -40,7 +41,8 @@ pub struct NewBatch {
     pub planned_rows: i64,
 }
 
-/// A batch as a worker loads it, locked for the length of its transaction.
+/// A batch as a worker loads it, locked for the length of its transaction
+/// (one chunk's).
 #[derive(Debug, Clone)]
 pub struct Batch {
     /// The batch id.
@@ -53,6 +55,15 @@ pub struct Batch {
     pub lo: Option<Key>,
     /// Inclusive upper bound.
     pub hi: Key,
+    /// Where the next chunk starts (exclusive): the key the last committed
+    /// chunk ended at, or `lo` when no chunk has run.
+    pub cursor: Option<Key>,
+    /// Chunks committed so far.
+    pub chunks: i32,
+    /// Rows (metric samples) in the range when the planner counted them.
+    pub planned_rows: i64,
+    /// Rows (samples) the committed chunks deleted from the hot table.
+    pub moved: i64,
     /// Whether it is still to run.
     pub status: BatchStatus,
     /// The job's policy cut-off: only rows older than it move.
@@ -70,4 +81,13 @@ pub struct Counts {
     pub deleted: i64,
     /// Bytes archived (`size_bytes` for logs).
     pub bytes: i64,
+}
+
+impl std::ops::AddAssign for Counts {
+    fn add_assign(&mut self, c: Counts) {
+        self.processed += c.processed;
+        self.archived += c.archived;
+        self.deleted += c.deleted;
+        self.bytes += c.bytes;
+    }
 }

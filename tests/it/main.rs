@@ -3,6 +3,7 @@
 //! `scripts/services.sh`. Each test has its own database, queues and bucket.
 
 mod check;
+mod chunks;
 mod cli;
 mod database;
 mod deploy;

@@ -69,7 +69,8 @@ pub fn spawn_worker_with(
             .await
             .unwrap();
         let mut consumer = AmqpConsumer::new(cfg, prefetch);
-        let stats = worker::run(&pool, &mut consumer, opts, stop).await.unwrap();
+        let exec = super::small_chunks(&pool);
+        let stats = worker::run(exec, &mut consumer, opts, stop).await.unwrap();
         consumer.close().await;
         stats
     })

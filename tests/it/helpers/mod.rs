@@ -100,6 +100,24 @@ pub async fn reports_executor(db: &TestDb, root: &Path, archive: &Path) -> Execu
     }
 }
 
+/// The chunk time of the in-process workers of the fleet tests: 1 ms, so
+/// that after a process's first chunk (1,000 rows) every chunk is the
+/// minimum (100 rows) and the exactly-once tests run with several chunks per
+/// batch.
+pub const TEST_CHUNK_TIME: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// An executor on `pool` whose chunks aim at [`TEST_CHUNK_TIME`].
+pub fn small_chunks(pool: &sqlx::PgPool) -> Executor {
+    let opts = archiver::governor::GovernorOptions {
+        chunk_time: TEST_CHUNK_TIME,
+        ..Default::default()
+    };
+    Executor {
+        governor: Arc::new(archiver::governor::Governor::new(opts)),
+        ..Executor::from(pool)
+    }
+}
+
 /// A new directory under target/ no other test uses.
 pub fn scratch(name: &str) -> PathBuf {
     let dir =

@@ -112,7 +112,9 @@ pub fn spawn_worker(
             concurrency: 1,
             ..Default::default()
         };
-        worker::run(&pool, &mut consumer, opts, stop).await.unwrap()
+        worker::run(super::small_chunks(&pool), &mut consumer, opts, stop)
+            .await
+            .unwrap()
     })
 }
 
