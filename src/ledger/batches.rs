@@ -204,13 +204,17 @@ fn batch_from(id: Uuid, row: Option<sqlx::postgres::PgRow>) -> Result<Batch> {
 }
 
 /// Records one committed chunk of a batch, inside the chunk's transaction:
-/// adds its counts to the batch row and to the job's counters (so the job's
-/// counters always equal what is in the archive), and moves the batch's
-/// cursor to `upto` (the chunk's inclusive upper key). With `last` (the
-/// cursor reached the batch's upper bound) the batch is also marked done and
-/// counted into the job, and the job completes if it was its last batch;
-/// returns whether it did. The job row is locked last, so concurrent chunks
-/// hold it only for their commit.
+/// adds its counts to the batch row (so the batch's counters always equal
+/// what it put in the archive) and moves the batch's cursor to `upto` (the
+/// chunk's inclusive upper key). With `last` (the cursor reached the batch's
+/// upper bound) the batch is also marked done and its totals are counted
+/// into the job, which completes if it was its last batch; returns whether
+/// it did.
+///
+/// The job row is touched only by a batch's last chunk: every executor of
+/// the job updates that one row, and holds its lock until its commit is
+/// flushed, so updating it on every chunk serialized the fleet on the WAL
+/// flush (measured: 25 ms chunks ran at half the speed of whole batches).
 pub async fn record_chunk(
     tx: &mut Transaction<'_, Postgres>,
     batch: &Batch,
@@ -218,7 +222,7 @@ pub async fn record_chunk(
     upto: Key,
     last: bool,
 ) -> Result<bool> {
-    sqlx::query(
+    let totals = sqlx::query(
         "UPDATE archive_batches SET
             rows_archived = rows_archived + $2, rows_deleted = rows_deleted + $3,
             bytes_archived = bytes_archived + $4, chunks = chunks + 1,
@@ -227,7 +231,8 @@ pub async fn record_chunk(
             attempts = attempts + CASE WHEN $7 THEN 1 ELSE 0 END,
             last_error = CASE WHEN $7 THEN NULL ELSE last_error END,
             completed_at = CASE WHEN $7 THEN clock_timestamp() ELSE completed_at END
-         WHERE id = $1",
+         WHERE id = $1
+         RETURNING rows_archived, rows_deleted, bytes_archived",
     )
     .bind(batch.id)
     .bind(c.archived)
@@ -236,31 +241,42 @@ pub async fn record_chunk(
     .bind(upto.ts)
     .bind(upto.id)
     .bind(last)
-    .execute(&mut **tx)
+    .fetch_one(&mut **tx)
     .await?;
+    if !last {
+        return Ok(false);
+    }
+    // The batch's whole counts: its earlier chunks' (rows examined are rows
+    // deleted for chunked kinds; a reports batch has no earlier chunk) and
+    // this one's.
+    let whole = Counts {
+        processed: batch.moved + c.processed,
+        archived: totals.get("rows_archived"),
+        deleted: totals.get("rows_deleted"),
+        bytes: totals.get("bytes_archived"),
+    };
     let status: JobStatus = sqlx::query_scalar(
         "UPDATE archive_jobs SET
             records_processed = records_processed + $2, records_archived = records_archived + $3,
             records_deleted = records_deleted + $4, bytes_archived = bytes_archived + $5,
-            batches_done = batches_done + CASE WHEN $6 THEN 1 ELSE 0 END,
-            status = CASE WHEN $6 AND planning_done AND status IN ('running', 'failed')
+            batches_done = batches_done + 1,
+            status = CASE WHEN planning_done AND status IN ('running', 'failed')
                                AND batches_done + 1 >= batches_planned
                                AND NOT EXISTS (SELECT 1 FROM archive_batches
                                                WHERE job_id = $1 AND status = 'dead')
                           THEN 'completed' ELSE status END,
-            completed_at = CASE WHEN $6 AND planning_done AND batches_done + 1 >= batches_planned
+            completed_at = CASE WHEN planning_done AND batches_done + 1 >= batches_planned
                                 THEN clock_timestamp() ELSE completed_at END
          WHERE id = $1 RETURNING status",
     )
     .bind(batch.job_id)
-    .bind(c.processed)
-    .bind(c.archived)
-    .bind(c.deleted)
-    .bind(c.bytes)
-    .bind(last)
+    .bind(whole.processed)
+    .bind(whole.archived)
+    .bind(whole.deleted)
+    .bind(whole.bytes)
     .fetch_one(&mut **tx)
     .await?;
-    Ok(last && status == JobStatus::Completed)
+    Ok(status == JobStatus::Completed)
 }
 
 /// Marks a batch done in one step (a reports batch, which is not cut into

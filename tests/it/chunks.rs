@@ -379,13 +379,19 @@ async fn a_stop_between_chunks_hands_the_batch_back_and_a_later_run_finishes_it_
         moved,
         "the cursor says what is archived"
     );
-    let job_rows = db
-        .scalar(&format!(
+    let (batch_rows, job_rows) = (
+        db.scalar(&format!(
+            "SELECT rows_archived FROM archive_batches WHERE id = '{id}'"
+        ))
+        .await,
+        db.scalar(&format!(
             "SELECT records_archived FROM archive_jobs WHERE id = '{}'",
             planned.job
         ))
-        .await;
-    assert_eq!(job_rows, moved, "the job's counters follow the chunks");
+        .await,
+    );
+    assert_eq!(batch_rows, moved, "the batch's counters follow its chunks");
+    assert_eq!(job_rows, 0, "the job counts a batch once it is done");
 
     let again = deliver(&exec, id, Kind::Logs, &CancellationToken::new()).await;
     match again {
