@@ -216,8 +216,9 @@ struct Args {
     /// many seconds (read from pg_stat_replication; 0: off).
     #[arg(long, default_value_t = 10)]
     max_replica_lag: u64,
-    /// Governed lines: wait while the server writes WAL faster than this
-    /// many MB/s (0: off).
+    /// Also measure the 100 ms chunks with the load and lag controls and a
+    /// WAL-rate limit of this many MB/s (`archiver-wal-<rate>MBps`; 0: no
+    /// such line).
     #[arg(long, default_value_t = 0.0)]
     max_wal_rate: f64,
     /// Scratch database (dropped and recreated).
@@ -445,6 +446,9 @@ enum Method {
     InlineFlat,
     /// Inline with this chunk time (ms) and the load and lag controls on.
     Governed(u64),
+    /// [`Method::Governed`] at the default chunk time, with
+    /// `--max-wal-rate` on too.
+    WalCapped,
     Workers(usize),
 }
 
@@ -457,6 +461,7 @@ impl Method {
             Method::InlineRested => "archiver-inline-rest".into(),
             Method::InlineFlat => "archiver-inline-flat".into(),
             Method::Governed(ms) => format!("archiver-chunk-{ms}ms"),
+            Method::WalCapped => "archiver-wal-capped".into(),
             Method::Workers(1) => "archiver-1-worker".into(),
             Method::Workers(_) => "archiver-2-workers".into(),
         }
@@ -528,8 +533,8 @@ impl Bench {
     }
 
     /// The governor of a governed line: chunk time `ms`, and the load and
-    /// lag controls `--probe-factor`, `--max-active-sessions`,
-    /// `--max-replica-lag` and `--max-wal-rate` (those not 0).
+    /// lag controls `--probe-factor`, `--max-active-sessions` and
+    /// `--max-replica-lag` (those not 0).
     fn governed(&self, ms: u64) -> GovernorOptions {
         let a = &self.args;
         GovernorOptions {
@@ -538,7 +543,6 @@ impl Bench {
             max_active_sessions: (a.max_active_sessions > 0).then_some(a.max_active_sessions),
             max_replica_lag: (a.max_replica_lag > 0)
                 .then(|| Duration::from_secs(a.max_replica_lag)),
-            max_wal_rate: (a.max_wal_rate > 0.0).then_some(a.max_wal_rate * 1_000_000.0),
             ..GovernorOptions::default()
         }
     }
@@ -577,6 +581,13 @@ impl Bench {
             }
             Method::InlineFlat => self.inline(&mut probe, 0.0, flat()).await?,
             Method::Governed(ms) => self.inline(&mut probe, 0.0, self.governed(ms)).await?,
+            Method::WalCapped => {
+                let capped = GovernorOptions {
+                    max_wal_rate: Some(self.args.max_wal_rate * 1_000_000.0),
+                    ..self.governed(100)
+                };
+                self.inline(&mut probe, 0.0, capped).await?
+            }
             Method::Workers(n) => (self.workers(n, &mut probe).await?, 0.0),
         };
         let (secs, lat, load0, load1) = probe.done.context("run did not finish its probe")?;
@@ -1364,6 +1375,9 @@ async fn main() -> Result<()> {
                 lines.push(bench.measure(round, Method::InlineFlat).await?);
                 for &ms in &bench.args.chunk_times {
                     lines.push(bench.measure(round, Method::Governed(ms)).await?);
+                }
+                if bench.args.max_wal_rate > 0.0 {
+                    lines.push(bench.measure(round, Method::WalCapped).await?);
                 }
             }
         }
