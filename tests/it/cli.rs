@@ -164,6 +164,73 @@ async fn bad_settings_give_one_line_errors_that_name_them() {
             2,
         ),
         (vec![], db.url.clone(), "--all", 2),
+        // The governor's flags: out of range, not numbers, NaN, infinities.
+        (
+            vec!["--logs", "--chunk-time", "5y"],
+            db.url.clone(),
+            "--chunk-time",
+            2,
+        ),
+        (
+            vec!["--logs", "--chunk-time", "2d"],
+            db.url.clone(),
+            "--chunk-time",
+            2,
+        ),
+        (
+            vec!["--logs", "--max-replica-lag=-1"],
+            db.url.clone(),
+            "--max-replica-lag",
+            2,
+        ),
+        (
+            vec!["--logs", "--max-lag-wait", "forever"],
+            db.url.clone(),
+            "--max-lag-wait",
+            2,
+        ),
+        (
+            vec!["--logs", "--max-active-sessions", "0"],
+            db.url.clone(),
+            "--max-active-sessions",
+            2,
+        ),
+        (
+            vec!["--logs", "--max-active-sessions=-3"],
+            db.url.clone(),
+            "--max-active-sessions",
+            2,
+        ),
+        (
+            vec!["--logs", "--probe-factor", "0.5"],
+            db.url.clone(),
+            "--probe-factor",
+            2,
+        ),
+        (
+            vec!["--logs", "--probe-factor", "NaN"],
+            db.url.clone(),
+            "--probe-factor",
+            2,
+        ),
+        (
+            vec!["--logs", "--max-wal-rate", "0"],
+            db.url.clone(),
+            "--max-wal-rate",
+            2,
+        ),
+        (
+            vec!["--logs", "--max-wal-rate", "inf"],
+            db.url.clone(),
+            "--max-wal-rate",
+            2,
+        ),
+        (
+            vec!["--logs", "--max-runtime", "1y"],
+            db.url.clone(),
+            "--max-runtime",
+            2,
+        ),
     ];
     for (args, url, names, code) in cases {
         let o = planner(&url).args(&args).output().await;
