@@ -92,6 +92,14 @@ impl App {
             settings.delivery_limit,
         )?;
         let mut settings = settings;
+        if !settings.replica_urls.is_empty() && settings.governor.max_replica_lag.is_none() {
+            // Replicas given to be watched, and nothing to watch them for:
+            // say so rather than run with the control silently off.
+            return Err(Error::config(
+                "ARCHIVER_REPLICA_URLS",
+                "replicas are given but no lag limit: set ARCHIVER_MAX_REPLICA_LAG (--max-replica-lag) too",
+            ));
+        }
         settings.governor.replicas = Replicas::parse(&settings.replica_urls)?;
         Ok(App {
             database,

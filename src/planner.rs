@@ -109,9 +109,13 @@ async fn inline(app: &App, pool: &PgPool, kinds: &[Kind], opts: &PlanOptions) ->
     let timer = {
         let (gov, stop) = (gov.clone(), stop.clone());
         tokio::spawn(async move {
-            let why = window::until_stop(&gov).await;
-            stop.cancel();
-            why
+            tokio::select! {
+                why = window::until_stop(&gov) => {
+                    stop.cancel();
+                    why
+                }
+                () = stop.cancelled() => "a batch was handed back (the line above says why)".to_string(),
+            }
         })
     };
     let ran = worker::run_inline_until(&exec, app.worker_options(), stop.clone(), async |p| {

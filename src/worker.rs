@@ -444,7 +444,9 @@ pub async fn run_inline<T>(
 
 /// [`run_inline`] that stops taking batches when `stop` fires (the batches
 /// in hand are handed back at their next chunk, and what was not taken
-/// stays pending in the ledger); `feed` must then publish no more.
+/// stays pending in the ledger); `feed` must then publish no more. A batch
+/// handed back (by the governor) cancels `stop`: with no broker, nobody
+/// else would take it.
 pub async fn run_inline_until<T>(
     exec: impl Into<Executor>,
     opts: WorkerOptions,
@@ -452,7 +454,8 @@ pub async fn run_inline_until<T>(
     feed: impl AsyncFnOnce(&InlinePublisher) -> Result<T>,
 ) -> Result<InlineRun<T>> {
     let exec: Executor = exec.into();
-    let (publisher, mut consumer) = inline::queue();
+    // A hand-back (the window, the deadline, lagging replicas) stops the run.
+    let (publisher, mut consumer) = inline::queue(stop.clone());
     let executors = tokio::spawn(async move { run(exec, &mut consumer, opts, stop).await });
     let fed = feed(&publisher).await;
     publisher.close().await?;

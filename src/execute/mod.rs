@@ -234,8 +234,10 @@ async fn run_chunk(exec: &Executor, id: Uuid, kind: Kind) -> Result<Option<Chunk
 
 /// The inclusive upper key of the next chunk of `batch`: the key of the
 /// `size`-th row after its cursor, or its upper bound when no more than
-/// `size` rows remain (by the planner's count, without a query, or when
-/// the query finds fewer) or chunks are off (`size` is `None`).
+/// `size` rows remain or chunks are off (`size` is `None`). Always read off
+/// the index (one probe), never guessed from the planner's count: rows that
+/// arrived in the range after planning would otherwise make the last chunk
+/// as long as they are many.
 async fn chunk_end(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     batch: &ledger::Batch,
@@ -244,9 +246,6 @@ async fn chunk_end(
     let Some(n) = size else {
         return Ok(batch.hi);
     };
-    if batch.planned_rows - batch.moved <= n {
-        return Ok(batch.hi);
-    }
     let end = match batch.kind {
         Kind::Logs => logs::nth_key(tx, batch, n).await?,
         Kind::Metrics => metrics::nth_key(tx, batch, n).await?,

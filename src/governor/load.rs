@@ -99,6 +99,9 @@ pub async fn wait(g: &Governor, pool: &PgPool, stop: &CancellationToken) -> Resu
                     "{active} other sessions active, over --max-active-sessions {max}; waiting before the next chunk"
                 );
             }
+            super::give_up_after(&wait, g, || {
+                format!("{active} other sessions active (over --max-active-sessions {max})")
+            })?;
             wait.pause(POLL, stop).await?;
         }
     }
@@ -117,6 +120,11 @@ pub async fn wait(g: &Governor, pool: &PgPool, stop: &CancellationToken) -> Resu
                     ratio
                 );
             }
+            super::give_up_after(&wait, g, || {
+                format!(
+                    "round trips of SELECT 1 at {ratio:.1}× --probe-factor {factor} × their baseline"
+                )
+            })?;
             let d = slowdown(ratio, g.opts.chunk_time).max(super::reading::FRESH);
             wait.pause(d, stop).await?;
         }

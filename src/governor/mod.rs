@@ -216,6 +216,25 @@ impl Governor {
     }
 }
 
+/// `Err(Error::HandBack)` once `wait` has lasted `--max-lag-wait`: no
+/// control holds a batch forever (a broker would take the message back, and
+/// a cron run would not end); `what` says what it waited for.
+pub(crate) fn give_up_after(
+    wait: &Wait<'_>,
+    g: &Governor,
+    what: impl FnOnce() -> String,
+) -> Result<()> {
+    if wait.elapsed() < g.opts.max_lag_wait {
+        return Ok(());
+    }
+    wait.done("gave up waiting");
+    Err(crate::error::Error::HandBack(format!(
+        "{} after waiting {:?} (--max-lag-wait)",
+        what(),
+        g.opts.max_lag_wait
+    )))
+}
+
 /// One run of waiting before a chunk, for one reason: counted in
 /// [`Throttled`] as it goes, logged when it ends.
 #[derive(Debug)]

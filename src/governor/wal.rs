@@ -53,6 +53,9 @@ pub async fn wait(g: &Governor, pool: &PgPool, stop: &CancellationToken) -> Resu
                 d.as_secs_f64()
             );
         }
+        super::give_up_after(&wait, g, || {
+            format!("server WAL rate over --max-wal-rate {:.2} MB/s", rate / 1e6)
+        })?;
         wait.pause(d.clamp(super::reading::FRESH, STEP), stop)
             .await?;
     }

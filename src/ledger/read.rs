@@ -138,7 +138,8 @@ pub struct PendingWork {
     pub kind: String,
     /// Pending batches.
     pub batches: i64,
-    /// Rows they were planned with (metrics: samples; reports: files).
+    /// Rows they were planned with, less what their chunks already moved
+    /// (metrics: samples; reports: files).
     pub rows: i64,
 }
 
@@ -146,7 +147,7 @@ pub struct PendingWork {
 /// left out).
 pub async fn pending_work(pool: &PgPool) -> Result<Vec<PendingWork>> {
     Ok(sqlx::query_as(
-        "SELECT kind, count(*) AS batches, COALESCE(sum(planned_rows), 0)::bigint AS rows
+        "SELECT kind, count(*) AS batches, COALESCE(sum(GREATEST(planned_rows - rows_deleted, 0)), 0)::bigint AS rows
          FROM archive_batches WHERE status = 'pending' GROUP BY kind ORDER BY kind",
     )
     .fetch_all(pool)

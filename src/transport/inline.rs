@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use tokio::sync::{Mutex, Notify, mpsc};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Default)]
 struct Shared {
@@ -18,6 +19,8 @@ struct Shared {
     changed: Notify,
     /// Payloads dead-lettered, with reasons (the in-process DLQ).
     dead: Mutex<Vec<(Vec<u8>, String)>>,
+    /// Cancelled by a hand-back: the run stops (see `InlineAcker::hand_back`).
+    halt: CancellationToken,
 }
 
 impl Shared {
@@ -28,9 +31,12 @@ impl Shared {
 }
 
 /// Creates a connected publisher/consumer pair.
-pub fn queue() -> (InlinePublisher, InlineConsumer) {
+pub fn queue(halt: CancellationToken) -> (InlinePublisher, InlineConsumer) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(Shared {
+        halt,
+        ..Shared::default()
+    });
     (
         InlinePublisher {
             tx: tx.clone(),
@@ -155,8 +161,14 @@ impl Acknowledge for InlineAcker {
         Ok(())
     }
 
+    /// With no broker there is no other worker to take it, and running it
+    /// again at once would meet what stopped it (the window, the deadline,
+    /// replicas lagging for `--max-lag-wait`) again, in a loop: the run
+    /// stops instead, and the batch stays pending in the ledger (its cursor
+    /// keeping what was done) for the next run.
     async fn hand_back(self: Box<Self>) -> Result<()> {
-        let _ = self.tx.send(self.payload);
+        self.shared.halt.cancel();
+        self.shared.settle();
         Ok(())
     }
 }

@@ -226,6 +226,16 @@ async fn bad_settings_give_one_line_errors_that_name_them() {
             2,
         ),
         (
+            vec![
+                "--logs",
+                "--replica-url",
+                "postgresql://r:hunter2@127.0.0.1:1/app",
+            ],
+            db.url.clone(),
+            "ARCHIVER_MAX_REPLICA_LAG",
+            2,
+        ),
+        (
             vec!["--logs", "--max-runtime", "1y"],
             db.url.clone(),
             "--max-runtime",

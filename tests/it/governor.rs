@@ -268,6 +268,7 @@ async fn an_unreachable_replica_url_lags_and_a_malformed_one_is_refused_by_name(
                 "ARCHIVER_REPLICA_URLS",
                 format!("postgresql://a@replica/db,{bad}"),
             )
+            .env("ARCHIVER_MAX_REPLICA_LAG", "1s")
             .args(["status"])
             .output()
             .await;
@@ -389,4 +390,62 @@ async fn a_low_wal_rate_paces_the_job_which_still_completes() {
     p.db.assert_logs_invariant(&p.old, &p.young).await;
     p.db.assert_job_counted_once(p.job, p.old.0).await;
     p.db.cleanup().await;
+}
+
+/// With no broker, a batch handed back (here: a replica that never answers,
+/// past `--max-lag-wait`) stops the inline run instead of being run again at
+/// once, in a loop: the planner exits 0 saying why and what is left, nothing
+/// is dead or charged an attempt, and the next run finishes the job exactly.
+#[tokio::test]
+async fn an_inline_run_whose_batch_is_handed_back_stops_and_the_next_run_finishes_it() {
+    let db = TestDb::new().await;
+    db.load_logs(3_000).await;
+    let (old, young) = db.split_hashes().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let first = db
+        .planner()
+        .args(["--logs", "--batch-size", "500"])
+        .env("ARCHIVER_MAX_REPLICA_LAG", "1s")
+        .env("ARCHIVER_MAX_LAG_WAIT", "2s")
+        .env(
+            "ARCHIVER_REPLICA_URLS",
+            format!("postgresql://r:hunter2@127.0.0.1:{port}/app"),
+        )
+        .output_within(Duration::from_secs(60))
+        .await;
+    let out = crate::helpers::bin::ok(&first);
+    let all = crate::helpers::bin::both(&first);
+    assert!(out.contains("stopped: a batch was handed back"), "{all}");
+    assert!(all.contains("--max-lag-wait"), "says why: {all}");
+    assert!(!all.contains("hunter2"), "{all}");
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM scenario_logs_archive")
+            .await,
+        0,
+        "no chunk ran while the replica did not answer"
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM archive_batches WHERE status <> 'pending' OR attempts > 0")
+            .await,
+        0,
+        "every batch pending, none charged an attempt"
+    );
+    let job: Uuid = sqlx::query_scalar("SELECT id FROM archive_jobs")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let second = db
+        .planner()
+        .args(["--logs", "--batch-size", "500"])
+        .output_within(Duration::from_secs(60))
+        .await;
+    let out = crate::helpers::bin::ok(&second);
+    assert!(out.contains("resuming"), "{out}");
+    db.assert_logs_invariant(&old, &young).await;
+    db.assert_job_counted_once(job, old.0).await;
+    db.cleanup().await;
 }

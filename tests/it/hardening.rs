@@ -216,7 +216,7 @@ async fn a_panicking_batch_fails_alone_and_the_run_goes_on() {
         .await
         .unwrap();
     let exec = reports_executor(&db, &root, &archive).await;
-    let (publisher, mut consumer) = inline::queue();
+    let (publisher, mut consumer) = inline::queue(Default::default());
     let mut messages: Vec<BatchMessage> = db
         .batches_of(reports.job)
         .await

@@ -126,7 +126,7 @@ async fn an_inline_run_that_died_is_resumed_by_the_next_run() {
     let (old, young) = db.split_hashes().await;
     // A planner that recorded and enqueued its batches in-process, then died
     // before executing them (and before it finished planning).
-    let (publisher, consumer) = inline::queue();
+    let (publisher, consumer) = inline::queue(Default::default());
     let dead_run = plan::plan(
         &db.pool,
         archiver::vocabulary::Kind::Logs,

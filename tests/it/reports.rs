@@ -239,7 +239,7 @@ async fn refused_and_missing_files_fail_alone_and_are_left_untouched() {
 /// Runs one planned batch through the real executor, inline.
 async fn run_batch(db: &TestDb, d: &Dirs, batch: Uuid) {
     let exec = reports_executor(db, &d.root, &d.archive).await;
-    let (publisher, mut consumer) = inline::queue();
+    let (publisher, mut consumer) = inline::queue(Default::default());
     publisher
         .publish(&[BatchMessage::new(batch, Kind::Reports)])
         .await

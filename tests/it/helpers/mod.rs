@@ -62,7 +62,7 @@ pub async fn plan_logs(
 /// planner whose executors died before running anything): its batches stay
 /// pending.
 pub async fn plan_only(db: &TestDb, kind: Kind, opts: &PlanOptions) -> Planned {
-    let (publisher, _consumer) = inline::queue();
+    let (publisher, _consumer) = inline::queue(Default::default());
     let planned = archiver::plan::plan(&db.pool, kind, opts, &publisher)
         .await
         .unwrap();
