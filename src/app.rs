@@ -64,6 +64,7 @@ pub struct App {
     /// Where batches travel.
     pub queue: QueueConfig,
     settings: Settings,
+    governor: Arc<Governor>,
 }
 
 impl std::fmt::Debug for App {
@@ -104,6 +105,7 @@ impl App {
         Ok(App {
             database,
             queue,
+            governor: Arc::new(Governor::new(settings.governor.clone())),
             settings,
         })
     }
@@ -175,9 +177,11 @@ impl App {
         })
     }
 
-    /// The live-traffic governor of this process's batches.
+    /// The live-traffic governor of this process's batches: one per
+    /// process, so that every executor and the endpoint share its readings
+    /// and its throttle counts.
     pub fn governor(&self) -> Arc<Governor> {
-        Arc::new(Governor::new(self.settings.governor.clone()))
+        self.governor.clone()
     }
 
     /// How the worker loop behaves.

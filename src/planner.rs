@@ -7,12 +7,11 @@
 use crate::app::App;
 use crate::error::{Error, Result};
 use crate::execute::Executor;
-use crate::governor::{Governor, window};
+use crate::governor::window;
 use crate::ledger;
 use crate::lock::{self, LockWatch};
 use crate::plan::{self, Eligible, PlanOptions, Planned};
 use crate::summary;
-use crate::transport::inline::InlinePublisher;
 use crate::transport::{BatchMessage, Publisher};
 use crate::vocabulary::JobStatus;
 use crate::vocabulary::Kind;
@@ -91,7 +90,7 @@ pub async fn run(app: &App, kinds: &[Kind], opts: &RunOptions) -> Result<bool> {
 /// back at their next chunk, and the rest stays pending for the next run.
 async fn inline(app: &App, pool: &PgPool, kinds: &[Kind], opts: &PlanOptions) -> Result<bool> {
     let gov = app.governor();
-    if let Some(why) = closed_now(&gov) {
+    if let Some(why) = window::closed(&gov) {
         println!("{why}: nothing planned or run now");
         println!("{}", summary::left(&ledger::pending_work(pool).await?));
         return Ok(true);
@@ -102,8 +101,7 @@ async fn inline(app: &App, pool: &PgPool, kinds: &[Kind], opts: &PlanOptions) ->
     let batch_pool = app
         .batch_pool(concurrency + 1, Duration::from_secs(30))
         .await?;
-    let mut exec = app.executor(&batch_pool).await?;
-    exec.governor = gov.clone();
+    let exec = app.executor(&batch_pool).await?;
     let started = Instant::now();
     let stop = CancellationToken::new();
     let timer = {
@@ -118,37 +116,38 @@ async fn inline(app: &App, pool: &PgPool, kinds: &[Kind], opts: &PlanOptions) ->
             }
         })
     };
-    let ran = worker::run_inline_until(&exec, app.worker_options(), stop.clone(), async |p| {
-        let publisher = Gated {
-            inner: p,
-            stop: &stop,
-        };
-        for &kind in kinds {
-            let ids = ledger::abandoned_inline_batches(pool, kind).await?;
-            if !ids.is_empty() {
-                println!(
-                    "{kind}: resuming {} unfinished batch(es) of an earlier run that stopped",
-                    ids.len()
-                );
-                let messages: Vec<BatchMessage> = ids
-                    .into_iter()
-                    .map(|id| BatchMessage::new(id, kind))
-                    .collect();
-                publisher.publish(&messages).await?;
+    let ran = worker::run_inline_until(
+        &exec,
+        app.worker_options(),
+        stop.clone(),
+        async |publisher| {
+            for &kind in kinds {
+                let ids = ledger::abandoned_inline_batches(pool, kind).await?;
+                if !ids.is_empty() {
+                    println!(
+                        "{kind}: resuming {} unfinished batch(es) of an earlier run that stopped",
+                        ids.len()
+                    );
+                    let messages: Vec<BatchMessage> = ids
+                        .into_iter()
+                        .map(|id| BatchMessage::new(id, kind))
+                        .collect();
+                    publisher.publish(&messages).await?;
+                }
             }
-        }
-        let (mut planned, mut ok) = (Vec::new(), true);
-        for &kind in kinds {
-            if stop.is_cancelled() {
-                println!("{kind}: not planned: the run stopped");
-                continue;
+            let (mut planned, mut ok) = (Vec::new(), true);
+            for &kind in kinds {
+                if stop.is_cancelled() {
+                    println!("{kind}: not planned: the run stopped");
+                    continue;
+                }
+                let (p, k) = plan_kinds(pool, &[kind], opts, publisher).await;
+                planned.extend(p);
+                ok &= k;
             }
-            let (p, k) = plan_kinds(pool, &[kind], opts, &publisher).await;
-            planned.extend(p);
-            ok &= k;
-        }
-        Ok((planned, ok))
-    })
+            Ok((planned, ok))
+        },
+    )
     .await?;
     let stopped = if stop.is_cancelled() {
         timer.await.ok()
@@ -180,47 +179,6 @@ async fn inline(app: &App, pool: &PgPool, kinds: &[Kind], opts: &PlanOptions) ->
         println!("{}", summary::left(&ledger::pending_work(pool).await?));
     }
     Ok(ok)
-}
-
-/// Why no batch may start now, if none may: outside the window, or past
-/// the deadline.
-fn closed_now(gov: &Governor) -> Option<String> {
-    if let Some(why) = window::past_deadline(gov) {
-        return Some(why);
-    }
-    let w = gov.opts.window.as_ref()?;
-    let now = chrono::Utc::now();
-    (!w.contains(now)).then(|| {
-        format!(
-            "outside the maintenance window {w}: it next opens at {}",
-            w.show(w.next_open(now))
-        )
-    })
-}
-
-/// The inline queue once the run has stopped: what is planned after that
-/// is recorded in the ledger (pending, for the next run) but not queued.
-struct Gated<'a> {
-    inner: &'a InlinePublisher,
-    stop: &'a CancellationToken,
-}
-
-#[async_trait::async_trait]
-impl Publisher for Gated<'_> {
-    async fn publish(&self, messages: &[BatchMessage]) -> Result<()> {
-        if self.stop.is_cancelled() {
-            return Ok(());
-        }
-        match self.inner.publish(messages).await {
-            // The executors stopped meanwhile: the batches stay pending.
-            Err(_) if self.stop.is_cancelled() => Ok(()),
-            r => r,
-        }
-    }
-
-    async fn close(&self) -> Result<()> {
-        self.inner.close().await
-    }
 }
 
 /// Before planning reports: retries deleting the local files earlier runs

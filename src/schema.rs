@@ -60,6 +60,61 @@ pub fn bind_range<'q>(
         .bind(cutoff)
 }
 
+/// How a chunked kind's hot rows are ordered and bounded: its keyset
+/// expression and the rows of a range `(from, upto]` older than the cut-off,
+/// with the range and cut-off bound as `$1..$5` by [`bind_range`]. The one
+/// home of the WHERE clause that both finding a chunk's end and moving the
+/// chunk use.
+#[derive(Debug, Clone, Copy)]
+pub struct Keyed {
+    /// The hot table.
+    pub table: &'static str,
+    /// The keyset expression, in index order (`ORDER BY` it).
+    pub key: &'static str,
+    /// The key's two columns as a `SELECT` list, `ts` then `id`, each a
+    /// `timestamptz` and a `uuid`.
+    pub select: &'static str,
+    /// The exclusive lower bound (`FROM_START` or `DAY_FROM_START`).
+    from: &'static str,
+    /// The inclusive upper bound.
+    upto: &'static str,
+    /// The cut-off test.
+    older: &'static str,
+}
+
+impl Keyed {
+    /// `key > from AND key <= upto AND older than the cut-off`.
+    pub fn range(&self) -> String {
+        format!(
+            "({key}) > {from} AND ({key}) <= {upto} AND {older}",
+            key = self.key,
+            from = self.from,
+            upto = self.upto,
+            older = self.older
+        )
+    }
+}
+
+/// Logs, by `(received_at, id)`.
+pub const LOGS_KEYED: Keyed = Keyed {
+    table: LOGS,
+    key: "received_at, id",
+    select: "received_at AS ts, id",
+    from: FROM_START,
+    upto: "($3, $4)",
+    older: "received_at < $5",
+};
+
+/// Metric samples, by `(METRICS_DAY, scenario_id)`: whole groups.
+pub const METRICS_KEYED: Keyed = Keyed {
+    table: METRICS,
+    key: r#"date_trunc('day', "timestamp" AT TIME ZONE 'UTC'), scenario_id"#,
+    select: r#"date_trunc('day', "timestamp" AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS ts, scenario_id AS id"#,
+    from: DAY_FROM_START,
+    upto: "($3 AT TIME ZONE 'UTC', $4)",
+    older: "\"timestamp\" < $5",
+};
+
 /// Where report files must live (`REPORTS_ROOT`): the checks both the
 /// dry run and archiving make. The error is the reason, as it is reported.
 pub mod reports_root {

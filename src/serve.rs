@@ -50,7 +50,7 @@ pub async fn run(
     app.queue.broker()?;
     let kinds = app.served(kinds)?;
     let stats = Arc::new(WorkerStats::default());
-    // One governor for the executor and the endpoint's throttle series.
+    // The executor's governor, whose throttle series the endpoint shows.
     let governor = app.governor();
     // Served until the batches in flight are done (not until SIGTERM), so
     // that `/readyz` says "draining" meanwhile.
@@ -72,7 +72,7 @@ pub async fn run(
         )));
         probe = Some(p);
     }
-    let served = consume(app, kinds, stats, governor, probe.as_deref(), shutdown).await;
+    let served = consume(app, kinds, stats, probe.as_deref(), shutdown).await;
     stop_http.cancel();
     if let Some(s) = server {
         let _ = s.await;
@@ -84,7 +84,6 @@ async fn consume(
     app: &App,
     kinds: Option<Vec<Kind>>,
     stats: Arc<WorkerStats>,
-    governor: Arc<Governor>,
     probe: Option<&Probe>,
     shutdown: CancellationToken,
 ) -> Result<()> {
@@ -92,7 +91,6 @@ async fn consume(
     let pool = app.batch_pool(concurrency + 2, DATABASE_PATIENCE).await?;
     crate::db::check_migrated(&pool).await?;
     let mut exec = app.executor(&pool).await?;
-    exec.governor = governor;
     if let Some(kinds) = &kinds {
         let names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
         tracing::info!("serving {} batches only", names.join(","));
@@ -209,7 +207,7 @@ async fn wait_for_window(
     // once would drift from it (or miss a clock step).
     while !w.contains(Utc::now()) {
         stats.heartbeat.beat();
-        gov.throttled.add_time(Reason::Window, counted.elapsed());
+        gov.throttled.spent(Reason::Window, counted.elapsed());
         counted = Instant::now();
         tokio::select! {
             _ = tick.tick() => {}
@@ -217,7 +215,7 @@ async fn wait_for_window(
             () = shutdown.cancelled() => break,
         }
     }
-    gov.throttled.add_time(Reason::Window, counted.elapsed());
+    gov.throttled.spent(Reason::Window, counted.elapsed());
     if let Some(p) = probe {
         p.waiting(None);
     }

@@ -15,39 +15,8 @@
 
 use crate::error::Result;
 use crate::ledger::{Batch, Counts, Key};
-use crate::schema::{DAY_FROM_START, METRICS, METRICS_ARCHIVE, METRICS_DAY as DAY, bind_range};
+use crate::schema::{METRICS, METRICS_ARCHIVE, METRICS_DAY as DAY, METRICS_KEYED, bind_range};
 use sqlx::{Postgres, Row, Transaction};
-
-/// The (day, scenario_id) key of the `n`-th sample of `batch` after its
-/// cursor, in key order, read off the (UTC day, scenario_id) index; `None`
-/// when fewer remain. A chunk ending at that key takes every sample of it,
-/// so it may exceed `n` when one key has many samples.
-pub async fn nth_key(
-    tx: &mut Transaction<'_, Postgres>,
-    batch: &Batch,
-    n: i64,
-) -> Result<Option<Key>> {
-    let sql = format!(
-        "SELECT {DAY} AT TIME ZONE 'UTC' AS day, scenario_id FROM {METRICS}
-         WHERE ({DAY}, scenario_id) > {DAY_FROM_START}
-           AND ({DAY}, scenario_id) <= ($3 AT TIME ZONE 'UTC', $4)
-           AND \"timestamp\" < $5
-         ORDER BY {DAY}, scenario_id OFFSET $6 LIMIT 1"
-    );
-    let row = bind_range(
-        sqlx::query(sqlx::AssertSqlSafe(sql)),
-        batch.cursor,
-        batch.hi,
-        batch.cutoff,
-    )
-    .bind(n.max(1) - 1)
-    .fetch_optional(&mut **tx)
-    .await?;
-    Ok(row.map(|r| Key {
-        ts: r.get("day"),
-        id: r.get("scenario_id"),
-    }))
-}
 
 /// Aggregates and deletes the samples of `batch`'s (day, scenario) range
 /// `(from, upto]` that are older than its job's cut-off (a whole UTC day).
@@ -102,12 +71,10 @@ async fn run(
 ) -> Result<Counts> {
     let group = "scenario_id, metric_type, metric_name, unit, day";
     let on_conflict = if merge { MERGE } else { "" };
+    let range_sql = METRICS_KEYED.range();
     let sql = format!(
         "WITH moved AS (
-             DELETE FROM {METRICS}
-             WHERE ({DAY}, scenario_id) > {DAY_FROM_START}
-               AND ({DAY}, scenario_id) <= ($3 AT TIME ZONE 'UTC', $4)
-               AND \"timestamp\" < $5
+             DELETE FROM {METRICS} WHERE {range_sql}
              RETURNING scenario_id, metric_type, metric_name, unit, {DAY} AS day, value,
                        COALESCE(extra_data, '{{}}'::jsonb) AS extra_data
          ), g AS (

@@ -15,11 +15,12 @@ pub mod reports;
 use crate::error::{Error, Result};
 use crate::governor::Governor;
 use crate::ledger::{self, Key};
+use crate::schema::{Keyed, LOGS_KEYED, METRICS_KEYED, bind_range};
 use crate::vocabulary::BatchStatus;
 use crate::vocabulary::Kind;
 use chunk::ChunkSizer;
 use reports::ReportsContext;
-use sqlx::PgPool;
+use sqlx::{PgPool, Row};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -246,12 +247,45 @@ async fn chunk_end(
     let Some(n) = size else {
         return Ok(batch.hi);
     };
-    let end = match batch.kind {
-        Kind::Logs => logs::nth_key(tx, batch, n).await?,
-        Kind::Metrics => metrics::nth_key(tx, batch, n).await?,
-        Kind::Reports => None,
+    let keyed = match batch.kind {
+        Kind::Logs => LOGS_KEYED,
+        Kind::Metrics => METRICS_KEYED,
+        Kind::Reports => return Ok(batch.hi),
     };
+    let end = nth_key(tx, &keyed, batch, n).await?;
     Ok(end.map_or(batch.hi, |k| k.min(batch.hi)))
+}
+
+/// The key of the `n`-th row of `batch` after its cursor (older than the
+/// cut-off), read off the index of `keyed`'s key; `None` when fewer remain.
+/// For metrics the key is a group's (day, scenario_id): a chunk ending there
+/// takes every sample of it, so it may exceed `n`.
+async fn nth_key(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    keyed: &Keyed,
+    batch: &ledger::Batch,
+    n: i64,
+) -> Result<Option<Key>> {
+    let sql = format!(
+        "SELECT {select} FROM {table} WHERE {range} ORDER BY {key} OFFSET $6 LIMIT 1",
+        select = keyed.select,
+        table = keyed.table,
+        range = keyed.range(),
+        key = keyed.key,
+    );
+    let row = bind_range(
+        sqlx::query(sqlx::AssertSqlSafe(sql)),
+        batch.cursor,
+        batch.hi,
+        batch.cutoff,
+    )
+    .bind(n.max(1) - 1)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(row.map(|r| Key {
+        ts: r.get("ts"),
+        id: r.get("id"),
+    }))
 }
 
 fn check_kind(batch: &ledger::Batch, kind: Kind) -> Result<()> {

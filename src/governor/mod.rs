@@ -140,12 +140,6 @@ impl Throttled {
         self.micros[i].fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 
-    /// Adds `d` to the time of a wait for `why` already counted (a long
-    /// wait counted as it goes, so that `/metrics` shows it meanwhile).
-    pub fn add_time(&self, why: Reason, d: Duration) {
-        self.micros[why.index()].fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-    }
-
     /// Seconds spent waiting for `why`.
     pub fn seconds(&self, why: Reason) -> f64 {
         self.micros[why.index()].load(Ordering::Relaxed) as f64 / 1e6

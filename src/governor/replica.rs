@@ -89,16 +89,6 @@ impl Replicas {
         }
         Ok(Replicas { list })
     }
-
-    /// How many there are.
-    pub fn len(&self) -> usize {
-        self.list.len()
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.list.is_empty()
-    }
 }
 
 /// A replica's lag as the governor judges it.
@@ -309,13 +299,12 @@ pub async fn wait(g: &Governor, pool: &PgPool, stop: &CancellationToken) -> Resu
                 lag.replica, lag.why, limit
             );
         }
-        if wait.elapsed() >= g.opts.max_lag_wait {
-            wait.done("gave up on lagging replicas");
-            return Err(Error::HandBack(format!(
-                "replica {} {} (over --max-replica-lag {:?}) after waiting {:?} (--max-lag-wait)",
-                lag.replica, lag.why, limit, g.opts.max_lag_wait
-            )));
-        }
+        super::give_up_after(&wait, g, || {
+            format!(
+                "replica {} {} (over --max-replica-lag {limit:?})",
+                lag.replica, lag.why
+            )
+        })?;
         let left = g.opts.max_lag_wait.saturating_sub(wait.elapsed());
         wait.pause(POLL.min(left).max(Duration::from_millis(10)), stop)
             .await?;

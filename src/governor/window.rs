@@ -242,21 +242,25 @@ fn resolve(tz: Tz, local: NaiveDateTime) -> DateTime<Utc> {
     }
 }
 
+/// Why no chunk may start now, if none may: past the deadline, or outside
+/// the window (saying when it next opens).
+pub fn closed(g: &Governor) -> Option<String> {
+    if let Some(why) = past_deadline(g) {
+        return Some(why);
+    }
+    let w = g.opts.window.as_ref()?;
+    let now = Utc::now();
+    (!w.contains(now)).then(|| {
+        format!(
+            "outside the maintenance window {w}: it next opens at {}",
+            w.show(w.next_open(now))
+        )
+    })
+}
+
 /// `Err(Error::HandBack)` outside the window or past the deadline.
 pub fn check(g: &Governor) -> Result<()> {
-    if let Some(why) = past_deadline(g) {
-        return Err(Error::HandBack(why));
-    }
-    if let Some(w) = &g.opts.window {
-        let now = Utc::now();
-        if !w.contains(now) {
-            return Err(Error::HandBack(format!(
-                "outside the maintenance window {w}; next opens at {}",
-                w.show(w.next_open(now))
-            )));
-        }
-    }
-    Ok(())
+    closed(g).map_or(Ok(()), |why| Err(Error::HandBack(why)))
 }
 
 /// Why no chunk may start any more, when the run's deadline has passed.

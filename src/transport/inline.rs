@@ -63,11 +63,22 @@ impl InlinePublisher {
 #[async_trait]
 impl Publisher for InlinePublisher {
     async fn publish(&self, messages: &[BatchMessage]) -> Result<()> {
+        // The run has stopped (a hand-back, the window, the deadline): what
+        // is planned from now on is recorded in the ledger (pending, for the
+        // next run) but not queued.
+        if self.shared.halt.is_cancelled() {
+            return Ok(());
+        }
         for m in messages {
             self.shared.unsettled.fetch_add(1, Ordering::SeqCst);
-            self.tx
-                .send(m.encode())
-                .map_err(|_| Error::Broker("inline queue: executors have stopped".into()))?;
+            if self.tx.send(m.encode()).is_err() {
+                self.shared.settle();
+                // Stopped meanwhile: the batches stay pending, as above.
+                if self.shared.halt.is_cancelled() {
+                    return Ok(());
+                }
+                return Err(Error::Broker("inline queue: executors have stopped".into()));
+            }
         }
         Ok(())
     }
