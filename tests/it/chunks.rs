@@ -175,6 +175,9 @@ async fn two_executions_of_one_batch_at_once_take_turns_chunk_by_chunk() {
         old.0,
         "each row counted by exactly one: {ra} + {rb}"
     );
+    // They took turns: the one waiting on the batch's row lock runs the next
+    // chunk, so both moved rows (not one all and the other none).
+    assert!(ra > 0 && rb > 0, "both took chunks: {ra} + {rb}");
     let (chunks, at_hi, status, moved, _) = progress(&db, id).await;
     assert_eq!((status.as_str(), at_hi, moved), ("done", true, old.0));
     assert!(chunks > 1);

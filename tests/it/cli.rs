@@ -164,88 +164,67 @@ async fn bad_settings_give_one_line_errors_that_name_them() {
             2,
         ),
         (vec![], db.url.clone(), "--all", 2),
-        // The governor's flags: out of range, not numbers, NaN, infinities.
-        (
-            vec!["--logs", "--chunk-time", "5y"],
-            db.url.clone(),
-            "--chunk-time",
-            2,
-        ),
-        (
-            vec!["--logs", "--chunk-time", "2d"],
-            db.url.clone(),
-            "--chunk-time",
-            2,
-        ),
-        (
-            vec!["--logs", "--max-replica-lag=-1"],
-            db.url.clone(),
-            "--max-replica-lag",
-            2,
-        ),
-        (
-            vec!["--logs", "--max-lag-wait", "forever"],
-            db.url.clone(),
-            "--max-lag-wait",
-            2,
-        ),
-        (
-            vec!["--logs", "--max-active-sessions", "0"],
-            db.url.clone(),
-            "--max-active-sessions",
-            2,
-        ),
-        (
-            vec!["--logs", "--max-active-sessions=-3"],
-            db.url.clone(),
-            "--max-active-sessions",
-            2,
-        ),
-        (
-            vec!["--logs", "--probe-factor", "0.5"],
-            db.url.clone(),
-            "--probe-factor",
-            2,
-        ),
-        (
-            vec!["--logs", "--probe-factor", "NaN"],
-            db.url.clone(),
-            "--probe-factor",
-            2,
-        ),
-        (
-            vec!["--logs", "--max-wal-rate", "0"],
-            db.url.clone(),
-            "--max-wal-rate",
-            2,
-        ),
-        (
-            vec!["--logs", "--max-wal-rate", "inf"],
-            db.url.clone(),
-            "--max-wal-rate",
-            2,
-        ),
-        (
-            vec![
-                "--logs",
-                "--replica-url",
-                "postgresql://r:hunter2@127.0.0.1:1/app",
-            ],
-            db.url.clone(),
-            "ARCHIVER_MAX_REPLICA_LAG",
-            2,
-        ),
-        (
-            vec!["--logs", "--max-runtime", "1y"],
-            db.url.clone(),
-            "--max-runtime",
-            2,
-        ),
     ];
     for (args, url, names, code) in cases {
         let o = planner(&url).args(&args).output().await;
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(code), "{args:?}: {err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{args:?}: one line: {err}"
+        );
+        assert!(err.contains(names), "{args:?}: names {names}: {err}");
+        assert!(
+            !err.contains("hunter2"),
+            "{args:?}: leaks the password: {err}"
+        );
+    }
+    // The governor's flags (both binaries take them) and the worker's own:
+    // out of range, not numbers, NaN, infinities, negatives, unknown units,
+    // a replica to watch with no lag to watch it for. Exit 2, one line,
+    // naming the setting.
+    let governor: [(&[&str], &str); 13] = [
+        (&["--chunk-time", "5y"], "--chunk-time"),
+        (&["--chunk-time", "2d"], "--chunk-time"),
+        (&["--max-replica-lag=-1"], "--max-replica-lag"),
+        (&["--max-lag-wait", "forever"], "--max-lag-wait"),
+        (&["--max-active-sessions", "0"], "--max-active-sessions"),
+        (&["--max-active-sessions=-3"], "--max-active-sessions"),
+        (&["--probe-factor", "0.5"], "--probe-factor"),
+        (&["--probe-factor", "NaN"], "--probe-factor"),
+        (&["--max-wal-rate", "0"], "--max-wal-rate"),
+        (&["--max-wal-rate", "inf"], "--max-wal-rate"),
+        (&["--max-runtime", "1y"], "--max-runtime"),
+        (
+            &["--replica-url", "postgresql://r:hunter2@127.0.0.1:1/app"],
+            "ARCHIVER_MAX_REPLICA_LAG",
+        ),
+        (&["--window", "25:00-06:00"], "--window"),
+    ];
+    let worker_only: [(&[&str], &str); 4] = [
+        (&["--listen", "127.0.0.1:notaport"], "--listen"),
+        (&["--listen", "300.0.0.1:9188"], "--listen"),
+        (&["--stuck-after", "0"], "--stuck-after"),
+        (&["--stuck-after", "86401"], "--stuck-after"),
+    ];
+    let runs = governor
+        .iter()
+        .map(|(a, n)| (db.planner().args(["--logs"]).args(a.iter()), a, n))
+        .chain(
+            governor
+                .iter()
+                .map(|(a, n)| (db.worker().args(a.iter()), a, n)),
+        )
+        .chain(
+            worker_only
+                .iter()
+                .map(|(a, n)| (db.worker().args(a.iter()), a, n)),
+        );
+    for (bin, args, names) in runs {
+        let o = bin.output().await;
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
         assert_eq!(
             err.trim_end().lines().count(),
             1,

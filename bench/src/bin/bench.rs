@@ -1226,17 +1226,21 @@ async fn print_header(bench: &Bench, idle: &Latency) -> Result<()> {
     Ok(())
 }
 
+/// The table: per line, what it moved (metrics: samples and the archive
+/// rows, groups, written) and the columns every target shares.
 fn print_table(target: Target, lines: &[Line], idle: &Latency) {
-    if target == Target::Metrics {
-        return print_metrics_table(lines, idle);
-    }
+    let head = match target {
+        Target::Logs => format!(
+            "{:<3} {:<21} {:>10} {:>8} {:>9}",
+            "#", "run", "rows", "seconds", "rows/s"
+        ),
+        Target::Metrics => format!(
+            "{:<3} {:<21} {:>9} {:>8} {:>8} {:>10}",
+            "#", "run", "samples", "groups", "seconds", "samples/s"
+        ),
+    };
     println!(
-        "{:<3} {:<21} {:>10} {:>8} {:>9} {:>8} {:>22} {:>10} {:>10} {:>14} {:>5} {:>7} {:>9} {:>7}",
-        "#",
-        "run",
-        "rows",
-        "seconds",
-        "rows/s",
+        "{head} {:>8} {:>22} {:>10} {:>10} {:>14} {:>5} {:>7} {:>9} {:>7}",
         "x limit",
         "insert p50/p99/max ms",
         "p50 x idle",
@@ -1248,18 +1252,30 @@ fn print_table(target: Target, lines: &[Line], idle: &Latency) {
         "wait s"
     );
     for l in lines {
+        let (round, name) = (l.round, l.method.name());
+        let moved = match target {
+            Target::Logs => format!(
+                "{round:<3} {name:<21} {:>10} {:>8.2} {:>9.0}",
+                l.moved,
+                l.secs,
+                l.rate()
+            ),
+            Target::Metrics => format!(
+                "{round:<3} {name:<21} {:>9} {:>8} {:>8.2} {:>10.0}",
+                l.moved,
+                l.groups.unwrap_or(0),
+                l.secs,
+                l.rate()
+            ),
+        };
+        // Against the fastest limit line of the same round.
         let limit = lines
             .iter()
             .filter(|o| o.round == l.round && o.method.is_limit())
             .map(Line::rate)
             .fold(f64::NAN, f64::max);
         println!(
-            "{:<3} {:<21} {:>10} {:>8.2} {:>9.0} {:>8.2} {:>22} {:>10.2} {:>10.2} {:>14} {:>5} {:>7.0} {:>9} {:>7.1}",
-            l.round,
-            l.method.name(),
-            l.moved,
-            l.secs,
-            l.rate(),
+            "{moved} {:>8.2} {:>22} {:>10.2} {:>10.2} {:>14} {:>5} {:>7.0} {:>9} {:>7.1}",
             l.rate() / limit,
             format!("{:.1}/{:.1}/{:.1}", l.lat.p50, l.lat.p99, l.lat.max),
             l.lat.p50 / idle.p50,
@@ -1279,53 +1295,6 @@ fn per_commit(l: &Line) -> String {
         return "-".into();
     }
     format!("{:.1} kB", l.wal as f64 / l.commits as f64 / 1e3)
-}
-
-/// As [`print_table`], in samples, with the archive rows (groups) written.
-fn print_metrics_table(lines: &[Line], idle: &Latency) {
-    println!(
-        "{:<3} {:<21} {:>9} {:>8} {:>8} {:>10} {:>8} {:>22} {:>10} {:>10} {:>14} {:>5} {:>7} {:>9} {:>7}",
-        "#",
-        "run",
-        "samples",
-        "groups",
-        "seconds",
-        "samples/s",
-        "x limit",
-        "insert p50/p99/max ms",
-        "p50 x idle",
-        "p99 x idle",
-        "load1m start>end",
-        "ckpts",
-        "WAL MB",
-        "WAL/commit",
-        "wait s"
-    );
-    for l in lines {
-        let limit = lines
-            .iter()
-            .filter(|o| o.round == l.round && o.method.is_limit())
-            .map(Line::rate)
-            .fold(f64::NAN, f64::max);
-        println!(
-            "{:<3} {:<21} {:>9} {:>8} {:>8.2} {:>10.0} {:>8.2} {:>22} {:>10.2} {:>10.2} {:>14} {:>5} {:>7.0} {:>9} {:>7.1}",
-            l.round,
-            l.method.name(),
-            l.moved,
-            l.groups.unwrap_or(0),
-            l.secs,
-            l.rate(),
-            l.rate() / limit,
-            format!("{:.1}/{:.1}/{:.1}", l.lat.p50, l.lat.p99, l.lat.max),
-            l.lat.p50 / idle.p50,
-            l.lat.p99 / idle.p99,
-            format!("{:.2}>{:.2}", l.load.0, l.load.1),
-            l.checkpoints,
-            l.wal as f64 / 1e6,
-            per_commit(l),
-            l.throttled,
-        );
-    }
 }
 
 #[tokio::main]
