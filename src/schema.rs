@@ -21,6 +21,17 @@ pub const REPORTS: &str = "reports";
 /// Archived reports' metadata and where their file went.
 pub const REPORTS_ARCHIVE: &str = "reports_archive";
 
+/// One log row's digest: a 64-bit hash of every column the application
+/// wrote (not `archived_at` or `archive_batch_id`), over the values
+/// themselves (`hash_record_extended`: no text form, so no TimeZone or
+/// DateStyle in it; ~0.2 µs a row). It reads the same columns from
+/// `scenario_logs` and `scenario_logs_archive`, so the statement that moves a
+/// row, `planner verify` and a restore all compute the same value. A batch's
+/// digest (`archive_batches.content_digest`) is the exact (NUMERIC) sum of
+/// its rows'.
+pub const LOGS_ROW_DIGEST: &str = "hash_record_extended(ROW(id, scenario_id, received_at, message_hash, \
+     message_preview, source, size_bytes, has_pii, token_count, sqs_blocks), 0)";
+
 /// The UTC day of a metric sample: the indexed expression its batches'
 /// (day, scenario_id) keys are read off.
 pub const METRICS_DAY: &str = r#"date_trunc('day', "timestamp" AT TIME ZONE 'UTC')"#;
