@@ -235,7 +235,15 @@ mod tests {
         assert_eq!(d.to_rfc3339(), "2024-03-01T00:00:00+00:00");
         let t = instant("2024-03-01T12:30:00+02:00").unwrap();
         assert_eq!(t.to_rfc3339(), "2024-03-01T10:30:00+00:00");
-        for bad in ["", "yesterday", "2024-13-01", "2024-02-30", "-1", "abc", "2024-03-01T25:00:00Z"] {
+        for bad in [
+            "",
+            "yesterday",
+            "2024-13-01",
+            "2024-02-30",
+            "-1",
+            "abc",
+            "2024-03-01T25:00:00Z",
+        ] {
             let e = instant(bad).unwrap_err();
             assert!(e.contains(&format!("{bad:?}")), "{e}");
         }

@@ -383,9 +383,8 @@ pub async fn restore_reports(app: &App, scenario: uuid::Uuid, dir: &Path) -> Res
         println!("restore-report: scenario {scenario} has no archived reports: nothing to restore");
         return Ok(true);
     }
-    std::fs::create_dir_all(dir).map_err(|e| {
-        Error::config("--to", format!("cannot create {}: {e}", dir.display()))
-    })?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::config("--to", format!("cannot create {}: {e}", dir.display())))?;
     let store = app.object_store().await?;
     let (mut restored, mut bytes, mut failed) = (0u64, 0u64, 0u64);
     for (id, format) in &reports {
@@ -419,7 +418,10 @@ pub async fn restore_reports(app: &App, scenario: uuid::Uuid, dir: &Path) -> Res
             Ok(n) => {
                 restored += 1;
                 bytes += n;
-                println!("restored report {id} to {} ({n} bytes, SHA-256 verified)", to.display());
+                println!(
+                    "restored report {id} to {} ({n} bytes, SHA-256 verified)",
+                    to.display()
+                );
             }
             Err(e) => {
                 failed += 1;

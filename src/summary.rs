@@ -3,8 +3,8 @@
 
 use crate::governor::{Reason, Throttled};
 use crate::human::{bytes, count, time};
-use crate::ledger::{BatchCount, DeadBatch, JobRow, PendingWork};
 use crate::ledger::RestoreScope;
+use crate::ledger::{BatchCount, DeadBatch, JobRow, PendingWork};
 use crate::plan::restore::{RestorePlanned, RestorePreview};
 use crate::plan::{Eligible, OutOfRange, Planned};
 use crate::retention::Findings;

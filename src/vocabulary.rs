@@ -181,7 +181,10 @@ mod tests {
             assert_eq!(t.to_string().parse::<JobType>(), Ok(t));
         }
         assert_eq!("restore".parse::<Kind>(), Ok(Kind::Restore));
-        assert!(!Kind::ALL.contains(&Kind::Restore), "nothing archives restores");
+        assert!(
+            !Kind::ALL.contains(&Kind::Restore),
+            "nothing archives restores"
+        );
         assert_eq!(JobType::from(Kind::Restore).as_str(), "restore");
         for s in [
             JobStatus::Pending,

@@ -22,6 +22,9 @@ use uuid::Uuid;
 const IN_SCOPE: &str = "scenario_id = $1 AND received_at >= COALESCE($2, '-infinity'::timestamptz) \
      AND received_at < COALESCE($3, 'infinity'::timestamptz)";
 
+/// One month of a preview: its first day, rows, bytes, oldest, newest.
+type Month = (DateTime<Utc>, i64, i64, DateTime<Utc>, DateTime<Utc>);
+
 /// What a restore would bring back, per month.
 #[derive(Debug, Clone, Default)]
 pub struct RestorePreview {
@@ -44,8 +47,12 @@ pub struct RestorePreview {
 }
 
 /// Counts what restoring `scope` would bring back, changing nothing.
-pub async fn preview(pool: &PgPool, scope: RestoreScope, batch_size: i64) -> Result<RestorePreview> {
-    let months: Vec<(DateTime<Utc>, i64, i64, DateTime<Utc>, DateTime<Utc>)> =
+pub async fn preview(
+    pool: &PgPool,
+    scope: RestoreScope,
+    batch_size: i64,
+) -> Result<RestorePreview> {
+    let months: Vec<Month> =
         sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT date_trunc('month', received_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS month,
                     count(*), COALESCE(sum(size_bytes), 0)::bigint, min(received_at), max(received_at)
@@ -100,11 +107,10 @@ pub async fn plan(
     let (job, hold_until) =
         ledger::create_restore_job(pool, scope, hold_days, batch_size, transport).await?;
     ledger::start_job(pool, job).await?;
-    let cutoff: DateTime<Utc> =
-        sqlx::query_scalar("SELECT cutoff FROM archive_jobs WHERE id = $1")
-            .bind(job)
-            .fetch_one(pool)
-            .await?;
+    let cutoff: DateTime<Utc> = sqlx::query_scalar("SELECT cutoff FROM archive_jobs WHERE id = $1")
+        .bind(job)
+        .fetch_one(pool)
+        .await?;
     let (tx, rx) = mpsc::channel(super::CHUNKS_AHEAD);
     let mut sink = Sink::new(tx);
     let cutting = async {

@@ -53,7 +53,11 @@ impl Archived {
             others_hash: (0, String::new()),
         };
         a.scope_hash = a.db.hash(&a.scope_in("scenario_logs")).await;
-        assert!(a.scope_hash.0 > 10, "test data must fill the month: {:?}", a.scope_hash);
+        assert!(
+            a.scope_hash.0 > 10,
+            "test data must fill the month: {:?}",
+            a.scope_hash
+        );
         run_inline(&a.db, Kind::Logs, 997).await;
         assert_eq!(a.db.hash(&a.scope_in("scenario_logs")).await.0, 0);
         a.others_hash = a.db.hash(&a.others()).await;
@@ -95,7 +99,16 @@ impl Archived {
             self.from.to_rfc3339(),
             self.to.to_rfc3339(),
         );
-        let mut args = vec!["restore", "--logs", "--scenario", &s, "--from", &f, "--to", &t];
+        let mut args = vec![
+            "restore",
+            "--logs",
+            "--scenario",
+            &s,
+            "--from",
+            &f,
+            "--to",
+            &t,
+        ];
         args.extend_from_slice(extra);
         self.db
             .planner()
@@ -114,10 +127,15 @@ impl Archived {
                 self.db
                     .scalar("SELECT count(*) FROM archive_jobs WHERE job_type = 'restore'")
                     .await
-                    + self.db.scalar("SELECT count(*) FROM archive_restores").await
                     + self
                         .db
-                        .scalar("SELECT COALESCE(sum(restored_rows), 0)::bigint FROM archive_batches")
+                        .scalar("SELECT count(*) FROM archive_restores")
+                        .await
+                    + self
+                        .db
+                        .scalar(
+                            "SELECT COALESCE(sum(restored_rows), 0)::bigint FROM archive_batches",
+                        )
                         .await,
                 String::new(),
             ),
@@ -151,7 +169,10 @@ async fn restoring_a_scenarios_month_brings_every_column_back_and_leaves_the_res
     .await
     .unwrap();
     assert_eq!(job.get::<String, _>("status"), "completed");
-    assert_eq!(job.get::<Option<i64>, _>("records_deleted"), Some(a.scope_hash.0));
+    assert_eq!(
+        job.get::<Option<i64>, _>("records_deleted"),
+        Some(a.scope_hash.0)
+    );
     let batches = (a.scope_hash.0 + 96) / 97;
     assert_eq!(job.get::<i64, _>("batches"), batches);
     assert_eq!(i64::from(job.get::<i32, _>("batches_done")), batches);
@@ -182,9 +203,10 @@ async fn a_redelivered_restore_batch_is_a_no_op() {
     let a = Archived::new(6_000).await;
     // Planned into a queue nobody reads: the batches stay pending.
     let (publisher, _consumer) = inline::queue(CancellationToken::new());
-    let planned = archiver::plan::restore::plan(&a.db.pool, a.scope(), 30, 50, "inline", &publisher)
-        .await
-        .unwrap();
+    let planned =
+        archiver::plan::restore::plan(&a.db.pool, a.scope(), 30, 50, "inline", &publisher)
+            .await
+            .unwrap();
     let batches = a.db.batches_of(planned.planned.job).await;
     assert!(batches.len() > 1, "{batches:?}");
     let exec = Executor::from(&a.db.pool);
@@ -210,7 +232,10 @@ async fn a_redelivered_restore_batch_is_a_no_op() {
     // A message that names the batch as logs is the message's fault.
     let payload = BatchMessage::new(batches[0], Kind::Logs).encode();
     let d = worker::process(&exec, &payload, WorkerOptions::default(), &stop).await;
-    assert!(matches!(d, Disposition::DeadLetter(ref r) if r.contains("restore")), "{d:?}");
+    assert!(
+        matches!(d, Disposition::DeadLetter(ref r) if r.contains("restore")),
+        "{d:?}"
+    );
     // A worker serving logs serves restores; one serving only metrics
     // hands them back.
     let metrics_only = Executor {
@@ -241,10 +266,16 @@ async fn the_next_logs_run_respects_the_hold_and_archives_them_once_it_expires()
         .await);
     assert!(dry.contains("logs: 0 eligible rows"), "{dry}");
     let job = run_inline(&a.db, Kind::Logs, 997).await.job;
-    assert_eq!(a.db.hash(&a.scope_in("scenario_logs")).await, restored, "held rows stay hot");
     assert_eq!(
-        a.db.scalar(&format!("SELECT records_archived FROM archive_jobs WHERE id = '{job}'"))
-            .await,
+        a.db.hash(&a.scope_in("scenario_logs")).await,
+        restored,
+        "held rows stay hot"
+    );
+    assert_eq!(
+        a.db.scalar(&format!(
+            "SELECT records_archived FROM archive_jobs WHERE id = '{job}'"
+        ))
+        .await,
         0
     );
     // The hold ends: the next run archives them again, exactly once.
@@ -264,7 +295,10 @@ async fn the_next_logs_run_respects_the_hold_and_archives_them_once_it_expires()
     );
     run_inline(&a.db, Kind::Logs, 997).await;
     assert_eq!(a.db.hash(&a.scope_in("scenario_logs")).await.0, 0);
-    assert_eq!(a.db.hash(&a.scope_in("scenario_logs_archive")).await, a.scope_hash);
+    assert_eq!(
+        a.db.hash(&a.scope_in("scenario_logs_archive")).await,
+        a.scope_hash
+    );
     assert_eq!(
         a.db.scalar("SELECT count(*) - count(DISTINCT id) FROM scenario_logs_archive")
             .await,
@@ -274,8 +308,10 @@ async fn the_next_logs_run_respects_the_hold_and_archives_them_once_it_expires()
     assert_eq!(a.db.hash(&a.others()).await, a.others_hash);
     let again = run_inline(&a.db, Kind::Logs, 997).await.job;
     assert_eq!(
-        a.db.scalar(&format!("SELECT records_archived FROM archive_jobs WHERE id = '{again}'"))
-            .await,
+        a.db.scalar(&format!(
+            "SELECT records_archived FROM archive_jobs WHERE id = '{again}'"
+        ))
+        .await,
         0
     );
     a.db.cleanup().await;
@@ -286,11 +322,15 @@ async fn hold_days_zero_says_the_next_run_archives_them_again() {
     let a = Archived::new(4_000).await;
     let out = ok(&a.restore(&["--hold-days", "0"]).await);
     assert!(
-        out.contains("hold: none") && out.contains("next nightly `planner --logs` run will archive them again"),
+        out.contains("hold: none")
+            && out.contains("next nightly `planner --logs` run will archive them again"),
         "{out}"
     );
     run_inline(&a.db, Kind::Logs, 997).await;
-    assert_eq!(a.db.hash(&a.scope_in("scenario_logs_archive")).await, a.scope_hash);
+    assert_eq!(
+        a.db.hash(&a.scope_in("scenario_logs_archive")).await,
+        a.scope_hash
+    );
     a.db.cleanup().await;
 }
 
@@ -306,12 +346,27 @@ async fn the_dry_run_changes_nothing_and_says_what_per_month() {
         .planner()
         .env("ARCHIVER_BATCH_SIZE", "97")
         .args([
-            "restore", "--logs", "--scenario", &s, "--from", &f, "--to", &to, "--dry-run",
+            "restore",
+            "--logs",
+            "--scenario",
+            &s,
+            "--from",
+            &f,
+            "--to",
+            &to,
+            "--dry-run",
         ])
         .output_within(LIMIT)
         .await);
     assert!(out.contains("DRY RUN"), "{out}");
-    assert!(out.contains(&format!("  {}: {} rows", a.from.format("%Y-%m"), a.scope_hash.0)), "{out}");
+    assert!(
+        out.contains(&format!(
+            "  {}: {} rows",
+            a.from.format("%Y-%m"),
+            a.scope_hash.0
+        )),
+        "{out}"
+    );
     assert!(out.contains("hold: 30 day(s)"), "{out}");
     assert_eq!(a.state().await, before, "the dry run changed something");
     a.db.cleanup().await;
@@ -336,34 +391,121 @@ async fn hostile_flags_are_refused_naming_what_is_wrong_and_change_nothing() {
     let cases: &[(&[&str], i32, &str)] = &[
         (&["restore", "--logs"], 2, "--scenario"),
         (&["restore", "--scenario", &s], 2, "--logs"),
-        (&["restore", "--logs", "--scenario", "not-a-uuid"], 2, "--scenario"),
+        (
+            &["restore", "--logs", "--scenario", "not-a-uuid"],
+            2,
+            "--scenario",
+        ),
         (&["restore", "--logs", "--scenario", ""], 2, "--scenario"),
-        (&["restore", "--logs", "--scenario", &unknown], 2, "no logs of scenario"),
-        (&["restore", "--logs", "--scenario", &s, "--from", "2024-13-01"], 2, "--from"),
-        (&["restore", "--logs", "--scenario", &s, "--to", "yesterday"], 2, "--to"),
-        (&["restore", "--logs", "--scenario", &s, "--from", "-1"], 2, "--from"),
         (
-            &["restore", "--logs", "--scenario", &s, "--from", "2024-02-01", "--to", "2024-02-01"],
+            &["restore", "--logs", "--scenario", &unknown],
+            2,
+            "no logs of scenario",
+        ),
+        (
+            &[
+                "restore",
+                "--logs",
+                "--scenario",
+                &s,
+                "--from",
+                "2024-13-01",
+            ],
+            2,
+            "--from",
+        ),
+        (
+            &["restore", "--logs", "--scenario", &s, "--to", "yesterday"],
+            2,
+            "--to",
+        ),
+        (
+            &["restore", "--logs", "--scenario", &s, "--from", "-1"],
+            2,
+            "--from",
+        ),
+        (
+            &[
+                "restore",
+                "--logs",
+                "--scenario",
+                &s,
+                "--from",
+                "2024-02-01",
+                "--to",
+                "2024-02-01",
+            ],
             2,
             "not before --to",
         ),
         (
-            &["restore", "--logs", "--scenario", &s, "--from", "2024-03-01", "--to", "2024-02-01"],
+            &[
+                "restore",
+                "--logs",
+                "--scenario",
+                &s,
+                "--from",
+                "2024-03-01",
+                "--to",
+                "2024-02-01",
+            ],
             2,
             "not before --to",
         ),
-        (&["restore", "--logs", "--scenario", &s, "--hold-days", "-1"], 2, "--hold-days"),
-        (&["restore", "--logs", "--scenario", &s, "--hold-days", "99999999999"], 2, "--hold-days"),
-        (&["restore", "--logs", "--scenario", &s, "--hold-days", "36501"], 2, "--hold-days"),
-        (&["restore", "--logs", "--scenario", &s, "--hold-days", "abc"], 2, "--hold-days"),
-        (&["restore", "--logs", "--scenario", &s, "--hold-days", ""], 2, "--hold-days"),
+        (
+            &["restore", "--logs", "--scenario", &s, "--hold-days", "-1"],
+            2,
+            "--hold-days",
+        ),
+        (
+            &[
+                "restore",
+                "--logs",
+                "--scenario",
+                &s,
+                "--hold-days",
+                "99999999999",
+            ],
+            2,
+            "--hold-days",
+        ),
+        (
+            &[
+                "restore",
+                "--logs",
+                "--scenario",
+                &s,
+                "--hold-days",
+                "36501",
+            ],
+            2,
+            "--hold-days",
+        ),
+        (
+            &["restore", "--logs", "--scenario", &s, "--hold-days", "abc"],
+            2,
+            "--hold-days",
+        ),
+        (
+            &["restore", "--logs", "--scenario", &s, "--hold-days", ""],
+            2,
+            "--hold-days",
+        ),
         (
             &["restore", "--metrics", "--scenario", &s],
             2,
             "metrics cannot be restored to samples: they were aggregated into daily rows (R2); the aggregates stay in",
         ),
-        (&["restore", "--logs", "--metrics", "--scenario", &s], 2, "--metrics"),
-        (&["restore", "--reports", "--scenario", &s], 2, "restore-report --scenario"),
+        (
+            &["restore", "--logs", "--metrics", "--scenario", &s],
+            2,
+            "--metrics",
+        ),
+        (
+            &["restore", "--reports", "--scenario", &s],
+            2,
+            "restore-report --scenario",
+        ),
     ];
     for (args, code, says) in cases {
         refused(db, args, *code, says).await;
@@ -381,12 +523,23 @@ async fn hostile_flags_are_refused_naming_what_is_wrong_and_change_nothing() {
     let out = ok(&db
         .planner()
         .args([
-            "restore", "--logs", "--scenario", &s, "--from", "1990-01-01", "--to", "1990-02-01",
+            "restore",
+            "--logs",
+            "--scenario",
+            &s,
+            "--from",
+            "1990-01-01",
+            "--to",
+            "1990-02-01",
         ])
         .output_within(LIMIT)
         .await);
     assert!(out.contains("nothing to restore"), "{out}");
-    assert_eq!(a.state().await, before, "a refused command changed something");
+    assert_eq!(
+        a.state().await,
+        before,
+        "a refused command changed something"
+    );
     a.db.cleanup().await;
 }
 
@@ -415,8 +568,10 @@ async fn an_id_collision_fails_the_batch_naming_the_id_and_loses_nothing() {
     assert!(all.contains(&format!("id {clash}")), "{all}");
     // Both copies are still there: the archived row and the hot one.
     assert_eq!(
-        a.db.scalar(&format!("SELECT count(*) FROM scenario_logs_archive WHERE id = '{clash}'"))
-            .await,
+        a.db.scalar(&format!(
+            "SELECT count(*) FROM scenario_logs_archive WHERE id = '{clash}'"
+        ))
+        .await,
         1
     );
     assert_eq!(
@@ -427,10 +582,14 @@ async fn an_id_collision_fails_the_batch_naming_the_id_and_loses_nothing() {
         1
     );
     // Nothing lost: every row of the scope is in one table or the other.
-    let hot = a.db.scalar(&format!("SELECT count(*) {}", a.scope_in("scenario_logs"))).await;
-    let cold = a
-        .db
-        .scalar(&format!("SELECT count(*) {}", a.scope_in("scenario_logs_archive")))
+    let hot =
+        a.db.scalar(&format!("SELECT count(*) {}", a.scope_in("scenario_logs")))
+            .await;
+    let cold =
+        a.db.scalar(&format!(
+            "SELECT count(*) {}",
+            a.scope_in("scenario_logs_archive")
+        ))
         .await;
     assert_eq!(hot + cold, a.scope_hash.0);
     assert!(cold >= 1);
@@ -470,11 +629,20 @@ async fn restore_report_by_scenario_restores_every_file_verified_and_never_overw
     let out = ok(&db
         .planner()
         .local_reports(&d.root, &d.archive)
-        .args(["restore-report", "--scenario", scenario, "--to", to.to_str().unwrap()])
+        .args([
+            "restore-report",
+            "--scenario",
+            scenario,
+            "--to",
+            to.to_str().unwrap(),
+        ])
         .output_within(LIMIT)
         .await);
     assert!(
-        out.contains(&format!("{n} of {n} report(s) restored", n = archived.len())) && out.contains("0 failed"),
+        out.contains(&format!(
+            "{n} of {n} report(s) restored",
+            n = archived.len()
+        )) && out.contains("0 failed"),
         "{out}"
     );
     let sha = |p: &std::path::Path| {
@@ -495,12 +663,21 @@ async fn restore_report_by_scenario_restores_every_file_verified_and_never_overw
     let o = db
         .planner()
         .local_reports(&d.root, &d.archive)
-        .args(["restore-report", "--scenario", scenario, "--to", again.to_str().unwrap()])
+        .args([
+            "restore-report",
+            "--scenario",
+            scenario,
+            "--to",
+            again.to_str().unwrap(),
+        ])
         .output_within(LIMIT)
         .await;
     let all = format!("{}{}", stdout(&o), stderr(&o));
     assert_eq!(o.status.code(), Some(1), "{all}");
-    assert!(all.contains(&id.to_string()) && all.contains("not overwriting"), "{all}");
+    assert!(
+        all.contains(&id.to_string()) && all.contains("not overwriting"),
+        "{all}"
+    );
     assert!(all.contains("1 failed"), "{all}");
     assert_eq!(std::fs::read(&kept).unwrap(), b"mine");
     for (other, format, want) in &archived[1..] {
@@ -511,14 +688,29 @@ async fn restore_report_by_scenario_restores_every_file_verified_and_never_overw
     let out = ok(&db
         .planner()
         .local_reports(&d.root, &d.archive)
-        .args(["restore-report", "--scenario", &Uuid::new_v4().to_string(), "--to", to.to_str().unwrap()])
+        .args([
+            "restore-report",
+            "--scenario",
+            &Uuid::new_v4().to_string(),
+            "--to",
+            to.to_str().unwrap(),
+        ])
         .output_within(LIMIT)
         .await);
     assert!(out.contains("no archived reports"), "{out}");
     for (args, says) in [
-        (vec!["restore-report", "--scenario", "x", "--to", "/tmp"], "--scenario"),
         (
-            vec!["restore-report", "--scenario", scenario, "--to", kept.to_str().unwrap()],
+            vec!["restore-report", "--scenario", "x", "--to", "/tmp"],
+            "--scenario",
+        ),
+        (
+            vec![
+                "restore-report",
+                "--scenario",
+                scenario,
+                "--to",
+                kept.to_str().unwrap(),
+            ],
             "not a directory",
         ),
         (vec!["restore-report", "--to", "/tmp"], "required"),
