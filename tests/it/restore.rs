@@ -734,3 +734,86 @@ async fn restore_report_by_scenario_restores_every_file_verified_and_never_overw
     }
     db.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_restore_goes_through_rabbitmq_and_duplicate_deliveries_change_nothing() {
+    use crate::helpers::amqp::{amqp_config, delete_queues, spawn_worker, wait_queue_empty};
+    use archiver::transport::Publisher;
+    use archiver::transport::amqp::AmqpPublisher;
+    let a = Archived::new(4_000).await;
+    let cfg = amqp_config();
+    let (s, f, t) = (
+        a.scenario.to_string(),
+        a.from.to_rfc3339(),
+        a.to.to_rfc3339(),
+    );
+    let out = ok(&a
+        .db
+        .planner()
+        .amqp(&cfg)
+        .env("ARCHIVER_BATCH_SIZE", "3")
+        .args([
+            "restore",
+            "--logs",
+            "--scenario",
+            &s,
+            "--from",
+            &f,
+            "--to",
+            &t,
+        ])
+        .output_within(LIMIT)
+        .await);
+    assert!(
+        out.contains(&format!("published to {}", cfg.queue)),
+        "{out}"
+    );
+    assert!(out.contains("hold: 30 day(s), until"), "{out}");
+    let job: Uuid = sqlx::query_scalar("SELECT id FROM archive_jobs WHERE job_type = 'restore'")
+        .fetch_one(&a.db.pool)
+        .await
+        .unwrap();
+    let batches = a.db.batches_of(job).await;
+    assert!(batches.len() > 1, "{batches:?}");
+    // Every batch's message published a second time: each runs once.
+    let publisher = AmqpPublisher::connect(cfg.clone()).await.unwrap();
+    let again: Vec<BatchMessage> = batches
+        .iter()
+        .map(|&id| BatchMessage::new(id, Kind::Restore))
+        .collect();
+    publisher.publish(&again).await.unwrap();
+    let stop = CancellationToken::new();
+    let workers = [
+        spawn_worker(&a.db.url, &cfg, 2, &stop),
+        spawn_worker(&a.db.url, &cfg, 2, &stop),
+    ];
+    assert_eq!(a.db.wait_job(job).await, "completed");
+    wait_queue_empty(&cfg).await;
+    stop.cancel();
+    let mut done = 0;
+    let mut already = 0;
+    for w in workers {
+        let stats = w.await.unwrap();
+        done += stats.done.load(std::sync::atomic::Ordering::Relaxed);
+        already += stats
+            .already_done
+            .load(std::sync::atomic::Ordering::Relaxed);
+    }
+    assert_eq!(done as usize, batches.len(), "each batch ran once");
+    assert_eq!(
+        already as usize,
+        batches.len(),
+        "each duplicate was a no-op"
+    );
+    assert_eq!(a.db.hash(&a.scope_in("scenario_logs")).await, a.scope_hash);
+    assert_eq!(a.db.hash(&a.others()).await, a.others_hash);
+    assert_eq!(
+        a.db.scalar("SELECT COALESCE(sum(restored_rows), 0)::bigint FROM archive_batches")
+            .await,
+        a.scope_hash.0,
+        "credited once"
+    );
+    publisher.close().await.unwrap();
+    delete_queues(&cfg).await;
+    a.db.cleanup().await;
+}
