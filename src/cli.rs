@@ -178,6 +178,23 @@ fn secret(s: &str) -> std::result::Result<SecretString, std::convert::Infallible
     Ok(SecretString::from(s))
 }
 
+fn scenario_id(s: &str) -> std::result::Result<uuid::Uuid, String> {
+    uuid::Uuid::parse_str(s.trim())
+        .map_err(|_| format!("{s:?} is not a scenario id (a UUID such as 0b7e…-…)"))
+}
+
+/// Most days a restore's hold may last: 100 years.
+const MAX_HOLD_DAYS: u32 = 36_500;
+
+fn hold_days(s: &str) -> std::result::Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(d) if d <= MAX_HOLD_DAYS => Ok(d),
+        _ => Err(format!(
+            "{s:?} is not a number of days from 0 to {MAX_HOLD_DAYS}"
+        )),
+    }
+}
+
 fn rest_ratio(s: &str) -> std::result::Result<f64, String> {
     match s.parse::<f64>() {
         Ok(r) if (0.0..=100.0).contains(&r) => Ok(r),
@@ -286,13 +303,55 @@ pub enum PlannerCommand {
               value_parser = clap::value_parser!(u64).range(1..))]
         index_wait: Option<u64>,
     },
-    /// Download an archived report, decompress it and verify its SHA-256.
+    /// Download an archived report, decompress it and verify its SHA-256;
+    /// or, with `--scenario`, every archived report of a scenario into a
+    /// directory.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["id", "scenario"])))]
     RestoreReport {
         /// The report's id.
-        id: uuid::Uuid,
-        /// Where to write the file (must not exist).
+        id: Option<uuid::Uuid>,
+        /// Every archived report of this scenario, into the directory
+        /// `--to` (created if missing), each as `<report id>.<format>`;
+        /// a file already there is not overwritten (that report fails).
+        #[arg(long, value_parser = scenario_id)]
+        scenario: Option<uuid::Uuid>,
+        /// Where to write the file (must not exist); with `--scenario`, the
+        /// directory.
         #[arg(long)]
         to: PathBuf,
+    },
+    /// Bring a scenario's archived logs back into `scenario_logs`, as a job
+    /// of its own (job type `restore`) whose batches go through the queue
+    /// (or run here with no broker). Restored rows are kept out of the
+    /// nightly run for `--hold-days`.
+    Restore {
+        /// Restore logs (the only kind that can be).
+        #[arg(long)]
+        logs: bool,
+        /// Refused: metric samples were aggregated into daily rows.
+        #[arg(long)]
+        metrics: bool,
+        /// Refused here: reports are files; see `restore-report --scenario`.
+        #[arg(long)]
+        reports: bool,
+        /// The scenario whose logs to restore.
+        #[arg(long, value_parser = scenario_id)]
+        scenario: Option<uuid::Uuid>,
+        /// From this time (inclusive, over received_at): RFC 3339 or a date
+        /// (midnight UTC). Unset: the scenario's oldest archived row.
+        #[arg(long, value_parser = config::instant, allow_hyphen_values = true)]
+        from: Option<chrono::DateTime<chrono::Utc>>,
+        /// To this time (exclusive). Unset: its newest.
+        #[arg(long, value_parser = config::instant, allow_hyphen_values = true)]
+        to: Option<chrono::DateTime<chrono::Utc>>,
+        /// Say what would be restored, per month; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep the restored rows out of archiving for this many days
+        /// (0: no hold: the next nightly run archives them again).
+        #[arg(long, env = "ARCHIVER_RESTORE_HOLD_DAYS", default_value_t = 30,
+              allow_hyphen_values = true, value_parser = hold_days)]
+        hold_days: u32,
     },
     /// Jobs, batches by status, dead batches with their reasons, and
     /// archived reports whose local file was left in place (and why).
@@ -362,6 +421,7 @@ impl PlannerCli {
                         Kind::Logs => self.logs,
                         Kind::Metrics => self.metrics,
                         Kind::Reports => self.reports,
+                        Kind::Restore => false,
                     }
             })
             .collect()
@@ -430,7 +490,71 @@ async fn run_planner(cli: &PlannerCli) -> Result<bool> {
         PlannerCommand::Migrate { index_wait } => {
             ops::migrate(&app, index_wait.map(Duration::from_secs)).await
         }
-        PlannerCommand::RestoreReport { id, to } => ops::restore_report(&app, *id, to).await,
+        PlannerCommand::RestoreReport { id, scenario, to } => match (id, scenario) {
+            (Some(id), _) => ops::restore_report(&app, *id, to).await,
+            (None, Some(scenario)) => ops::restore_reports(&app, *scenario, to).await,
+            (None, None) => Err(Error::config(
+                "--scenario",
+                "say which: a report id, or --scenario ID",
+            )),
+        },
+        PlannerCommand::Restore {
+            logs,
+            metrics,
+            reports,
+            scenario,
+            from,
+            to,
+            dry_run,
+            hold_days,
+        } => {
+            if *metrics {
+                return Err(Error::config(
+                    "--metrics",
+                    "metrics cannot be restored to samples: they were aggregated into daily rows (R2); \
+                     the aggregates stay in scenario_metrics_archive, where v_scenario_metrics_all and \
+                     the query API read them beside the live samples",
+                ));
+            }
+            if *reports {
+                return Err(Error::config(
+                    "--reports",
+                    "reports are files: restore them with `planner restore-report --scenario ID --to DIR` \
+                     (or `planner restore-report REPORT_ID --to FILE`)",
+                ));
+            }
+            if !*logs {
+                return Err(Error::config(
+                    "--logs",
+                    "say what to restore: --logs (metrics cannot be restored; reports: restore-report)",
+                ));
+            }
+            let Some(scenario) = scenario else {
+                return Err(Error::config(
+                    "--scenario",
+                    "required: the scenario whose logs to restore",
+                ));
+            };
+            if let (Some(f), Some(t)) = (from, to)
+                && f >= t
+            {
+                return Err(Error::config(
+                    "--from",
+                    format!("{f} is not before --to {t}: the range is empty"),
+                ));
+            }
+            let r = ops::Restore {
+                scope: crate::ledger::RestoreScope {
+                    scenario: *scenario,
+                    from: *from,
+                    to: *to,
+                },
+                hold_days: *hold_days,
+                batch_size: cli.batch_size,
+                dry_run: *dry_run,
+            };
+            ops::restore(&app, r).await
+        }
         PlannerCommand::Status { json } => ops::status(&app, *json, &cli.policy()).await,
         PlannerCommand::Redrive {
             batch,

@@ -56,6 +56,25 @@ pub fn timestamp_floor(s: &str) -> std::result::Result<NaiveDate, String> {
     }
 }
 
+/// Parses an instant given on the command line (`planner restore --from`,
+/// `--to`): RFC 3339 (`2024-03-01T12:00:00Z`, `2024-03-01 12:00:00+02:00`)
+/// or a date (`2024-03-01`: its midnight UTC), from year 1 to 9999.
+pub fn instant(s: &str) -> std::result::Result<DateTime<Utc>, String> {
+    let t = s.trim();
+    let parsed = DateTime::parse_from_rfc3339(t)
+        .map(|d| d.with_timezone(&Utc))
+        .or_else(|_| {
+            NaiveDate::parse_from_str(t, "%Y-%m-%d").map(|d| d.and_time(NaiveTime::MIN).and_utc())
+        });
+    match parsed {
+        Ok(d) if (1..=9999).contains(&d.year()) => Ok(d),
+        Ok(_) => Err(format!("{s:?} is outside the years 1 to 9999")),
+        Err(_) => Err(format!(
+            "{s:?} is not a time: RFC 3339 (2024-03-01T00:00:00Z) or a date (2024-03-01, midnight UTC)"
+        )),
+    }
+}
+
 /// Parses `DATABASE_URL`. Accepts the spec's `postgresql+asyncpg://` form.
 /// Errors never echo the URL, which may hold a password.
 pub fn database_options(url: Option<&str>, application: &str) -> Result<PgConnectOptions> {
@@ -209,6 +228,26 @@ pub fn describe(opts: &PgConnectOptions) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn instants_are_rfc3339_or_dates_and_anything_else_is_named() {
+        let d = instant("2024-03-01").unwrap();
+        assert_eq!(d.to_rfc3339(), "2024-03-01T00:00:00+00:00");
+        let t = instant("2024-03-01T12:30:00+02:00").unwrap();
+        assert_eq!(t.to_rfc3339(), "2024-03-01T10:30:00+00:00");
+        for bad in [
+            "",
+            "yesterday",
+            "2024-13-01",
+            "2024-02-30",
+            "-1",
+            "abc",
+            "2024-03-01T25:00:00Z",
+        ] {
+            let e = instant(bad).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
+    }
 
     #[test]
     fn asyncpg_urls_are_accepted() {

@@ -27,7 +27,8 @@
 //! - [`app`]: settings resolved once into pools, executor, store and queue.
 //! - [`planner`]: the planner run: plan, then publish or run inline.
 //! - [`ops`]: the operator commands: migrate, status, redrive, retention,
-//!   metrics, lifecycle, restore-report.
+//!   metrics, lifecycle, restore (archived logs back, `plan::restore` and
+//!   `execute::restore`), restore-report.
 //! - [`check`]: `planner check` and `worker check`: every dependency
 //!   reached, one line each.
 //! - [`serve`]: the worker process: consume until told to stop.

@@ -1,5 +1,6 @@
 //! The operator's commands beside the planner run: `migrate`, `status`,
-//! `redrive`, `retention`, `metrics`, `lifecycle` and `restore-report`.
+//! `redrive`, `retention`, `metrics`, `lifecycle`, `restore` and
+//! `restore-report`.
 //! Each takes the resolved [`App`] and says what it found or did; `Ok(false)`
 //! is a run that went through but did not succeed (exit status 1).
 
@@ -242,4 +243,197 @@ pub async fn restore_report(app: &App, id: uuid::Uuid, to: &Path) -> Result<bool
         n
     );
     Ok(true)
+}
+
+/// What `planner restore --logs` is asked to bring back.
+#[derive(Debug, Clone, Copy)]
+pub struct Restore {
+    /// The scenario and the range.
+    pub scope: ledger::RestoreScope,
+    /// Days the restored rows are kept out of archiving (0: no hold).
+    pub hold_days: u32,
+    /// Rows per batch.
+    pub batch_size: i64,
+    /// Say what would be restored; change nothing.
+    pub dry_run: bool,
+}
+
+/// `planner restore --logs`: a scenario's archived logs in a range back
+/// into `scenario_logs`, as a job of type `restore` whose batches go
+/// through the queue (or run here with no broker), with a hold that keeps
+/// them out of the nightly run. `Ok(false)`: the job did not complete.
+pub async fn restore(app: &App, r: Restore) -> Result<bool> {
+    let pool = app.migrated_pool(app.planning_sessions()).await?;
+    let preview = plan::restore::preview(&pool, r.scope, r.batch_size).await?;
+    if preview.scenario_archived == 0 && preview.scenario_live == 0 {
+        return Err(Error::config(
+            "--scenario",
+            format!(
+                "no logs of scenario {}, archived or live: nothing to restore (check the id)",
+                r.scope.scenario
+            ),
+        ));
+    }
+    if r.dry_run {
+        println!("DRY RUN: nothing is changed and nothing is published");
+        println!(
+            "{}",
+            summary::restore_preview(&r.scope, &preview, r.batch_size, r.hold_days)
+        );
+        return Ok(true);
+    }
+    if preview.rows == 0 {
+        println!(
+            "restore: nothing to restore: no archived rows of {} ({} archived in all, {} live)",
+            summary::restore_scope(&r.scope),
+            preview.scenario_archived,
+            preview.scenario_live
+        );
+        return Ok(true);
+    }
+    let _lock = lock::take(&app.database).await?;
+    let transport = app.queue.name();
+    if let Some(publisher) = app.publisher().await? {
+        let planned = plan::restore::plan(
+            &pool,
+            r.scope,
+            r.hold_days,
+            r.batch_size,
+            transport,
+            publisher.as_ref(),
+        )
+        .await?;
+        publisher.close().await?;
+        println!(
+            "{}",
+            summary::restore_published(&planned, app.queue.queue_name())
+        );
+        println!("restore: {}", summary::restore_scope(&r.scope));
+        println!(
+            "{}",
+            summary::restore_hold(r.hold_days, Some(planned.hold_until))
+        );
+        return Ok(true);
+    }
+    let concurrency = u32::from(app.settings().concurrency);
+    let batch_pool = app
+        .batch_pool(concurrency + 1, Duration::from_secs(30))
+        .await?;
+    let exec = app.executor(&batch_pool).await?;
+    let started = std::time::Instant::now();
+    let ran = worker::run_inline(&exec, app.worker_options(), async |publisher| {
+        // Restore batches an earlier inline restore left (it died, or its
+        // window closed) run first: their rows are not in this one's.
+        let left = ledger::abandoned_inline_batches(&pool, Kind::Restore).await?;
+        if !left.is_empty() {
+            println!(
+                "restore: resuming {} unfinished batch(es) of an earlier restore that stopped",
+                left.len()
+            );
+            let messages: Vec<BatchMessage> = left
+                .into_iter()
+                .map(|id| BatchMessage::new(id, Kind::Restore))
+                .collect();
+            crate::transport::Publisher::publish(publisher, &messages).await?;
+        }
+        plan::restore::plan(
+            &pool,
+            r.scope,
+            r.hold_days,
+            r.batch_size,
+            transport,
+            publisher,
+        )
+        .await
+    })
+    .await?;
+    let planned = ran.fed;
+    let job = ledger::job(&pool, planned.planned.job).await?;
+    println!("{}", summary::finished(&job, started.elapsed()));
+    println!("restore: {}", summary::restore_scope(&r.scope));
+    println!(
+        "{}",
+        summary::restore_hold(r.hold_days, Some(planned.hold_until))
+    );
+    for (payload, reason) in &ran.dead {
+        eprintln!(
+            "planner: dead batch {}: {reason}",
+            String::from_utf8_lossy(payload)
+        );
+    }
+    Ok(job.status == crate::vocabulary::JobStatus::Completed && ran.dead.is_empty())
+}
+
+/// `planner restore-report --scenario ID --to DIR`: every archived report
+/// of the scenario into `dir` (created if missing), each as `<id>.<format>`
+/// (`<id>` when the format is not a plain word), checked as
+/// [`restore_report`] checks one. A file already there is never
+/// overwritten: that report fails with the reason and the others go on.
+/// `Ok(false)` (exit 1) when any failed.
+pub async fn restore_reports(app: &App, scenario: uuid::Uuid, dir: &Path) -> Result<bool> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::config(
+            "--to",
+            format!("{} exists and is not a directory", dir.display()),
+        ));
+    }
+    let pool = app.pool(2).await?;
+    let reports = crate::execute::reports::archived_of_scenario(&pool, scenario).await?;
+    if reports.is_empty() {
+        println!("restore-report: scenario {scenario} has no archived reports: nothing to restore");
+        return Ok(true);
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::config("--to", format!("cannot create {}: {e}", dir.display())))?;
+    let store = app.object_store().await?;
+    let (mut restored, mut bytes, mut failed) = (0u64, 0u64, 0u64);
+    for (id, format) in &reports {
+        let plain = !format.is_empty()
+            && format.len() <= 10
+            && format.chars().all(|c| c.is_ascii_alphanumeric());
+        let name = if plain {
+            format!("{id}.{}", format.to_ascii_lowercase())
+        } else {
+            id.to_string()
+        };
+        let to = dir.join(name);
+        let outcome = async {
+            let Some((key, expected)) =
+                crate::execute::reports::archived_object(&pool, *id).await?
+            else {
+                return Err(Error::Refused(
+                    "reports_archive has no object key, size and SHA-256 for it".into(),
+                ));
+            };
+            if to.symlink_metadata().is_ok() {
+                return Err(Error::Refused(format!(
+                    "{} exists; not overwriting it",
+                    to.display()
+                )));
+            }
+            store.restore_checked(&key, &to, Some(&expected)).await
+        }
+        .await;
+        match outcome {
+            Ok(n) => {
+                restored += 1;
+                bytes += n;
+                println!(
+                    "restored report {id} to {} ({n} bytes, SHA-256 verified)",
+                    to.display()
+                );
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("planner: report {id}: {e}");
+            }
+        }
+    }
+    println!(
+        "restore-report: scenario {scenario}: {restored} of {} report(s) restored to {} ({}), SHA-256 verified; {failed} failed",
+        reports.len(),
+        dir.display(),
+        crate::human::bytes(i64::try_from(bytes).unwrap_or(i64::MAX)),
+    );
+    Ok(failed == 0)
 }

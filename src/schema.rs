@@ -32,6 +32,33 @@ pub const REPORTS_ARCHIVE: &str = "reports_archive";
 pub const LOGS_ROW_DIGEST: &str = "hash_record_extended(ROW(id, scenario_id, received_at, message_hash, \
      message_preview, source, size_bytes, has_pii, token_count, sqs_blocks), 0)";
 
+/// Whether any restore's hold is in force: one probe of
+/// `archive_restores_hold_idx`. A logs chunk reads it first and adds
+/// [`LOGS_HOLD`] to its move only when it is true, so the common path's
+/// statement (and plan) stays as it is.
+pub const LOGS_HOLD_ACTIVE: &str = "SELECT EXISTS (SELECT 1 FROM archive_restores \
+     WHERE kind = 'logs' AND hold_until > now())";
+
+/// The rows of `scenario_logs` no restore's hold covers: `planner restore`
+/// brought them back, and they stay hot until its `hold_until` (from_ts
+/// inclusive, to_ts exclusive, NULL: open). A condition on the row of
+/// `scenario_logs` being read (it names the table, so it fits a `DELETE`'s
+/// or a `SELECT`'s `WHERE`).
+pub const LOGS_HOLD: &str = "NOT EXISTS (SELECT 1 FROM archive_restores r \
+     WHERE r.kind = 'logs' AND r.scenario_id = scenario_logs.scenario_id \
+     AND (r.from_ts IS NULL OR scenario_logs.received_at >= r.from_ts) \
+     AND (r.to_ts IS NULL OR scenario_logs.received_at < r.to_ts) \
+     AND r.hold_until > now())";
+
+/// A restore batch's rows in the archive: scenario `$6`, keyset range
+/// `(received_at, id)` in `($1, $2) .. ($3, $4)]` bound by [`bind_range`]
+/// with the job's cut-off (the restore's `--to`) as `$5`. The plain
+/// `received_at` bounds let PostgreSQL prune the months outside the range.
+pub const RESTORE_RANGE: &str = "scenario_id = $6 \
+     AND (received_at, id) > (COALESCE($1, '-infinity'::timestamptz), COALESCE($2, '00000000-0000-0000-0000-000000000000'::uuid)) \
+     AND (received_at, id) <= ($3, $4) AND received_at < $5 \
+     AND received_at >= COALESCE($1, '-infinity'::timestamptz) AND received_at <= $3";
+
 /// The UTC day of a metric sample: the indexed expression its batches'
 /// (day, scenario_id) keys are read off.
 pub const METRICS_DAY: &str = r#"date_trunc('day', "timestamp" AT TIME ZONE 'UTC')"#;

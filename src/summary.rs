@@ -3,7 +3,9 @@
 
 use crate::governor::{Reason, Throttled};
 use crate::human::{bytes, count, time};
+use crate::ledger::RestoreScope;
 use crate::ledger::{BatchCount, DeadBatch, JobRow, PendingWork};
+use crate::plan::restore::{RestorePlanned, RestorePreview};
 use crate::plan::{Eligible, OutOfRange, Planned};
 use crate::retention::Findings;
 use crate::vocabulary::JobType;
@@ -15,7 +17,7 @@ pub fn eligible(e: &Eligible, batch_size: i64) -> String {
     let what = match e.kind {
         Kind::Metrics => "samples",
         Kind::Reports => "reports",
-        Kind::Logs => "rows",
+        Kind::Logs | Kind::Restore => "rows",
     };
     let mut size = Vec::new();
     if let Some(b) = e.bytes {
@@ -97,6 +99,11 @@ pub fn finished(job: &JobRow, elapsed: Duration) -> String {
             count(job.records_processed.unwrap_or(0)),
             bytes(job.bytes_archived.unwrap_or(0))
         )
+    } else if job.job_type == JobType::Restore {
+        format!(
+            "{} rows restored from the archive to scenario_logs",
+            count(moved)
+        )
     } else if job.job_type == JobType::Metrics {
         format!(
             "{} samples reduced to {} daily aggregates",
@@ -124,6 +131,75 @@ pub fn finished(job: &JobRow, elapsed: Duration) -> String {
         s.push_str(&format!("; error: {err}"));
     }
     s
+}
+
+/// What a restore covers: the scenario and the range, as the operator
+/// gave them.
+pub fn restore_scope(scope: &RestoreScope) -> String {
+    let bound = |t: Option<chrono::DateTime<chrono::Utc>>, open: &str| {
+        t.map_or(open.to_string(), |t| time(Some(t)))
+    };
+    format!(
+        "scenario {}, received_at from {} (inclusive) to {} (exclusive)",
+        scope.scenario,
+        bound(scope.from, "its oldest archived row"),
+        bound(scope.to, "its newest"),
+    )
+}
+
+/// What the hold means for the next nightly run: until when the restored
+/// rows stay hot, or, with no hold, that the next run archives them again.
+pub fn restore_hold(hold_days: u32, hold_until: Option<chrono::DateTime<chrono::Utc>>) -> String {
+    if hold_days == 0 {
+        return "hold: none (--hold-days 0): these rows are older than the logs cut-off, so the \
+                next nightly `planner --logs` run will archive them again"
+            .to_string();
+    }
+    let until = hold_until.map_or_else(|| format!("now + {hold_days} day(s)"), |t| time(Some(t)));
+    format!(
+        "hold: {hold_days} day(s), until {until}: `planner --logs` leaves these rows in \
+         scenario_logs until then; the first run after it archives them again"
+    )
+}
+
+/// `planner restore --dry-run`: rows and batches per month, and the hold.
+pub fn restore_preview(
+    scope: &RestoreScope,
+    p: &RestorePreview,
+    batch_size: i64,
+    hold_days: u32,
+) -> String {
+    let mut s = format!(
+        "restore: {} archived rows ({}) of {}, oldest {}, newest {}; {} batch(es) of up to {}",
+        count(p.rows),
+        bytes(p.bytes),
+        restore_scope(scope),
+        time(p.oldest),
+        time(p.newest),
+        count(p.batches),
+        count(batch_size),
+    );
+    for (month, rows) in &p.months {
+        s.push_str(&format!(
+            "\n  {}: {} rows, {} batch(es)",
+            month.format("%Y-%m"),
+            count(*rows),
+            count((rows + batch_size - 1) / batch_size)
+        ));
+    }
+    s.push('\n');
+    s.push_str(&restore_hold(hold_days, None));
+    s
+}
+
+/// A restore planned onto a broker.
+pub fn restore_published(r: &RestorePlanned, queue: &str) -> String {
+    format!(
+        "restore: job {} planned {} rows in {} batch(es); published to {queue}",
+        r.planned.job,
+        count(r.planned.rows),
+        count(r.planned.batches as i64),
+    )
 }
 
 /// `planner status`: recent jobs, open batches, dead batches and why.

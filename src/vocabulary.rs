@@ -77,14 +77,20 @@ pub enum Kind {
     Metrics,
     /// `reports` → object store + `reports_archive` (R3).
     Reports,
+    /// `scenario_logs_archive` → back into `scenario_logs`: a batch of
+    /// `planner restore` (R16). Not in [`Kind::ALL`]: nothing archives it.
+    Restore,
 }
 
 impl Kind {
-    /// Every kind, in the order the planner runs them.
+    /// Every kind the planner archives, in the order it runs them (not
+    /// [`Kind::Restore`], which only `planner restore` plans).
     pub const ALL: [Kind; 3] = [Kind::Logs, Kind::Metrics, Kind::Reports];
 }
 
-named!(Kind, "kind", { Logs => "logs", Metrics => "metrics", Reports => "reports" });
+named!(Kind, "kind", {
+    Logs => "logs", Metrics => "metrics", Reports => "reports", Restore => "restore",
+});
 
 /// What a job in `archive_jobs` does: archive a kind, or drop what is past
 /// retention.
@@ -99,6 +105,8 @@ pub enum JobType {
     Reports,
     /// `planner retention`.
     Retention,
+    /// `planner restore`: archived logs brought back.
+    Restore,
 }
 
 impl JobType {
@@ -113,6 +121,7 @@ impl JobType {
 
 named!(JobType, "job type", {
     Logs => "logs", Metrics => "metrics", Reports => "reports", Retention => "retention",
+    Restore => "restore",
 });
 
 impl From<Kind> for JobType {
@@ -121,6 +130,7 @@ impl From<Kind> for JobType {
             Kind::Logs => JobType::Logs,
             Kind::Metrics => JobType::Metrics,
             Kind::Reports => JobType::Reports,
+            Kind::Restore => JobType::Restore,
         }
     }
 }
@@ -170,6 +180,12 @@ mod tests {
         for t in JobType::ALL {
             assert_eq!(t.to_string().parse::<JobType>(), Ok(t));
         }
+        assert_eq!("restore".parse::<Kind>(), Ok(Kind::Restore));
+        assert!(
+            !Kind::ALL.contains(&Kind::Restore),
+            "nothing archives restores"
+        );
+        assert_eq!(JobType::from(Kind::Restore).as_str(), "restore");
         for s in [
             JobStatus::Pending,
             JobStatus::Running,

@@ -3,23 +3,34 @@
 
 use crate::error::Result;
 use crate::ledger::{Batch, Counts, Key};
-use crate::schema::{LOGS, LOGS_ARCHIVE, LOGS_KEYED, bind_range};
+use crate::schema::{LOGS, LOGS_ARCHIVE, LOGS_HOLD, LOGS_HOLD_ACTIVE, LOGS_KEYED, bind_range};
 use sqlx::{Postgres, Row, Transaction};
 
 /// Moves the rows of `batch`'s range `(from, upto]` that are older than its
 /// job's cut-off, stamping `archived_at` and `archive_batch_id`. Rows that
 /// arrived in the range after planning move too; rows already gone are
-/// simply not there.
+/// simply not there; rows a restore holds ([`LOGS_HOLD`]) stay.
 pub async fn archive(
     tx: &mut Transaction<'_, Postgres>,
     batch: &Batch,
     from: Option<Key>,
     upto: Key,
 ) -> Result<Counts> {
+    // Rows a restore brought back stay hot until its hold ends: the
+    // condition is added only while a hold is in force, so the common
+    // path's statement (and plan) is unchanged.
+    let held: bool = sqlx::query_scalar(LOGS_HOLD_ACTIVE)
+        .fetch_one(&mut **tx)
+        .await?;
+    let hold = if held {
+        format!(" AND {LOGS_HOLD}")
+    } else {
+        String::new()
+    };
     let range = LOGS_KEYED.range();
     let sql = format!(
         "WITH moved AS (
-             DELETE FROM {LOGS} WHERE {range}
+             DELETE FROM {LOGS} WHERE {range}{hold}
              RETURNING id, scenario_id, received_at, message_hash, message_preview, source,
                        size_bytes, has_pii, token_count, sqs_blocks
          ), ins AS (

@@ -1,5 +1,5 @@
 //! Executing one batch, as one or more chunks (logs and metrics) or in one
-//! go (reports). Each chunk is a transaction that moves the rows of a slice
+//! go (reports, and restores: [`restore`]). Each chunk is a transaction that moves the rows of a slice
 //! of the batch's range and, in the same commit, advances the batch's cursor
 //! and adds to its counts and its job's (the last chunk marks it done); so a
 //! batch has its effect exactly once however often its message is
@@ -11,6 +11,7 @@ pub mod chunk;
 pub mod logs;
 pub mod metrics;
 pub mod reports;
+pub mod restore;
 
 use crate::error::{Error, Result};
 use crate::governor::Governor;
@@ -63,8 +64,11 @@ impl Executor {
     /// Why this process cannot execute batches of `kind`, if it cannot:
     /// not among its `--kinds`, or reports without `REPORTS_ROOT`.
     pub fn declines(&self, kind: Kind) -> Option<String> {
+        // Restore batches touch the logs tables: a worker serving logs
+        // serves them too.
         if let Some(kinds) = &self.kinds
             && !kinds.contains(&kind)
+            && !(kind == Kind::Restore && kinds.contains(&Kind::Logs))
         {
             let served: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
             return Some(format!(
@@ -130,6 +134,11 @@ pub async fn execute_batch(
         check_kind(&batch, kind)?;
         return reports::execute(exec, ctx, batch).await;
     }
+    if kind == Kind::Restore {
+        // One transaction, whatever its size: the governor is asked once.
+        exec.governor.before_chunk(&exec.pool, stop).await?;
+        return restore::execute(exec, id).await;
+    }
     let mut ran = ledger::Counts::default();
     let mut chunks = 0;
     loop {
@@ -186,22 +195,7 @@ async fn run_chunk(exec: &Executor, id: Uuid, kind: Kind) -> Result<Option<Chunk
     let chunk_time = exec.governor.opts.chunk_time;
     let size = exec.chunks.size(kind, chunk_time);
     let mut tx = exec.pool.begin().await?;
-    // A batch statement is costed high (jsonb_each, big ranges) and would be
-    // JIT-compiled on every run, taking longer than the work itself; and a
-    // metrics batch's grouping spills to disk at the default work_mem.
-    // Generic plans: a custom plan of a range at the low end of the hot
-    // table's index has the planner read the index's actual lowest key, past
-    // every entry the chunks before it deleted (dead until vacuumed): ~20 ms
-    // of planning per statement (PostgreSQL 15), for a chunk whose work
-    // takes 4; and custom plans look cheaper than the generic one, so the
-    // plan cache never switches by itself.
-    sqlx::query(
-        "SELECT set_config('jit', 'off', true), set_config('work_mem', $1, true),
-                set_config('plan_cache_mode', 'force_generic_plan', true)",
-    )
-    .bind(BATCH_WORK_MEM)
-    .execute(&mut *tx)
-    .await?;
+    batch_settings(&mut tx).await?;
     let batch = ledger::lock_batch(&mut tx, id).await?;
     check_kind(&batch, kind)?;
     if batch.status == BatchStatus::Done {
@@ -213,7 +207,7 @@ async fn run_chunk(exec: &Executor, id: Uuid, kind: Kind) -> Result<Option<Chunk
     let counts = match batch.kind {
         Kind::Logs => logs::archive(&mut tx, &batch, batch.cursor, upto).await?,
         Kind::Metrics => metrics::archive(&mut tx, &batch, batch.cursor, upto).await?,
-        Kind::Reports => unreachable!("reports are executed in one go"),
+        Kind::Reports | Kind::Restore => unreachable!("executed in one go"),
     };
     let last = upto >= batch.hi;
     let job_completed = ledger::record_chunk(&mut tx, &batch, counts, upto, last).await?;
@@ -233,6 +227,27 @@ async fn run_chunk(exec: &Executor, id: Uuid, kind: Kind) -> Result<Option<Chunk
     }))
 }
 
+/// Sets a batch transaction's settings, first thing in it.
+async fn batch_settings(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>) -> Result<()> {
+    // A batch statement is costed high (jsonb_each, big ranges) and would be
+    // JIT-compiled on every run, taking longer than the work itself; and a
+    // metrics batch's grouping spills to disk at the default work_mem.
+    // Generic plans: a custom plan of a range at the low end of the hot
+    // table's index has the planner read the index's actual lowest key, past
+    // every entry the chunks before it deleted (dead until vacuumed): ~20 ms
+    // of planning per statement (PostgreSQL 15), for a chunk whose work
+    // takes 4; and custom plans look cheaper than the generic one, so the
+    // plan cache never switches by itself.
+    sqlx::query(
+        "SELECT set_config('jit', 'off', true), set_config('work_mem', $1, true),
+                set_config('plan_cache_mode', 'force_generic_plan', true)",
+    )
+    .bind(BATCH_WORK_MEM)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 /// The inclusive upper key of the next chunk of `batch`: the key of the
 /// `size`-th row after its cursor, or its upper bound when no more than
 /// `size` rows remain or chunks are off (`size` is `None`). Always read off
@@ -250,7 +265,7 @@ async fn chunk_end(
     let keyed = match batch.kind {
         Kind::Logs => LOGS_KEYED,
         Kind::Metrics => METRICS_KEYED,
-        Kind::Reports => return Ok(batch.hi),
+        Kind::Reports | Kind::Restore => return Ok(batch.hi),
     };
     let end = nth_key(tx, &keyed, batch, n).await?;
     Ok(end.map_or(batch.hi, |k| k.min(batch.hi)))

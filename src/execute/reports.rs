@@ -588,6 +588,19 @@ pub async fn left_files(pool: &sqlx::PgPool, limit: i64) -> Result<(i64, Vec<Lef
     Ok((total, rows))
 }
 
+/// A scenario's archived reports: id and format, oldest first.
+pub async fn archived_of_scenario(
+    pool: &sqlx::PgPool,
+    scenario: Uuid,
+) -> Result<Vec<(Uuid, String)>> {
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT id, format FROM {REPORTS_ARCHIVE} WHERE scenario_id = $1 ORDER BY created_at, id"
+    )))
+    .bind(scenario)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// Where archived report `id` is, and what its original was (size and
 /// SHA-256, to check a restore against); `None` when `reports_archive` does
 /// not have it with all three.

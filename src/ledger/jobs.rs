@@ -29,6 +29,70 @@ pub async fn create_job(
     Ok(id)
 }
 
+/// What `planner restore` brings back, recorded in `archive_restores`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestoreScope {
+    /// The scenario.
+    pub scenario: Uuid,
+    /// Inclusive; `None`: from its oldest archived row.
+    pub from: Option<DateTime<Utc>>,
+    /// Exclusive; `None`: to its newest.
+    pub to: Option<DateTime<Utc>>,
+}
+
+/// Creates a restore job (`pending`, job type `restore`) and records its
+/// scope and hold in `archive_restores` in the same transaction, so the
+/// hold is in force before any of its batches runs: `hold_until` is now
+/// (the database's clock) plus `hold_days` (0: no hold). The job's cut-off
+/// is the scope's end (`to`), or now: no archived row is newer. Returns
+/// the job and `hold_until`.
+pub async fn create_restore_job(
+    pool: &PgPool,
+    scope: RestoreScope,
+    hold_days: u32,
+    batch_size: i64,
+    transport: &str,
+) -> Result<(Uuid, DateTime<Utc>)> {
+    let mut tx = pool.begin().await?;
+    let id: Uuid = sqlx::query_scalar(
+        "INSERT INTO archive_jobs (job_type, status, cutoff, batch_size, transport)
+         VALUES ($1, 'pending', COALESCE($2, now()), $3, $4) RETURNING id",
+    )
+    .bind(JobType::Restore)
+    .bind(scope.to)
+    .bind(i32::try_from(batch_size).unwrap_or(i32::MAX))
+    .bind(transport)
+    .fetch_one(&mut *tx)
+    .await?;
+    let hold_until: DateTime<Utc> = sqlx::query_scalar(
+        "INSERT INTO archive_restores (job_id, kind, scenario_id, from_ts, to_ts, hold_until)
+         VALUES ($1, 'logs', $2, $3, $4, now() + make_interval(days => $5))
+         RETURNING hold_until",
+    )
+    .bind(id)
+    .bind(scope.scenario)
+    .bind(scope.from)
+    .bind(scope.to)
+    .bind(i32::try_from(hold_days).unwrap_or(i32::MAX))
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok((id, hold_until))
+}
+
+/// The scenario a restore job brings back (`None`: not a restore job).
+pub async fn restore_scenario(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    job: Uuid,
+) -> Result<Option<Uuid>> {
+    Ok(
+        sqlx::query_scalar("SELECT scenario_id FROM archive_restores WHERE job_id = $1")
+            .bind(job)
+            .fetch_optional(&mut **tx)
+            .await?,
+    )
+}
+
 /// `pending → running`.
 pub async fn start_job(pool: &PgPool, job: Uuid) -> Result<()> {
     sqlx::query("UPDATE archive_jobs SET status = 'running', started_at = now() WHERE id = $1")

@@ -47,10 +47,21 @@ pub(super) async fn eligible(
     batch_size: i64,
 ) -> Result<Eligible> {
     let (name, ts, bytes) = (t.name, t.ts, t.bytes);
+    // Logs a restore holds are not eligible (only while a hold is in force:
+    // otherwise the count is the plain one).
+    let held = t.kind == Kind::Logs
+        && sqlx::query_scalar::<_, bool>(schema::LOGS_HOLD_ACTIVE)
+            .fetch_one(pool)
+            .await?;
+    let hold = if held {
+        format!(" AND {}", schema::LOGS_HOLD)
+    } else {
+        String::new()
+    };
     let sql = format!(
         "SELECT count(*) AS n, COALESCE(sum({bytes}), 0)::bigint AS bytes,
                 min({ts}) AS oldest, max({ts}) AS newest
-         FROM {name} WHERE ({ts}, id) > {FROM_START} AND {ts} < $3"
+         FROM {name} WHERE ({ts}, id) > {FROM_START} AND {ts} < $3{hold}"
     );
     let row = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(after.map(|k| k.ts))

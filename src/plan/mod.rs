@@ -7,6 +7,7 @@
 
 mod keyset;
 mod metrics;
+pub mod restore;
 
 use crate::config::Policy;
 use crate::error::{Error, Result};
@@ -105,7 +106,7 @@ impl OutOfRange {
 /// infinite (read off the keyset index; nothing is decoded as a time).
 pub async fn out_of_range(pool: &PgPool, kind: Kind, policy: &Policy) -> Result<OutOfRange> {
     let (table, ts, indexed) = match kind {
-        Kind::Logs => (schema::LOGS, "received_at", "received_at"),
+        Kind::Logs | Kind::Restore => (schema::LOGS, "received_at", "received_at"),
         Kind::Reports => (schema::REPORTS, "created_at", "created_at"),
         Kind::Metrics => (schema::METRICS, "\"timestamp\"", METRICS_DAY),
     };
@@ -139,7 +140,7 @@ async fn cutoff(pool: &PgPool, kind: Kind, policy: &Policy) -> Result<DateTime<U
         _ => "SELECT now() - make_interval(days => $1)",
     };
     let days = match kind {
-        Kind::Logs => policy.logs_age_days,
+        Kind::Logs | Kind::Restore => policy.logs_age_days,
         Kind::Metrics => policy.metrics_age_days,
         Kind::Reports => policy.reports_age_days,
     };
@@ -166,10 +167,19 @@ pub async fn dry_run(pool: &PgPool, kind: Kind, opts: &PlanOptions) -> Result<El
             e.missing = Some(missing_reports(pool, from, cutoff, &reports_root(opts)?).await?);
             e
         }
+        Kind::Restore => return Err(not_archived()),
     };
     e.pending = pending.map(|(k, n)| (n, k));
     e.out_of_range = out_of_range(pool, kind, &opts.policy).await?.into_option();
     Ok(e)
+}
+
+/// A restore is planned by [`restore::plan`], never as an archive kind.
+fn not_archived() -> Error {
+    Error::config(
+        "--kinds",
+        "restore is not a kind to archive: it is planned by `planner restore`",
+    )
 }
 
 /// The reports root, checked and canonical.
@@ -237,6 +247,9 @@ pub async fn plan(
     if kind == Kind::Reports {
         reports_root(opts)?;
     }
+    if kind == Kind::Restore {
+        return Err(not_archived());
+    }
     let cutoff = cutoff(pool, kind, &opts.policy).await?;
     let pending = ledger::open_high_water(pool, kind).await?;
     let job = ledger::create_job(pool, kind, cutoff, opts.batch_size, opts.transport).await?;
@@ -296,6 +309,7 @@ async fn cut(
             .await
         }
         Kind::Metrics => metrics::cut(pool, after, floor, cutoff, opts.batch_size, sink).await,
+        Kind::Restore => Err(not_archived()),
         Kind::Reports => {
             keyset::cut(
                 pool,

@@ -20,6 +20,7 @@ mod objects;
 mod planning;
 mod report_safety;
 mod reports;
+mod restore;
 mod retention;
 mod spec_queries;
 mod sqs_stuck;
