@@ -1,6 +1,6 @@
 //! What people and monitoring read from the ledger: batch counts, dead
-//! batches and why, one batch's status, and the figures `planner metrics`
-//! renders.
+//! batches and why, one batch's status, the figures `planner metrics`
+//! renders, and the progress `planner status --watch` shows.
 
 use crate::error::Result;
 use crate::vocabulary::{BatchStatus, JobType, Kind};
@@ -150,6 +150,71 @@ pub async fn pending_work(pool: &PgPool) -> Result<Vec<PendingWork>> {
         "SELECT kind, count(*) AS batches, COALESCE(sum(GREATEST(planned_rows - rows_deleted, 0)), 0)::bigint AS rows
          FROM archive_batches WHERE status = 'pending' GROUP BY kind ORDER BY kind",
     )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// One job's progress as a person watching reads it: its batches done of
+/// those recorded, and its rows, counting the chunks already committed of
+/// batches still running (their cursor's work).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+pub struct JobProgress {
+    /// Job id.
+    pub id: Uuid,
+    /// `archive_jobs.job_type`: the kind it archives, or `retention`.
+    pub kind: String,
+    /// `pending`, `running`, `completed` or `failed`.
+    pub status: String,
+    /// Every batch is recorded (the total below will not grow).
+    pub planning_done: bool,
+    /// Batches recorded so far.
+    pub batches_total: i64,
+    /// Batches done.
+    pub batches_done: i64,
+    /// Batches pending with some chunks committed (being run, or handed
+    /// back part way).
+    pub batches_started: i64,
+    /// Batches parked in the dead-letter queue.
+    pub batches_dead: i64,
+    /// Rows deleted from the hot table so far (metrics: samples; reports:
+    /// files), the committed chunks of unfinished batches included.
+    pub rows_done: i64,
+    /// Rows the pending batches were planned with, less what their chunks
+    /// already moved.
+    pub rows_left: i64,
+}
+
+/// The progress of every job pending or running, and of the jobs `also`
+/// (ones a watcher saw running before, to show how they ended), oldest
+/// first. Only unfinished batches are read (the partial index on them):
+/// a done batch's rows are in its job's counters already.
+pub async fn job_progress(pool: &PgPool, also: &[Uuid]) -> Result<Vec<JobProgress>> {
+    Ok(sqlx::query_as(
+        "WITH jobs AS (
+             SELECT id, job_type, status, planning_done, batches_planned, batches_done,
+                    COALESCE(records_deleted, 0) AS records_deleted, created_at
+             FROM archive_jobs WHERE status IN ('pending', 'running') OR id = ANY($1)
+         ), open AS (
+             SELECT b.job_id,
+                    count(*) FILTER (WHERE b.status = 'pending' AND b.chunks > 0) AS started,
+                    count(*) FILTER (WHERE b.status = 'dead') AS dead,
+                    COALESCE(sum(b.rows_deleted), 0) AS moved,
+                    COALESCE(sum(GREATEST(b.planned_rows - b.rows_deleted, 0))
+                             FILTER (WHERE b.status = 'pending'), 0) AS left_rows
+             FROM archive_batches b JOIN jobs j ON j.id = b.job_id
+             WHERE b.status <> 'done'
+             GROUP BY b.job_id
+         )
+         SELECT j.id, j.job_type::text AS kind, j.status::text AS status, j.planning_done,
+                j.batches_planned::bigint AS batches_total, j.batches_done::bigint AS batches_done,
+                COALESCE(o.started, 0)::bigint AS batches_started,
+                COALESCE(o.dead, 0)::bigint AS batches_dead,
+                (j.records_deleted + COALESCE(o.moved, 0))::bigint AS rows_done,
+                COALESCE(o.left_rows, 0)::bigint AS rows_left
+         FROM jobs j LEFT JOIN open o ON o.job_id = j.id
+         ORDER BY j.created_at, j.id",
+    )
+    .bind(also)
     .fetch_all(pool)
     .await?)
 }
