@@ -33,6 +33,9 @@ pub const RATE_WINDOW: Duration = Duration::from_secs(60);
 pub struct Watch {
     readings: HashMap<Uuid, VecDeque<(Instant, i64)>>,
     seen: Vec<Uuid>,
+    /// The database's clock at the first reading: jobs created since are
+    /// shown even if they came and went between two readings.
+    since: Option<DateTime<Utc>>,
 }
 
 /// One job as a watcher shows it.
@@ -70,10 +73,13 @@ impl Watch {
         &self.seen
     }
 
-    /// Reads the ledger once: the jobs pending or running and those seen
-    /// before.
+    /// Reads the ledger once: the jobs pending or running, those created
+    /// since the first reading, and those seen before.
     pub async fn read(&mut self, pool: &PgPool) -> crate::Result<Snapshot> {
-        let jobs = ledger::job_progress(pool, &self.seen).await?;
+        if self.since.is_none() {
+            self.since = Some(ledger::now(pool).await?);
+        }
+        let jobs = ledger::job_progress(pool, self.since, &self.seen).await?;
         Ok(self.observe(Instant::now(), Utc::now(), jobs))
     }
 
@@ -155,12 +161,12 @@ impl Snapshot {
             if j.batches_dead > 0 {
                 s.push_str(&format!(", {} dead", count(j.batches_dead)));
             }
-            s.push_str(&format!("  rows {} done", count(j.rows_done)));
+            s.push_str(&format!("  {} {} done", noun(&j.kind), count(j.rows_done)));
             if v.active() {
                 s.push_str(&format!(
                     ", {} left  {}  ETA {}",
                     count(j.rows_left),
-                    per_second(v.rows_per_s),
+                    per_second(v.rows_per_s, noun(&j.kind)),
                     eta(v.eta)
                 ));
             }
@@ -204,10 +210,19 @@ impl Snapshot {
     }
 }
 
-fn per_second(r: Option<f64>) -> String {
+/// What a job's rows are: log rows, metric samples, report files.
+fn noun(kind: &str) -> &'static str {
+    match kind {
+        "metrics" => "samples",
+        "reports" => "reports",
+        _ => "rows",
+    }
+}
+
+fn per_second(r: Option<f64>, noun: &str) -> String {
     match r {
-        Some(r) => format!("{} rows/s", count(r.round() as i64)),
-        None => "- rows/s".into(),
+        Some(r) => format!("{} {noun}/s", count(r.round() as i64)),
+        None => format!("- {noun}/s"),
     }
 }
 
@@ -242,14 +257,10 @@ impl Bars {
             return None;
         }
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
-        let style =
-            ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} batches  {msg}")
-                .expect("the template is valid")
-                .progress_chars("=> ");
         let bars: Vec<(Kind, ProgressBar)> = kinds
             .iter()
             .map(|&k| {
-                let bar = multi.add(ProgressBar::new(0).with_style(style.clone()));
+                let bar = multi.add(ProgressBar::new(0).with_style(waiting_style()));
                 bar.set_prefix(k.as_str());
                 bar.set_message("planning");
                 (k, bar)
@@ -277,6 +288,18 @@ impl Drop for Bars {
         self.task.abort();
         telemetry::show_bars(None);
     }
+}
+
+/// A kind being planned, no batch recorded yet.
+fn waiting_style() -> ProgressStyle {
+    ProgressStyle::with_template("{prefix:>8} {msg}").expect("the template is valid")
+}
+
+/// A kind with batches.
+fn bar_style() -> ProgressStyle {
+    ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} batches  {msg}")
+        .expect("the template is valid")
+        .progress_chars("=> ")
 }
 
 async fn poll(pool: PgPool, bars: Vec<(Kind, ProgressBar)>, stop: CancellationToken) {
@@ -320,17 +343,29 @@ fn update(bar: &ProgressBar, kind: Kind, snap: &Snapshot) {
     let (rows, left) = (sum(|j| j.rows_done), sum(|j| j.rows_left));
     let rate: Option<f64> = jobs.iter().map(|v| v.rows_per_s).sum();
     let planning = jobs.iter().any(|v| v.active() && !v.job.planning_done);
+    if total == 0 {
+        bar.set_message(if planning {
+            "planning"
+        } else {
+            "nothing to archive"
+        });
+        return;
+    }
     let eta_left = match rate {
         _ if left == 0 => Some(Duration::ZERO),
         Some(r) if r > 0.0 => Some(Duration::from_secs_f64((left as f64 / r).min(1e9))),
         _ => None,
     };
+    if bar.length() == Some(0) {
+        bar.set_style(bar_style());
+    }
     bar.set_length(u64::try_from(total).unwrap_or(0));
     bar.set_position(u64::try_from(done).unwrap_or(0));
+    let noun = noun(kind.as_str());
     bar.set_message(format!(
-        "{} rows, {}, ETA {}{}",
+        "{} {noun}, {}, ETA {}{}",
         count(rows),
-        per_second(rate),
+        per_second(rate, noun),
         eta(eta_left),
         if planning { " (planning)" } else { "" }
     ));

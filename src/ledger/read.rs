@@ -4,6 +4,7 @@
 
 use crate::error::Result;
 use crate::vocabulary::{BatchStatus, JobType, Kind};
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -184,16 +185,22 @@ pub struct JobProgress {
     pub rows_left: i64,
 }
 
-/// The progress of every job pending or running, and of the jobs `also`
-/// (ones a watcher saw running before, to show how they ended), oldest
-/// first. Only unfinished batches are read (the partial index on them):
-/// a done batch's rows are in its job's counters already.
-pub async fn job_progress(pool: &PgPool, also: &[Uuid]) -> Result<Vec<JobProgress>> {
+/// The progress of every job pending or running, of those created since
+/// `since` (a watcher's start: a job may come and go between two readings),
+/// and of the jobs `also` (ones a watcher saw before, to show how they
+/// ended), oldest first. Only unfinished batches are read (the partial index
+/// on them): a done batch's rows are in its job's counters already.
+pub async fn job_progress(
+    pool: &PgPool,
+    since: Option<DateTime<Utc>>,
+    also: &[Uuid],
+) -> Result<Vec<JobProgress>> {
     Ok(sqlx::query_as(
         "WITH jobs AS (
              SELECT id, job_type, status, planning_done, batches_planned, batches_done,
                     COALESCE(records_deleted, 0) AS records_deleted, created_at
-             FROM archive_jobs WHERE status IN ('pending', 'running') OR id = ANY($1)
+             FROM archive_jobs
+             WHERE status IN ('pending', 'running') OR id = ANY($1) OR created_at >= $2
          ), open AS (
              SELECT b.job_id,
                     count(*) FILTER (WHERE b.status = 'pending' AND b.chunks > 0) AS started,
@@ -215,6 +222,12 @@ pub async fn job_progress(pool: &PgPool, also: &[Uuid]) -> Result<Vec<JobProgres
          ORDER BY j.created_at, j.id",
     )
     .bind(also)
+    .bind(since)
     .fetch_all(pool)
     .await?)
+}
+
+/// The database's clock now: where a watcher starts from.
+pub async fn now(pool: &PgPool) -> Result<DateTime<Utc>> {
+    Ok(sqlx::query_scalar("SELECT now()").fetch_one(pool).await?)
 }

@@ -2,7 +2,7 @@
 //! a terminal, and `planner status --watch` follows a job from the ledger to
 //! its end, as plain text or NDJSON, ending by itself.
 
-use crate::helpers::bin::{Bin, both, planner};
+use crate::helpers::bin::{Bin, both};
 use crate::helpers::{TestDb, plan_only, plan_options, small_chunks, wait_until};
 use archiver::transport::BatchMessage;
 use archiver::vocabulary::Kind;
@@ -222,11 +222,43 @@ async fn status_watch_with_nothing_running_prints_once_and_ends() {
 }
 
 #[tokio::test]
+async fn status_watch_ends_cleanly_on_sigint_and_sigterm() {
+    let db = TestDb::new().await;
+    let (job, _) = pending_job(&db).await;
+    for signal in ["-INT", "-TERM"] {
+        let mut w = Watcher::start(db.planner().args(["status", "--watch", "0.2", "--json"]));
+        w.wait_line("a first reading", |l| l.contains(&job.to_string()))
+            .await;
+        let pid = w.child.id().unwrap().to_string();
+        let kill = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let status = w.exit().await;
+        assert!(status.success(), "{signal}: {status:?}");
+        for line in w.lines() {
+            serde_json::from_str::<Value>(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        }
+    }
+    // Watching changed nothing: the job still runs, its batches pending.
+    assert_eq!(db.job_status(job).await, "running");
+    let pending = db
+        .scalar(&format!(
+            "SELECT count(*) FROM archive_batches WHERE job_id = '{job}' AND status = 'pending'"
+        ))
+        .await;
+    assert_eq!(pending, db.batches_of(job).await.len() as i64);
+    db.cleanup().await;
+}
+
+#[tokio::test]
 async fn hostile_watch_intervals_exit_2_naming_the_flag() {
-    // Refused while parsing: the database is never reached.
-    let url = "postgresql://nobody@127.0.0.1:1/none";
+    let db = TestDb::new().await;
+    let (job, batches) = pending_job(&db).await;
     for v in ["0", "-1", "abc", "1e9", "NaN", "inf", "0.1", "3601", ""] {
-        let out = planner(url)
+        let out = db
+            .planner()
             .args(["status", &format!("--watch={v}")])
             .output_within(Duration::from_secs(20))
             .await;
@@ -237,14 +269,25 @@ async fn hostile_watch_intervals_exit_2_naming_the_flag() {
     }
     // The value apart from the flag, as a person types it.
     for v in ["0", "-1", "NaN"] {
-        let out = planner(url)
+        let out = db
+            .planner()
             .args(["status", "--watch", v])
             .output_within(Duration::from_secs(20))
             .await;
         let text = both(&out);
         assert_eq!(out.status.code(), Some(2), "{v:?}: {text}");
         assert!(text.contains("--watch"), "{v:?}: {text}");
+        assert!(out.stdout.is_empty(), "{v:?}: nothing shown: {text}");
     }
+    // Refused before anything ran: the job and its batches are as planned.
+    assert_eq!(db.job_status(job).await, "running");
+    let pending = db
+        .scalar(&format!(
+            "SELECT count(*) FROM archive_batches WHERE job_id = '{job}' AND status = 'pending'"
+        ))
+        .await;
+    assert_eq!(pending, batches.len() as i64);
+    db.cleanup().await;
 }
 
 #[tokio::test]
