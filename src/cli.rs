@@ -310,7 +310,8 @@ pub enum PlannerCommand {
         json: bool,
         /// Instead: redraw each job's progress (batches, rows, rows/s over
         /// the last minute, ETA, dead batches) every SECONDS (0.2 to 3600;
-        /// default 2) until no job is pending or running, or SIGINT.
+        /// default 2) until no job is pending or running and no batch is
+        /// pending, or SIGINT.
         #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2",
               allow_negative_numbers = true, value_parser = watch_every)]
         watch: Option<Duration>,

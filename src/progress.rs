@@ -52,9 +52,10 @@ pub struct JobView {
 }
 
 impl JobView {
-    /// Pending or running.
+    /// Pending or running, or with batches still to run (a job one of whose
+    /// batches died is `failed`, while the fleet goes on with the others).
     pub fn active(&self) -> bool {
-        matches!(self.job.status.as_str(), "pending" | "running")
+        matches!(self.job.status.as_str(), "pending" | "running") || self.job.batches_pending > 0
     }
 }
 
@@ -63,7 +64,8 @@ impl JobView {
 pub struct Snapshot {
     /// When it was read.
     pub at: DateTime<Utc>,
-    /// Jobs pending or running, and those seen so before; oldest first.
+    /// Jobs pending or running or with batches pending, those created
+    /// since the first reading, and those seen before; oldest first.
     pub jobs: Vec<JobView>,
 }
 
@@ -73,7 +75,7 @@ impl Watch {
         &self.seen
     }
 
-    /// Reads the ledger once: the jobs pending or running, those created
+    /// Reads the ledger once: the jobs with work left, those created
     /// since the first reading, and those seen before.
     pub async fn read(&mut self, pool: &PgPool) -> crate::Result<Snapshot> {
         if self.since.is_none() {
@@ -123,7 +125,7 @@ fn rate(r: &VecDeque<(Instant, i64)>) -> Option<f64> {
 }
 
 impl Snapshot {
-    /// Jobs still pending or running.
+    /// Jobs still pending or running, or with batches pending.
     pub fn active(&self) -> usize {
         self.jobs.iter().filter(|j| j.active()).count()
     }
@@ -135,9 +137,9 @@ impl Snapshot {
             "{}: {}\n",
             self.at.format("%Y-%m-%d %H:%M:%S UTC"),
             if active == 0 {
-                "no job pending or running".to_string()
+                "no job pending or running, no batch pending".to_string()
             } else {
-                format!("{active} job(s) pending or running")
+                format!("{active} job(s) with work left")
             }
         );
         for v in &self.jobs {
@@ -193,6 +195,7 @@ impl Snapshot {
                     "planning_done": j.planning_done,
                     "batches_done": j.batches_done,
                     "batches_total": j.batches_total,
+                    "batches_pending": j.batches_pending,
                     "batches_in_progress": j.batches_started,
                     "batches_dead": j.batches_dead,
                     "rows_done": j.rows_done,
@@ -383,6 +386,7 @@ mod tests {
             planning_done: true,
             batches_total: 10,
             batches_done: 2,
+            batches_pending: 8,
             batches_started: 1,
             batches_dead: 0,
             rows_done,
@@ -433,6 +437,7 @@ mod tests {
             "planning_done",
             "batches_done",
             "batches_total",
+            "batches_pending",
             "batches_in_progress",
             "batches_dead",
             "rows_done",

@@ -172,7 +172,10 @@ pub struct JobProgress {
     pub batches_total: i64,
     /// Batches done.
     pub batches_done: i64,
-    /// Batches pending with some chunks committed (being run, or handed
+    /// Batches still to run (a failed job's too: workers go on with the
+    /// batches of a job one of whose batches died).
+    pub batches_pending: i64,
+    /// Of those, batches with some chunks committed (being run, or handed
     /// back part way).
     pub batches_started: i64,
     /// Batches parked in the dead-letter queue.
@@ -185,10 +188,10 @@ pub struct JobProgress {
     pub rows_left: i64,
 }
 
-/// The progress of every job pending or running, of those created since
-/// `since` (a watcher's start: a job may come and go between two readings),
-/// and of the jobs `also` (ones a watcher saw before, to show how they
-/// ended), oldest first. Only unfinished batches are read (the partial index
+/// The progress of every job pending or running or with batches pending,
+/// of those created since `since` (a watcher's start: a job may come and go
+/// between two readings), and of the jobs `also` (ones a watcher saw
+/// before, to show how they ended), oldest first. Only unfinished batches are read (the partial index
 /// on them): a done batch's rows are in its job's counters already.
 pub async fn job_progress(
     pool: &PgPool,
@@ -201,8 +204,10 @@ pub async fn job_progress(
                     COALESCE(records_deleted, 0) AS records_deleted, created_at
              FROM archive_jobs
              WHERE status IN ('pending', 'running') OR id = ANY($1) OR created_at >= $2
+                OR id IN (SELECT job_id FROM archive_batches WHERE status = 'pending')
          ), open AS (
              SELECT b.job_id,
+                    count(*) FILTER (WHERE b.status = 'pending') AS pending,
                     count(*) FILTER (WHERE b.status = 'pending' AND b.chunks > 0) AS started,
                     count(*) FILTER (WHERE b.status = 'dead') AS dead,
                     COALESCE(sum(b.rows_deleted), 0) AS moved,
@@ -214,6 +219,7 @@ pub async fn job_progress(
          )
          SELECT j.id, j.job_type::text AS kind, j.status::text AS status, j.planning_done,
                 j.batches_planned::bigint AS batches_total, j.batches_done::bigint AS batches_done,
+                COALESCE(o.pending, 0)::bigint AS batches_pending,
                 COALESCE(o.started, 0)::bigint AS batches_started,
                 COALESCE(o.dead, 0)::bigint AS batches_dead,
                 (j.records_deleted + COALESCE(o.moved, 0))::bigint AS rows_done,

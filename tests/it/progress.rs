@@ -80,7 +80,7 @@ impl Watcher {
     async fn exit(&mut self) -> ExitStatus {
         tokio::time::timeout(Duration::from_secs(20), self.child.wait())
             .await
-            .expect("the watch ends by itself once no job is pending or running")
+            .expect("the watch ends by itself once no work is left")
             .unwrap()
     }
 }
@@ -176,6 +176,40 @@ async fn status_watch_json_follows_a_job_to_its_end_and_stops_by_itself() {
 }
 
 #[tokio::test]
+async fn status_watch_follows_a_failed_job_until_its_other_batches_are_done() {
+    let db = TestDb::new().await;
+    let (job, batches) = pending_job(&db).await;
+    // One batch parked: the job is failed, the fleet goes on with the rest.
+    let parked = archiver::ledger::record_failure(&db.pool, batches[0], "test: parked", true, 5)
+        .await
+        .unwrap();
+    assert_eq!(parked, Some(true));
+    assert_eq!(db.job_status(job).await, "failed");
+    let mut w = Watcher::start(db.planner().args(["status", "--watch", "0.2", "--json"]));
+    w.wait_line("a first reading", |l| l.contains(&job.to_string()))
+        .await;
+    for &b in &batches[1..] {
+        run_batch(&db, b).await;
+    }
+    assert!(w.exit().await.success());
+    let lines = w.lines();
+    let first: Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(first["active"], 1, "{}", lines[0]);
+    assert_eq!(first["jobs"][0]["status"], "failed");
+    assert_eq!(first["jobs"][0]["batches_dead"], 1);
+    assert_eq!(
+        first["jobs"][0]["batches_pending"],
+        batches.len() as u64 - 1
+    );
+    let end: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(end["active"], 0, "{end}");
+    assert_eq!(end["jobs"][0]["batches_pending"], 0);
+    assert_eq!(end["jobs"][0]["batches_done"], batches.len() as u64 - 1);
+    assert_eq!(end["jobs"][0]["batches_dead"], 1);
+    db.cleanup().await;
+}
+
+#[tokio::test]
 async fn status_watch_not_on_a_terminal_prints_plain_blocks_and_stops_by_itself() {
     let db = TestDb::new().await;
     let (job, batches) = pending_job(&db).await;
@@ -188,7 +222,7 @@ async fn status_watch_not_on_a_terminal_prints_plain_blocks_and_stops_by_itself(
     assert!(w.exit().await.success());
     let text = w.lines().join("\n");
     assert_eq!(control(&text), None, "{text:?}");
-    assert!(text.contains("1 job(s) pending or running"), "{text}");
+    assert!(text.contains("1 job(s) with work left"), "{text}");
     assert!(
         text.contains(&format!("batches 0/{}", batches.len())),
         "{text}"
