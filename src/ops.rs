@@ -80,12 +80,11 @@ pub async fn status(app: &App, json: bool, policy: &Policy) -> Result<bool> {
 }
 
 /// `planner status --watch`: reads the ledger every `every` and shows each
-/// job with work left (and those seen so before) as [`progress`]
-/// renders it, until no job is pending or running and no batch is pending
-/// (the last block shows
-/// how they ended) or SIGINT/SIGTERM. On a terminal each block replaces
-/// the one before; otherwise blocks follow one another, as plain text or
-/// (`json`) one JSON object a line.
+/// job with work left (and those seen before) as [`progress`] renders it,
+/// until no job is pending or running and no batch is pending (the last
+/// block shows how they ended), or SIGINT/SIGTERM. On a terminal each block
+/// replaces the one before; otherwise blocks follow one another, as plain
+/// text or (`json`) one JSON object a line.
 pub async fn watch(app: &App, every: Duration, json: bool) -> Result<bool> {
     let pool = app.pool(2).await?;
     let stop = shutdown::on_signal_quietly();
