@@ -195,6 +195,13 @@ fn hold_days(s: &str) -> std::result::Result<u32, String> {
     }
 }
 
+fn watch_every(s: &str) -> std::result::Result<Duration, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.2..=3600.0).contains(&v) => Ok(Duration::from_secs_f64(v)),
+        _ => Err(format!("{s:?} is not a number of seconds from 0.2 to 3600")),
+    }
+}
+
 fn rest_ratio(s: &str) -> std::result::Result<f64, String> {
     match s.parse::<f64>() {
         Ok(r) if (0.0..=100.0).contains(&r) => Ok(r),
@@ -356,9 +363,17 @@ pub enum PlannerCommand {
     /// Jobs, batches by status, dead batches with their reasons, and
     /// archived reports whose local file was left in place (and why).
     Status {
-        /// Machine-readable output.
+        /// Machine-readable output (with --watch: one JSON object a line,
+        /// per refresh).
         #[arg(long)]
         json: bool,
+        /// Instead: redraw each job's progress (batches, rows, rows/s over
+        /// the last minute, ETA, dead batches) every SECONDS (0.2 to 3600;
+        /// default 2) until no job is pending or running and no batch is
+        /// pending, or SIGINT.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2",
+              allow_negative_numbers = true, value_parser = watch_every)]
+        watch: Option<Duration>,
     },
     /// Put dead batches back on the work queue (inline: run them here),
     /// once their cause is fixed. A batch that is not dead is left alone.
@@ -555,7 +570,13 @@ async fn run_planner(cli: &PlannerCli) -> Result<bool> {
             };
             ops::restore(&app, r).await
         }
-        PlannerCommand::Status { json } => ops::status(&app, *json, &cli.policy()).await,
+        PlannerCommand::Status {
+            json,
+            watch: Some(every),
+        } => ops::watch(&app, *every, *json).await,
+        PlannerCommand::Status { json, watch: None } => {
+            ops::status(&app, *json, &cli.policy()).await
+        }
         PlannerCommand::Redrive {
             batch,
             all,

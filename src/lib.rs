@@ -22,6 +22,8 @@
 //! - [`http`]: the bounded HTTP server of the metrics exporter and the worker.
 //! - [`human`]: numbers, bytes and times as a person reads them.
 //! - [`summary`]: what the planner prints.
+//! - [`progress`]: progress for a person watching: the inline planner's bars
+//!   and `planner status --watch`, read from the ledger.
 //! - [`demo`]: realistic demo data for the README, tests and benchmark.
 //! - [`lock`]: the planner lock, held and watched for a whole run.
 //! - [`app`]: settings resolved once into pools, executor, store and queue.
@@ -59,6 +61,7 @@ pub mod ops;
 pub mod partitions;
 pub mod plan;
 pub mod planner;
+pub mod progress;
 pub mod query;
 pub mod retention;
 pub mod schema;

@@ -11,7 +11,8 @@ use crate::error::{Error, Result};
 use crate::ledger;
 use crate::transport::BatchMessage;
 use crate::vocabulary::Kind;
-use crate::{lock, monitoring, objects, plan, retention, shutdown, summary, worker};
+use crate::{lock, monitoring, objects, plan, progress, retention, shutdown, summary, worker};
+use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::Duration;
 
@@ -77,6 +78,54 @@ pub async fn status(app: &App, json: bool, policy: &Policy) -> Result<bool> {
         println!("{}", summary::left_files(left_total, &left));
     }
     Ok(true)
+}
+
+/// `planner status --watch`: reads the ledger every `every` and shows each
+/// job with work left (and those seen before) as [`progress`] renders it,
+/// until no job is pending or running and no batch is pending (the last
+/// block shows how they ended), or SIGINT/SIGTERM. On a terminal each block
+/// replaces the one before; otherwise blocks follow one another, as plain
+/// text or (`json`) one JSON object a line.
+pub async fn watch(app: &App, every: Duration, json: bool) -> Result<bool> {
+    let pool = app.pool(2).await?;
+    let stop = shutdown::on_signal_quietly();
+    let redraw = !json && std::io::stdout().is_terminal();
+    let mut watch = progress::Watch::default();
+    let mut drawn = 0;
+    loop {
+        let snap = watch.read(&pool).await?;
+        let frame = if json {
+            format!("{}\n", snap.json())
+        } else if redraw {
+            let text = snap.text();
+            // Back to the first line of the block before, clearing down.
+            let back = match drawn {
+                0 => String::new(),
+                n => format!("\x1b[{n}F\x1b[J"),
+            };
+            drawn = text.lines().count();
+            format!("{back}{text}")
+        } else {
+            format!("{}\n", snap.text())
+        };
+        let mut out = std::io::stdout().lock();
+        if out
+            .write_all(frame.as_bytes())
+            .and_then(|()| out.flush())
+            .is_err()
+        {
+            // Whoever read it is gone (`| head`): nothing more to show.
+            return Ok(true);
+        }
+        drop(out);
+        if snap.active() == 0 {
+            return Ok(true);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = stop.cancelled() => return Ok(true),
+        }
+    }
 }
 
 /// Which dead batches to put back.

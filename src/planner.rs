@@ -2,7 +2,8 @@
 //! plan each kind's eligible rows into batches and either publish them to
 //! the broker — first adopting jobs a dead planner left and republishing
 //! batches whose messages may have been lost — or, with no broker, execute
-//! them here ([`worker::run_inline`]). Says what it did, kind by kind.
+//! them here ([`worker::run_inline`]), with a progress bar per kind on an
+//! interactive terminal ([`progress::Bars`]). Says what it did, kind by kind.
 
 use crate::app::App;
 use crate::error::{Error, Result};
@@ -16,6 +17,7 @@ use crate::transport::{BatchMessage, Publisher};
 use crate::vocabulary::JobStatus;
 use crate::vocabulary::Kind;
 use crate::worker;
+use crate::{progress, telemetry};
 use sqlx::PgPool;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -103,6 +105,8 @@ async fn inline(app: &App, pool: &PgPool, kinds: &[Kind], opts: &PlanOptions) ->
         .await?;
     let exec = app.executor(&batch_pool).await?;
     let started = Instant::now();
+    // On an interactive terminal, a bar per kind; nothing otherwise.
+    let bars = progress::Bars::on_terminal(pool.clone(), kinds);
     let stop = CancellationToken::new();
     let timer = {
         let (gov, stop) = (gov.clone(), stop.clone());
@@ -124,10 +128,10 @@ async fn inline(app: &App, pool: &PgPool, kinds: &[Kind], opts: &PlanOptions) ->
             for &kind in kinds {
                 let ids = ledger::abandoned_inline_batches(pool, kind).await?;
                 if !ids.is_empty() {
-                    println!(
+                    say(format!(
                         "{kind}: resuming {} unfinished batch(es) of an earlier run that stopped",
                         ids.len()
-                    );
+                    ));
                     let messages: Vec<BatchMessage> = ids
                         .into_iter()
                         .map(|id| BatchMessage::new(id, kind))
@@ -138,7 +142,7 @@ async fn inline(app: &App, pool: &PgPool, kinds: &[Kind], opts: &PlanOptions) ->
             let (mut planned, mut ok) = (Vec::new(), true);
             for &kind in kinds {
                 if stop.is_cancelled() {
-                    println!("{kind}: not planned: the run stopped");
+                    say(format!("{kind}: not planned: the run stopped"));
                     continue;
                 }
                 let (p, k) = plan_kinds(pool, &[kind], opts, publisher).await;
@@ -148,7 +152,11 @@ async fn inline(app: &App, pool: &PgPool, kinds: &[Kind], opts: &PlanOptions) ->
             Ok((planned, ok))
         },
     )
-    .await?;
+    .await;
+    if let Some(bars) = bars {
+        bars.finish().await;
+    }
+    let ran = ran?;
     let stopped = if stop.is_cancelled() {
         timer.await.ok()
     } else {
@@ -335,22 +343,32 @@ async fn plan_kinds(
         match plan::plan(pool, kind, opts, publisher).await {
             Ok(p) => {
                 match plan::out_of_range(pool, kind, &opts.policy).await {
-                    Ok(o) if o.rows > 0 => println!("{}", summary::out_of_range(&o)),
+                    Ok(o) if o.rows > 0 => say(summary::out_of_range(&o)),
                     Ok(_) => {}
-                    Err(e) => eprintln!("planner: {kind}: counting out-of-range rows: {e}"),
+                    Err(e) => say_err(format!("planner: {kind}: counting out-of-range rows: {e}")),
                 }
                 if let Some((n, _)) = p.pending_before {
-                    println!(
+                    say(format!(
                         "{kind}: {n} unfinished batch(es) of earlier runs; planned only rows after them"
-                    );
+                    ));
                 }
                 planned.push(p);
             }
             Err(e) => {
-                eprintln!("planner: {kind}: {e}");
+                say_err(format!("planner: {kind}: {e}"));
                 ok = false;
             }
         }
     }
     (planned, ok)
+}
+
+/// Prints a line on stdout, above the progress bars if they are shown.
+fn say(line: impl std::fmt::Display) {
+    telemetry::above_bars(|| println!("{line}"));
+}
+
+/// Prints a line on stderr, above the progress bars if they are shown.
+fn say_err(line: impl std::fmt::Display) {
+    telemetry::above_bars(|| eprintln!("{line}"));
 }

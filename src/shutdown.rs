@@ -5,6 +5,13 @@ use tokio_util::sync::CancellationToken;
 
 /// Cancels `token` on SIGTERM or SIGINT.
 pub async fn cancel_on_signal(token: CancellationToken) {
+    signalled().await;
+    tracing::info!("shutting down: finishing in-flight batches");
+    token.cancel();
+}
+
+/// Returns on SIGTERM or SIGINT.
+async fn signalled() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {
@@ -17,13 +24,23 @@ pub async fn cancel_on_signal(token: CancellationToken) {
         _ = term => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-    tracing::info!("shutting down: finishing in-flight batches");
-    token.cancel();
 }
 
 /// A token cancelled on SIGTERM or SIGINT.
 pub fn on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     tokio::spawn(cancel_on_signal(token.clone()));
+    token
+}
+
+/// A token cancelled on SIGTERM or SIGINT, saying nothing (for a command
+/// that has no batches in flight, such as `planner status --watch`).
+pub fn on_signal_quietly() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        signalled().await;
+        cancel.cancel();
+    });
     token
 }

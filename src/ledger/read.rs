@@ -1,9 +1,10 @@
 //! What people and monitoring read from the ledger: batch counts, dead
-//! batches and why, one batch's status, and the figures `planner metrics`
-//! renders.
+//! batches and why, one batch's status, the figures `planner metrics`
+//! renders, and the progress `planner status --watch` shows.
 
 use crate::error::Result;
 use crate::vocabulary::{BatchStatus, JobType, Kind};
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -152,4 +153,87 @@ pub async fn pending_work(pool: &PgPool) -> Result<Vec<PendingWork>> {
     )
     .fetch_all(pool)
     .await?)
+}
+
+/// One job's progress as a person watching reads it: its batches done of
+/// those recorded, and its rows, counting the chunks already committed of
+/// batches still running (their cursor's work).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+pub struct JobProgress {
+    /// Job id.
+    pub id: Uuid,
+    /// `archive_jobs.job_type`: the kind it archives, or `retention`.
+    pub kind: String,
+    /// `pending`, `running`, `completed` or `failed`.
+    pub status: String,
+    /// Every batch is recorded (the total below will not grow).
+    pub planning_done: bool,
+    /// Batches recorded so far.
+    pub batches_total: i64,
+    /// Batches done.
+    pub batches_done: i64,
+    /// Batches still to run (a failed job's too: workers go on with the
+    /// batches of a job one of whose batches died).
+    pub batches_pending: i64,
+    /// Of those, batches with some chunks committed (being run, or handed
+    /// back part way).
+    pub batches_started: i64,
+    /// Batches parked in the dead-letter queue.
+    pub batches_dead: i64,
+    /// Rows deleted from the hot table so far (metrics: samples; reports:
+    /// files), the committed chunks of unfinished batches included.
+    pub rows_done: i64,
+    /// Rows the pending batches were planned with, less what their chunks
+    /// already moved.
+    pub rows_left: i64,
+}
+
+/// The progress of every job pending or running or with batches pending,
+/// of those created since `since` (a watcher's start: a job may come and go
+/// between two readings), and of the jobs `also` (ones a watcher saw
+/// before, to show how they ended), oldest first. Only unfinished batches are read (the partial index
+/// on them): a done batch's rows are in its job's counters already.
+pub async fn job_progress(
+    pool: &PgPool,
+    since: Option<DateTime<Utc>>,
+    also: &[Uuid],
+) -> Result<Vec<JobProgress>> {
+    Ok(sqlx::query_as(
+        "WITH jobs AS (
+             SELECT id, job_type, status, planning_done, batches_planned, batches_done,
+                    COALESCE(records_deleted, 0) AS records_deleted, created_at
+             FROM archive_jobs
+             WHERE status IN ('pending', 'running') OR id = ANY($1) OR created_at >= $2
+                OR id IN (SELECT job_id FROM archive_batches WHERE status = 'pending')
+         ), open AS (
+             SELECT b.job_id,
+                    count(*) FILTER (WHERE b.status = 'pending') AS pending,
+                    count(*) FILTER (WHERE b.status = 'pending' AND b.chunks > 0) AS started,
+                    count(*) FILTER (WHERE b.status = 'dead') AS dead,
+                    COALESCE(sum(b.rows_deleted), 0) AS moved,
+                    COALESCE(sum(GREATEST(b.planned_rows - b.rows_deleted, 0))
+                             FILTER (WHERE b.status = 'pending'), 0) AS left_rows
+             FROM archive_batches b JOIN jobs j ON j.id = b.job_id
+             WHERE b.status <> 'done'
+             GROUP BY b.job_id
+         )
+         SELECT j.id, j.job_type::text AS kind, j.status::text AS status, j.planning_done,
+                j.batches_planned::bigint AS batches_total, j.batches_done::bigint AS batches_done,
+                COALESCE(o.pending, 0)::bigint AS batches_pending,
+                COALESCE(o.started, 0)::bigint AS batches_started,
+                COALESCE(o.dead, 0)::bigint AS batches_dead,
+                (j.records_deleted + COALESCE(o.moved, 0))::bigint AS rows_done,
+                COALESCE(o.left_rows, 0)::bigint AS rows_left
+         FROM jobs j LEFT JOIN open o ON o.job_id = j.id
+         ORDER BY j.created_at, j.id",
+    )
+    .bind(also)
+    .bind(since)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// The database's clock now: where a watcher starts from.
+pub async fn now(pool: &PgPool) -> Result<DateTime<Utc>> {
+    Ok(sqlx::query_scalar("SELECT now()").fetch_one(pool).await?)
 }

@@ -18,6 +18,7 @@ mod metrics;
 mod monitoring;
 mod objects;
 mod planning;
+mod progress;
 mod report_safety;
 mod reports;
 mod restore;
