@@ -23,5 +23,6 @@ mod reports;
 mod retention;
 mod spec_queries;
 mod sqs_stuck;
+mod verify;
 mod window;
 mod worker_endpoint;
