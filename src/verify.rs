@@ -183,7 +183,13 @@ pub async fn run(app: &App, opts: &Options) -> Result<bool> {
             .sample
             .map(|p| (p.per_10k(), i64::from(Utc::now().num_days_from_ce()))),
     };
-    let report = verify(app, &pool, &sel, opts.deep).await?;
+    // The store only when reports are checked (a local one is a directory
+    // made on opening).
+    let store = match sel.kinds.contains(&Kind::Reports) {
+        true => Some(app.object_store().await?),
+        false => None,
+    };
+    let report = verify(&pool, &sel, opts.deep, store.as_deref()).await?;
     if opts.json {
         println!(
             "{}",
@@ -244,9 +250,16 @@ async fn job_kind(pool: &sqlx::PgPool, job: Uuid, kinds: &[Kind]) -> Result<Kind
     Ok(kind)
 }
 
-/// Reads the batches and what the archive holds for them in one snapshot,
-/// then checks report objects.
-async fn verify(app: &App, pool: &sqlx::PgPool, sel: &Selection, deep: bool) -> Result<Report> {
+/// Checks the batches `sel` picks: reads them and what the archive holds
+/// for them in one snapshot, then checks report objects in `store` (with
+/// `deep`, their contents too). What `planner verify` prints, and what the
+/// benchmark times.
+pub async fn verify(
+    pool: &sqlx::PgPool,
+    sel: &Selection,
+    deep: bool,
+    store: Option<&dyn ObjectStore>,
+) -> Result<Report> {
     let mut tx = pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *tx)
@@ -286,11 +299,16 @@ async fn verify(app: &App, pool: &sqlx::PgPool, sel: &Selection, deep: bool) -> 
     };
     tx.commit().await?;
     if !files.is_empty() {
-        let store = app.object_store().await?;
-        check_store_is_theirs(store.as_ref(), &files)?;
+        let store = store.ok_or_else(|| {
+            Error::config(
+                "REPORTS_ARCHIVE_BUCKET",
+                "report objects to check, and no object store to check them in",
+            )
+        })?;
+        check_store_is_theirs(store, &files)?;
         let jobs: HashMap<Uuid, Uuid> = batches.iter().map(|b| (b.id, b.job_id)).collect();
         let results: Vec<_> = futures::stream::iter(&files)
-            .map(|f| check_object(store.as_ref(), f, deep))
+            .map(|f| check_object(store, f, deep))
             .buffer_unordered(IN_FLIGHT)
             .collect()
             .await;
