@@ -174,7 +174,9 @@ pub async fn run(app: &App, opts: &Options) -> Result<bool> {
     if kinds.is_empty() {
         kinds = Kind::ALL.to_vec();
     }
-    let since = opts.since.map(|d| Utc.from_utc_datetime(&d.into()));
+    let since = opts
+        .since
+        .map(|d| Utc.from_utc_datetime(&d.and_time(chrono::NaiveTime::MIN)));
     let sel = Selection {
         kinds,
         job: opts.job,
@@ -529,11 +531,11 @@ enum ObjectFound {
 }
 
 /// HEADs `file`'s object (and with `deep` downloads and checks it).
-async fn check_object(
+async fn check_object<'f>(
     store: &dyn ObjectStore,
-    file: &File,
+    file: &'f File,
     deep: bool,
-) -> Result<(&File, ObjectFound)> {
+) -> Result<(&'f File, ObjectFound)> {
     let Some(key) = &file.key else {
         return Ok((file, ObjectFound::NoKey));
     };
@@ -645,7 +647,7 @@ impl Check {
             None => {
                 self.not_verifiable.insert(b.id);
             }
-            Some(d) if &(d - &b.restored_digest) != &found.digest => {
+            Some(d) if (d - &b.restored_digest) != found.digest => {
                 self.differs(
                     b,
                     "digest",
@@ -702,7 +704,10 @@ impl Check {
                     "metadata" => format!(
                         "object {key}: its metadata says {found}, reports_archive recorded {expected}"
                     ),
-                    _ => format!("object {key}: {found}"),
+                    _ => format!(
+                        "object {key}: {}",
+                        found.strip_prefix(&format!("{key} ")).unwrap_or(&found)
+                    ),
                 };
                 (what, expected, found, message)
             }
@@ -775,10 +780,24 @@ fn text(r: &Report, opts: &Options) -> String {
         human::count(s.not_verifiable),
         human::count(s.dropped),
     );
+    // One line per batch, its differences in the order found.
+    let mut seen = std::collections::HashSet::new();
     for m in &r.mismatches {
+        if !seen.insert(m.batch) {
+            continue;
+        }
+        let what: Vec<&str> = r
+            .mismatches
+            .iter()
+            .filter(|o| o.batch == m.batch)
+            .map(|o| o.message.as_str())
+            .collect();
         out += &format!(
             "mismatch: {} batch {} (job {}): {}\n",
-            m.kind, m.batch, m.job, m.message
+            m.kind,
+            m.batch,
+            m.job,
+            what.join("; ")
         );
     }
     for d in &r.dropped {

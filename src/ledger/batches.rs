@@ -264,6 +264,7 @@ pub async fn record_chunk(
         archived: totals.get("rows_archived"),
         deleted: totals.get("rows_deleted"),
         bytes: totals.get("bytes_archived"),
+        ..Counts::default()
     };
     let status: JobStatus = sqlx::query_scalar(
         "UPDATE archive_jobs SET

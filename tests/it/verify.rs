@@ -336,7 +336,9 @@ async fn deep_catches_an_object_replaced_with_one_of_the_same_size() {
     let m = &v["mismatches"][0];
     assert_eq!(m["what"], "content", "{v}");
     assert!(m["message"].as_str().unwrap().contains(&key), "{v}");
-    assert_eq!(v["summary"]["objects"], 4, "{v}");
+    let files = db.scalar("SELECT count(*) FROM reports_archive").await;
+    assert!(files >= 2, "{files}");
+    assert_eq!(v["summary"]["objects"], files, "{v}");
     s3::delete_bucket(&client, &bucket).await;
     db.cleanup().await;
 }

@@ -1358,7 +1358,9 @@ async fn verify_cost(bench: &Bench) -> Result<()> {
         let (n0, plain) = bench.one_statement_counted(false).await?;
         let (n1, digest) = bench.one_statement_counted(true).await?;
         ensure!(n0 == n1, "the two statements moved {n0} and {n1} rows");
-        eprintln!("bench: one statement moved {n0} rows in {plain:.2} s, {digest:.2} s with the digest");
+        eprintln!(
+            "bench: one statement moved {n0} rows in {plain:.2} s, {digest:.2} s with the digest"
+        );
         let line = bench.measure(round, Method::Inline).await?;
         let sel = archiver::ledger::Selection {
             kinds: vec![Kind::Logs],

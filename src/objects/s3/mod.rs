@@ -140,7 +140,9 @@ impl S3Store {
             Error::Refused(format!("{} has no archiver metadata", self.location(key)))
         })?;
         restore::check_expected(key, &meta, expected)?;
-        Ok((Box::pin(out.body.into_async_read()), meta))
+        let body: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>> =
+            Box::pin(out.body.into_async_read());
+        Ok((body, meta))
     }
 
     /// Why an object cannot be read now: it sits in an archive storage
