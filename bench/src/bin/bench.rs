@@ -874,11 +874,15 @@ impl Bench {
     /// Moves every eligible row in one statement shaped as the archiver's
     /// chunk statement (`execute::logs`: it returns the rows' count and
     /// bytes), with `digest` also the sum of their digests
-    /// (`schema::LOGS_ROW_DIGEST`), from a reset table. Returns the rows
+    /// (`schema::LOGS_ROW_DIGEST`), from a reset table, rows older than
+    /// `cutoff`. Returns the rows
     /// moved and the seconds the statement took.
-    async fn one_statement_counted(&self, digest: bool) -> Result<(i64, f64)> {
+    async fn one_statement_counted(
+        &self,
+        cutoff: DateTime<Utc>,
+        digest: bool,
+    ) -> Result<(i64, f64)> {
         self.reset().await?;
-        let cutoff = self.cutoff().await?;
         let (returning, sum) = match digest {
             true => (
                 format!(", {} AS digest", archiver::schema::LOGS_ROW_DIGEST),
@@ -1355,8 +1359,10 @@ fn per_commit(l: &Line) -> String {
 async fn verify_cost(bench: &Bench) -> Result<()> {
     let mut rows = Vec::new();
     for round in 1..=bench.args.repeat {
-        let (n0, plain) = bench.one_statement_counted(false).await?;
-        let (n1, digest) = bench.one_statement_counted(true).await?;
+        // One cut-off for both, so that they move the same rows.
+        let cutoff = bench.cutoff().await?;
+        let (n0, plain) = bench.one_statement_counted(cutoff, false).await?;
+        let (n1, digest) = bench.one_statement_counted(cutoff, true).await?;
         ensure!(n0 == n1, "the two statements moved {n0} and {n1} rows");
         eprintln!(
             "bench: one statement moved {n0} rows in {plain:.2} s, {digest:.2} s with the digest"
