@@ -205,6 +205,12 @@ pub async fn run(app: &App, opts: &Options) -> Result<bool> {
 
 /// Refuses flags that cannot go together.
 fn check_flags(opts: &Options, kinds: &[Kind]) -> Result<()> {
+    if let Some(k) = kinds.iter().find(|k| !Kind::ALL.contains(k)) {
+        return Err(Error::config(
+            "--kind",
+            format!("{k} batches put nothing in the archive; verify checks logs, metrics, reports"),
+        ));
+    }
     if opts.deep && !kinds.is_empty() && !kinds.contains(&Kind::Reports) {
         return Err(Error::config(
             "--deep",
@@ -231,7 +237,13 @@ async fn job_kind(pool: &sqlx::PgPool, job: Uuid, kinds: &[Kind]) -> Result<Kind
             format!("no job {job} in the ledger (archive_jobs)"),
         ));
     };
-    let Ok(kind) = job_type.parse::<Kind>() else {
+    // Archive jobs only (a restore's batches are keyset ranges of the
+    // archive, with nothing of their own in it).
+    let Some(kind) = job_type
+        .parse::<Kind>()
+        .ok()
+        .filter(|k| Kind::ALL.contains(k))
+    else {
         return Err(Error::config(
             "--job",
             format!(
@@ -342,7 +354,7 @@ fn dropped_month<'a>(
     let table = match b.kind {
         Kind::Logs => LOGS_ARCHIVE,
         Kind::Metrics => METRICS_ARCHIVE,
-        Kind::Reports => return None,
+        _ => return None,
     };
     dropped
         .iter()

@@ -89,7 +89,7 @@ async fn pick(db: &TestDb, kind: Kind, not: &[Uuid]) -> (Uuid, Uuid) {
     let table = match kind {
         Kind::Logs => "scenario_logs_archive",
         Kind::Metrics => "scenario_metrics_archive",
-        Kind::Reports => "reports_archive",
+        _ => "reports_archive",
     };
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT archive_batch_id, id FROM {table}
