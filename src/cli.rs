@@ -1,7 +1,7 @@
 //! The two commands' flags, and the dispatch to what each does. The
 //! binaries only call [`planner_main`] and [`worker_main`]; flags are parsed
 //! and checked first (clap), resolved second ([`App`]), then handed to the
-//! use case (`planner`, `ops`, `serve`, `check`); every error becomes one
+//! use case (`planner`, `ops`, `serve`, `check`, `verify`); every error becomes one
 //! line and a documented exit status: 0 done, 1 failed, 2 bad flag or
 //! setting (for `check`: a setting whose dependency failed its check),
 //! 3 another planner is running, 4 done but archived reports' local files
@@ -18,7 +18,7 @@ use crate::ops::{self, Redrive};
 use crate::plan::PlanOptions;
 use crate::planner::{self, RunOptions};
 use crate::vocabulary::Kind;
-use crate::{check, retention, serve, shutdown, telemetry};
+use crate::{check, retention, serve, shutdown, telemetry, verify};
 use clap::{Args, Parser, Subcommand};
 use secrecy::SecretString;
 use std::path::PathBuf;
@@ -419,6 +419,35 @@ pub enum PlannerCommand {
         #[arg(long, default_value_t = 1095)]
         expire_after_days: i32,
     },
+    /// Check that the archive holds what each done batch recorded moving
+    /// into it: log rows' count and digest, metrics aggregates' samples,
+    /// value sum and digest (one grouped scan per kind), report objects'
+    /// presence and size (HEAD; --deep: their SHA-256). One line per
+    /// mismatch; exit 0 when all match, 1 when any does not, 2 on a bad
+    /// flag.
+    Verify {
+        /// Only batches completed on or after this UTC day (YYYY-MM-DD).
+        #[arg(long, value_name = "DATE", value_parser = utc_day)]
+        since: Option<chrono::NaiveDate>,
+        /// Only this job's batches.
+        #[arg(long, value_name = "ID")]
+        job: Option<uuid::Uuid>,
+        /// Only these kinds (logs, metrics, reports; repeat or
+        /// comma-separate). Unset: every kind.
+        #[arg(long, value_name = "KIND", value_delimiter = ',')]
+        kind: Vec<Kind>,
+        /// Only this share of the batches (0 < N <= 100, e.g. 10%), picked
+        /// by a hash of their id and today's date (the same batches all day).
+        #[arg(long, value_name = "N%")]
+        sample: Option<verify::Percent>,
+        /// Also download each report object, decode it and check its size
+        /// and SHA-256 against reports_archive.
+        #[arg(long)]
+        deep: bool,
+        /// One JSON object: the summary and the mismatches.
+        #[arg(long)]
+        json: bool,
+    },
     /// Reach every dependency a planner run uses — database (and its
     /// schema), broker queues, object store, REPORTS_ROOT — with these
     /// settings; one line each, secrets redacted. Exit 0 when all pass,
@@ -610,7 +639,31 @@ async fn run_planner(cli: &PlannerCli) -> Result<bool> {
             ops::lifecycle(&app, rule, *dry_run).await
         }
         PlannerCommand::Check => check::planner(&app).await.map(|()| true),
+        PlannerCommand::Verify {
+            since,
+            job,
+            kind,
+            sample,
+            deep,
+            json,
+        } => {
+            let opts = verify::Options {
+                since: *since,
+                job: *job,
+                kinds: kind.clone(),
+                sample: *sample,
+                deep: *deep,
+                json: *json,
+            };
+            verify::run(&app, &opts).await
+        }
     }
+}
+
+/// A UTC day, `YYYY-MM-DD`.
+fn utc_day(s: &str) -> std::result::Result<chrono::NaiveDate, String> {
+    chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .map_err(|e| format!("{s:?} is not a UTC date YYYY-MM-DD: {e}"))
 }
 
 /// `worker`: executes batches from the broker until SIGTERM or SIGINT.

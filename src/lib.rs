@@ -33,6 +33,8 @@
 //!   `execute::restore`), restore-report.
 //! - [`check`]: `planner check` and `worker check`: every dependency
 //!   reached, one line each.
+//! - [`verify`]: `planner verify`: the archive holds what each batch
+//!   recorded moving (row counts, digests, objects).
 //! - [`serve`]: the worker process: consume until told to stop.
 //!   - [`serve::http`]: its endpoint: `/healthz`, `/readyz`, `/metrics`.
 //! - [`shutdown`]: SIGTERM and SIGINT as a cancellation token.
@@ -70,6 +72,7 @@ pub mod shutdown;
 pub mod summary;
 pub mod telemetry;
 pub mod transport;
+pub mod verify;
 pub mod vocabulary;
 pub mod worker;
 

@@ -90,6 +90,8 @@ pub struct Expired {
     pub table: &'static str,
     /// `<table>_YYYY_MM`.
     pub name: String,
+    /// The UTC month it holds.
+    pub month: DateTime<Utc>,
     /// The name to use in SQL: schema-qualified where the search path
     /// would not find it, quoted where needed (`oid::regclass`).
     qualified: String,
@@ -272,6 +274,7 @@ async fn expired_partitions(
             expired.push(Expired {
                 table,
                 name,
+                month,
                 qualified,
                 rows,
                 bytes: row.get("bytes"),
@@ -297,7 +300,7 @@ async fn report_rows(pool: &PgPool, years: i32) -> Result<(i64, i64)> {
 
 async fn remove(pool: &PgPool, periods: &Periods, f: &mut Findings) -> Result<()> {
     for e in &mut f.expired {
-        e.rows = drop_partition(pool, e.table, &e.qualified).await?;
+        e.rows = drop_partition(pool, e, f.job).await?;
         f.removed += e.rows;
         tracing::info!(partition = %e.name, rows = e.rows, "dropped a partition past retention");
     }
@@ -306,10 +309,14 @@ async fn remove(pool: &PgPool, periods: &Periods, f: &mut Findings) -> Result<()
     Ok(())
 }
 
-/// Counts and drops one partition in a short transaction. Dropping a
-/// partition locks its parent: wait at most 2 s for it, and retry rather
-/// than queue the archive's readers behind us.
-async fn drop_partition(pool: &PgPool, table: &str, name: &str) -> Result<i64> {
+/// Counts and drops one partition in a short transaction, recording the
+/// drop in `archive_dropped_partitions` (parent table, month, this run's
+/// job) in the same commit, so `planner verify` can tell a month dropped
+/// by policy from rows gone missing. Dropping a partition locks its
+/// parent: wait at most 2 s for it, and retry rather than queue the
+/// archive's readers behind us.
+async fn drop_partition(pool: &PgPool, e: &Expired, job: Option<Uuid>) -> Result<i64> {
+    let (table, name) = (e.table, e.qualified.as_str());
     let attempt = || async {
         let mut tx = pool.begin().await?;
         sqlx::query("SET LOCAL lock_timeout = '2s'")
@@ -322,6 +329,19 @@ async fn drop_partition(pool: &PgPool, table: &str, name: &str) -> Result<i64> {
         sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {name}")))
             .execute(&mut *tx)
             .await?;
+        // A month dropped again (a late row made its partition anew): the
+        // latest drop is the one on record.
+        sqlx::query(
+            "INSERT INTO archive_dropped_partitions (table_name, month, job_id)
+             VALUES ($1, ($2 AT TIME ZONE 'UTC')::date, $3)
+             ON CONFLICT (table_name, month)
+             DO UPDATE SET job_id = EXCLUDED.job_id, dropped_at = now()",
+        )
+        .bind(table)
+        .bind(e.month)
+        .bind(job)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok::<_, Error>(rows)
     };

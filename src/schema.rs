@@ -59,6 +59,19 @@ pub const RESTORE_RANGE: &str = "scenario_id = $6 \
      AND (received_at, id) <= ($3, $4) AND received_at < $5 \
      AND received_at >= COALESCE($1, '-infinity'::timestamptz) AND received_at <= $3";
 
+/// One metrics aggregate row's digest, as [`LOGS_ROW_DIGEST`] is a log
+/// row's: a 64-bit hash of every column of `scenario_metrics_archive` but
+/// the archive's bookkeeping (`archived_at`, `archive_batch_id`), over the
+/// values themselves. Unqualified column names: use it where the aggregate
+/// row is the only relation in scope (an `INSERT`'s `RETURNING`, a
+/// `SELECT` from the archive alone). A metrics batch's `content_digest` is
+/// the exact sum of the digests of the aggregate rows carrying its id (a
+/// merge of late samples moves a row's digest from the batch that wrote it
+/// to the one that merged into it).
+pub const METRICS_AGG_DIGEST: &str = "hash_record_extended(ROW(id, scenario_id, \"timestamp\", metric_type, \
+     metric_name, value, unit, extra_data, is_aggregated, aggregation_period, sample_count, value_sum, \
+     value_min, value_max), 0)";
+
 /// The UTC day of a metric sample: the indexed expression its batches'
 /// (day, scenario_id) keys are read off.
 pub const METRICS_DAY: &str = r#"date_trunc('day', "timestamp" AT TIME ZONE 'UTC')"#;

@@ -1,9 +1,14 @@
 //! Logs (R1): move a chunk of a batch's rows, every column unchanged, from
-//! `scenario_logs` into `scenario_logs_archive` in one statement.
+//! `scenario_logs` into `scenario_logs_archive` in one statement, which
+//! also sums the moved rows' digests (`schema::LOGS_ROW_DIGEST`) for the
+//! batch's `content_digest`: no extra pass.
 
+use super::numeric;
 use crate::error::Result;
 use crate::ledger::{Batch, Counts, Key};
-use crate::schema::{LOGS, LOGS_ARCHIVE, LOGS_HOLD, LOGS_HOLD_ACTIVE, LOGS_KEYED, bind_range};
+use crate::schema::{
+    LOGS, LOGS_ARCHIVE, LOGS_HOLD, LOGS_HOLD_ACTIVE, LOGS_KEYED, LOGS_ROW_DIGEST, bind_range,
+};
 use sqlx::{Postgres, Row, Transaction};
 
 /// Moves the rows of `batch`'s range `(from, upto]` that are older than its
@@ -40,9 +45,10 @@ pub async fn archive(
              SELECT id, scenario_id, received_at, message_hash, message_preview, source,
                     size_bytes, has_pii, token_count, sqs_blocks, now(), $6
              FROM moved
-             RETURNING size_bytes
+             RETURNING size_bytes, {LOGS_ROW_DIGEST} AS digest
          )
-         SELECT count(*) AS n, COALESCE(sum(size_bytes), 0)::bigint AS bytes FROM ins"
+         SELECT count(*) AS n, COALESCE(sum(size_bytes), 0)::bigint AS bytes,
+                COALESCE(sum(digest), 0)::text AS digest FROM ins"
     );
     let row = bind_range(
         sqlx::query(sqlx::AssertSqlSafe(sql)),
@@ -59,5 +65,7 @@ pub async fn archive(
         archived: n,
         deleted: n,
         bytes: row.get("bytes"),
+        digest: numeric(row.get("digest"))?,
+        ..Counts::default()
     })
 }

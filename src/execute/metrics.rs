@@ -13,10 +13,14 @@
 //! its samples has, equal; a merge keeps the pairs both sides share. Nothing
 //! is ever taken from one arbitrary sample.
 
+use super::numeric;
 use crate::error::Result;
-use crate::ledger::{Batch, Counts, Key};
-use crate::schema::{METRICS, METRICS_ARCHIVE, METRICS_DAY as DAY, METRICS_KEYED, bind_range};
+use crate::ledger::{self, Batch, Counts, Key};
+use crate::schema::{
+    METRICS, METRICS_AGG_DIGEST, METRICS_ARCHIVE, METRICS_DAY as DAY, METRICS_KEYED, bind_range,
+};
 use sqlx::{Postgres, Row, Transaction};
+use uuid::Uuid;
 
 /// Aggregates and deletes the samples of `batch`'s (day, scenario) range
 /// `(from, upto]` that are older than its job's cut-off (a whole UTC day).
@@ -71,6 +75,13 @@ async fn run(
 ) -> Result<Counts> {
     let group = "scenario_id, metric_type, metric_name, unit, day";
     let on_conflict = if merge { MERGE } else { "" };
+    // Merging: the rows merged into, as they were before (every CTE reads
+    // the statement's snapshot), summed per batch that wrote them.
+    let (old, away) = if merge {
+        (old_rows(), AWAY)
+    } else {
+        (String::new(), NO_AWAY)
+    };
     let range_sql = METRICS_KEYED.range();
     let sql = format!(
         "WITH moved AS (
@@ -81,12 +92,12 @@ async fn run(
              SELECT {group}, count(*) AS n, sum(value) AS s, min(value) AS mn, max(value) AS mx,
                     array_agg(extra_data) AS ex
              FROM moved GROUP BY {group}
-         ), ins AS (
+         ), {old}ins AS (
              INSERT INTO {METRICS_ARCHIVE} AS a
                  (id, scenario_id, \"timestamp\", metric_type, metric_name, value, unit, extra_data,
                   archived_at, archive_batch_id, is_aggregated, aggregation_period,
                   sample_count, value_sum, value_min, value_max)
-             SELECT md5(concat_ws('|', g.scenario_id, g.metric_type, g.metric_name, g.unit, to_char(g.day, 'YYYY-MM-DD')))::uuid,
+             SELECT {GROUP_ID},
                     g.scenario_id, g.day AT TIME ZONE 'UTC', g.metric_type, g.metric_name,
                     round(g.s / g.n, 6), g.unit,
                     -- One sample, or all alike (the usual case): theirs. Else the pairs all share.
@@ -98,9 +109,13 @@ async fn run(
                     now(), $6, true, 'day', g.n, g.s, g.mn, g.mx
              FROM g
              {on_conflict}
-             RETURNING 1
+             RETURNING sample_count, value_sum, {METRICS_AGG_DIGEST} AS digest
          )
-         SELECT (SELECT count(*) FROM moved) AS samples, (SELECT count(*) FROM ins) AS groups"
+         SELECT (SELECT count(*) FROM moved) AS samples, count(*) AS groups,
+                COALESCE(sum(sample_count), 0)::bigint AS agg_samples,
+                trunc(COALESCE(sum(value_sum), 0) * 1000000)::text AS value_sum_micros,
+                COALESCE(sum(digest), 0)::text AS digest, {away}
+         FROM ins"
     );
     let row = bind_range(
         sqlx::query(sqlx::AssertSqlSafe(sql)),
@@ -112,13 +127,64 @@ async fn run(
     .fetch_one(&mut **tx)
     .await?;
     let samples: i64 = row.get("samples");
+    if merge {
+        let batches: Vec<Uuid> = row.get::<Option<_>, _>("away_batches").unwrap_or_default();
+        let counts: Vec<i64> = row.get::<Option<_>, _>("away_samples").unwrap_or_default();
+        let sums: Vec<String> = row.get::<Option<_>, _>("away_sums").unwrap_or_default();
+        let digests: Vec<String> = row.get::<Option<_>, _>("away_digests").unwrap_or_default();
+        let mut away = Vec::with_capacity(batches.len());
+        for (((batch, samples), sum), digest) in
+            batches.into_iter().zip(counts).zip(sums).zip(digests)
+        {
+            away.push(ledger::MergedAway {
+                batch,
+                samples,
+                value_sum_micros: numeric(sum)?,
+                digest: numeric(digest)?,
+            });
+        }
+        ledger::move_merged(tx, &away).await?;
+    }
     Ok(Counts {
         processed: samples,
         archived: row.get("groups"),
         deleted: samples,
         bytes: 0,
+        digest: numeric(row.get("digest"))?,
+        samples: row.get("agg_samples"),
+        value_sum_micros: numeric(row.get("value_sum_micros"))?,
     })
 }
+
+/// An aggregate's id: an MD5 of its group's key (`g`'s columns).
+const GROUP_ID: &str = "md5(concat_ws('|', g.scenario_id, g.metric_type, g.metric_name, g.unit, \
+     to_char(g.day, 'YYYY-MM-DD')))::uuid";
+
+/// The merging statement's rows merged into, before the merge: the batch
+/// that wrote each, and what it held ([`run`]'s CTEs, after `g`).
+fn old_rows() -> String {
+    format!(
+        "old AS (
+             SELECT archive_batch_id AS batch, sample_count AS n, value_sum AS s,
+                    {METRICS_AGG_DIGEST} AS d
+             FROM {METRICS_ARCHIVE}
+             WHERE (id, \"timestamp\") IN (SELECT {GROUP_ID}, g.day AT TIME ZONE 'UTC' FROM g)
+         ), away AS (
+             SELECT batch, COALESCE(sum(n), 0)::bigint AS n,
+                    trunc(COALESCE(sum(s), 0) * 1000000)::text AS s, COALESCE(sum(d), 0)::text AS d
+             FROM old WHERE batch IS NOT NULL GROUP BY batch
+         ), "
+    )
+}
+
+/// [`old_rows`]'s sums per batch, as arrays in the statement's one row.
+const AWAY: &str = "(SELECT array_agg(batch) FROM away) AS away_batches,
+                (SELECT array_agg(n) FROM away) AS away_samples,
+                (SELECT array_agg(s) FROM away) AS away_sums,
+                (SELECT array_agg(d) FROM away) AS away_digests";
+
+/// [`AWAY`] when nothing is merged.
+const NO_AWAY: &str = "NULL::uuid[] AS away_batches";
 
 /// How a group that already has an archive row merges into it: counts and
 /// sums add up, `value` is recomputed from them, `extra_data` keeps the pairs

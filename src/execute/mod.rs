@@ -303,6 +303,13 @@ async fn nth_key(
     }))
 }
 
+/// A whole NUMERIC as its statement returned it in text (a sum of digests,
+/// or of values in millionths): exact in an `i128`.
+fn numeric(text: String) -> Result<i128> {
+    text.parse()
+        .map_err(|e| Error::Schema(format!("{text:?} is not a whole number: {e}")))
+}
+
 fn check_kind(batch: &ledger::Batch, kind: Kind) -> Result<()> {
     if batch.kind == kind {
         return Ok(());

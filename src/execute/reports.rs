@@ -200,6 +200,7 @@ pub(super) async fn execute(
         archived: n,
         deleted: n,
         bytes,
+        ..Counts::default()
     };
     let job_completed = ledger::complete_batch(&mut tx, &batch, counts).await?;
     tx.commit().await?;

@@ -97,6 +97,7 @@ pub async fn execute(exec: &Executor, id: Uuid) -> Result<Outcome> {
         archived: 0,
         deleted: n,
         bytes: 0,
+        ..Counts::default()
     };
     let job_completed = ledger::complete_batch(&mut tx, &batch, counts).await?;
     tx.commit().await?;

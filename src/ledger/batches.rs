@@ -205,7 +205,10 @@ fn batch_from(id: Uuid, row: Option<sqlx::postgres::PgRow>) -> Result<Batch> {
 
 /// Records one committed chunk of a batch, inside the chunk's transaction:
 /// adds its counts to the batch row (so the batch's counters always equal
-/// what it put in the archive) and moves the batch's cursor to `upto` (the
+/// what it put in the archive), its digest to `content_digest` and, for
+/// metrics, its aggregates' sample count and value sum (a batch's first
+/// chunk starts them from 0: a batch recorded before they existed, NULL,
+/// becomes verifiable if none of its chunks ran before), and moves the batch's cursor to `upto` (the
 /// chunk's inclusive upper key). With `last` (the cursor reached the batch's
 /// upper bound) the batch is also marked done and its totals are counted
 /// into the job, which completes if it was its last batch; returns whether
@@ -226,6 +229,10 @@ pub async fn record_chunk(
         "UPDATE archive_batches SET
             rows_archived = rows_archived + $2, rows_deleted = rows_deleted + $3,
             bytes_archived = bytes_archived + $4, chunks = chunks + 1,
+            content_digest = CASE WHEN chunks = 0 THEN 0 ELSE content_digest END + $8::numeric,
+            samples_count = CASE WHEN chunks = 0 THEN 0 ELSE samples_count END + $9,
+            samples_value_sum = CASE WHEN chunks = 0 THEN 0 ELSE samples_value_sum END
+                                + $10::numeric * 0.000001,
             cursor_ts = $5, cursor_id = $6,
             status = CASE WHEN $7 THEN 'done' ELSE status END,
             attempts = attempts + CASE WHEN $7 THEN 1 ELSE 0 END,
@@ -241,6 +248,9 @@ pub async fn record_chunk(
     .bind(upto.ts)
     .bind(upto.id)
     .bind(last)
+    .bind(c.digest.to_string())
+    .bind(c.samples)
+    .bind(c.value_sum_micros.to_string())
     .fetch_one(&mut **tx)
     .await?;
     if !last {
@@ -254,6 +264,7 @@ pub async fn record_chunk(
         archived: totals.get("rows_archived"),
         deleted: totals.get("rows_deleted"),
         bytes: totals.get("bytes_archived"),
+        ..Counts::default()
     };
     let status: JobStatus = sqlx::query_scalar(
         "UPDATE archive_jobs SET
@@ -277,6 +288,55 @@ pub async fn record_chunk(
     .fetch_one(&mut **tx)
     .await?;
     Ok(status == JobStatus::Completed)
+}
+
+/// What a metrics aggregate row held when a later batch merged late samples
+/// into it, summed per batch that had written it: the row, and with it this
+/// much, now belongs to the merging batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MergedAway {
+    /// The batch that wrote the rows.
+    pub batch: Uuid,
+    /// Their sample count.
+    pub samples: i64,
+    /// Their value sum, in millionths.
+    pub value_sum_micros: i128,
+    /// Their digests' sum.
+    pub digest: i128,
+}
+
+/// Takes aggregate rows merged into by the current chunk off the batches
+/// that wrote them (inside the chunk's transaction; the merging batch adds
+/// the merged rows whole through [`record_chunk`]), so that each batch's
+/// `samples_count`, `samples_value_sum` and `content_digest` stay the sums
+/// over the aggregate rows carrying its id. A batch recorded before these
+/// were (NULL) stays NULL.
+pub async fn move_merged(tx: &mut Transaction<'_, Postgres>, away: &[MergedAway]) -> Result<()> {
+    if away.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = away.iter().map(|m| m.batch).collect();
+    let samples: Vec<i64> = away.iter().map(|m| m.samples).collect();
+    let sums: Vec<String> = away
+        .iter()
+        .map(|m| m.value_sum_micros.to_string())
+        .collect();
+    let digests: Vec<String> = away.iter().map(|m| m.digest.to_string()).collect();
+    sqlx::query(
+        "UPDATE archive_batches b SET
+            samples_count = b.samples_count - t.n,
+            samples_value_sum = b.samples_value_sum - t.s * 0.000001,
+            content_digest = b.content_digest - t.d
+         FROM UNNEST($1::uuid[], $2::bigint[], $3::text[]::numeric[], $4::text[]::numeric[]) AS t(id, n, s, d)
+         WHERE b.id = t.id",
+    )
+    .bind(&ids)
+    .bind(&samples)
+    .bind(&sums)
+    .bind(&digests)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Marks a batch done in one step (a reports batch, which is not cut into

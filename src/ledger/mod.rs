@@ -81,6 +81,17 @@ pub struct Counts {
     pub deleted: i64,
     /// Bytes archived (`size_bytes` for logs).
     pub bytes: i64,
+    /// The exact sum of the 64-bit digests of the rows written to the
+    /// archive (`schema::LOGS_ROW_DIGEST`, `schema::METRICS_AGG_DIGEST`):
+    /// what `planner verify` recomputes. A sum of at most 2⁶³ per row cannot
+    /// overflow an `i128` for 2⁶⁴ rows; it is carried as NUMERIC in SQL.
+    pub digest: i128,
+    /// Metrics: the sample count of the aggregates written (merged ones
+    /// whole, with the samples they held before).
+    pub samples: i64,
+    /// Metrics: the value sum of those aggregates, in millionths (sample
+    /// values are `DECIMAL(15,6)`, so their sums are whole millionths).
+    pub value_sum_micros: i128,
 }
 
 impl std::ops::AddAssign for Counts {
@@ -89,5 +100,8 @@ impl std::ops::AddAssign for Counts {
         self.archived += c.archived;
         self.deleted += c.deleted;
         self.bytes += c.bytes;
+        self.digest += c.digest;
+        self.samples += c.samples;
+        self.value_sum_micros += c.value_sum_micros;
     }
 }

@@ -1,11 +1,13 @@
 //! What people and monitoring read from the ledger: batch counts, dead
-//! batches and why, one batch's status, the figures `planner metrics`
-//! renders, and the progress `planner status --watch` shows.
+//! batches and why, one batch's status, what done batches recorded for
+//! `planner verify`, the figures `planner metrics` renders, and the
+//! progress `planner status --watch` shows.
 
 use crate::error::Result;
 use crate::vocabulary::{BatchStatus, JobType, Kind};
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::types::BigDecimal;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 /// Batches per kind and status, over jobs not yet completed.
@@ -52,6 +54,87 @@ pub async fn open_batch_counts(pool: &PgPool) -> Result<Vec<BatchCount>> {
 pub async fn batch_status(pool: &PgPool, id: Uuid) -> Result<Option<BatchStatus>> {
     Ok(
         sqlx::query_scalar("SELECT status FROM archive_batches WHERE id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?,
+    )
+}
+
+/// A done batch as `planner verify` checks it: what it recorded having put
+/// in the archive, and what a restore took back out of it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Recorded {
+    /// Batch id (`archive_batch_id` of its rows).
+    pub id: Uuid,
+    /// Its job.
+    pub job_id: Uuid,
+    /// Its kind.
+    pub kind: Kind,
+    /// Exclusive lower bound's time; `None`: from the start.
+    pub lo_ts: Option<DateTime<Utc>>,
+    /// Inclusive upper bound's time.
+    pub hi_ts: DateTime<Utc>,
+    /// When it was done.
+    pub completed_at: Option<DateTime<Utc>>,
+    /// Rows it wrote (aggregate rows, files).
+    pub rows_archived: i64,
+    /// Rows (samples) it deleted from the hot table.
+    pub rows_deleted: i64,
+    /// Rows a restore took back out of the archive.
+    pub restored_rows: i64,
+    /// Sum of its rows' digests; `None`: recorded before digests were.
+    pub content_digest: Option<BigDecimal>,
+    /// Sum of the restored rows' digests.
+    pub restored_digest: BigDecimal,
+    /// Metrics: its aggregates' sample count; `None`: recorded before.
+    pub samples_count: Option<i64>,
+    /// Metrics: its aggregates' value sum; `None`: recorded before.
+    pub samples_value_sum: Option<BigDecimal>,
+}
+
+/// Which done batches `planner verify` checks.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    /// Of these kinds.
+    pub kinds: Vec<Kind>,
+    /// Of this job only.
+    pub job: Option<Uuid>,
+    /// Completed at or after this.
+    pub since: Option<DateTime<Utc>>,
+    /// This many in 10,000 of them, picked by a hash of their id and
+    /// `seed` (the same batches for the same seed).
+    pub sample: Option<(i64, i64)>,
+}
+
+/// The done batches `sel` picks, oldest first, in the caller's
+/// transaction (so that what they recorded and what the archive holds are
+/// read from one snapshot).
+pub async fn done_batches(conn: &mut PgConnection, sel: &Selection) -> Result<Vec<Recorded>> {
+    let kinds: Vec<&str> = sel.kinds.iter().map(|k| k.as_str()).collect();
+    let (per_10k, seed) = sel.sample.unwrap_or((10_000, 0));
+    Ok(sqlx::query_as(
+        "SELECT id, job_id, kind, lo_ts, hi_ts, completed_at, rows_archived, rows_deleted,
+                restored_rows, content_digest, restored_digest, samples_count, samples_value_sum
+         FROM archive_batches
+         WHERE status = 'done' AND kind = ANY($1)
+           AND ($2::uuid IS NULL OR job_id = $2)
+           AND ($3::timestamptz IS NULL OR completed_at >= $3)
+           AND ($4 >= 10000 OR abs(mod(hashtextextended(id::text, $5), 10000)) < $4)
+         ORDER BY completed_at, job_id, seq",
+    )
+    .bind(&kinds)
+    .bind(sel.job)
+    .bind(sel.since)
+    .bind(per_10k)
+    .bind(seed)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// A job's type as the ledger spells it; `None`: no such job.
+pub async fn job_type(pool: &PgPool, id: Uuid) -> Result<Option<String>> {
+    Ok(
+        sqlx::query_scalar("SELECT job_type FROM archive_jobs WHERE id = $1")
             .bind(id)
             .fetch_optional(pool)
             .await?,

@@ -61,6 +61,24 @@ impl LocalStore {
     }
 }
 
+impl LocalStore {
+    /// Opens object `key` with its metadata, refused when it is missing,
+    /// without metadata, or disagreeing with `expected`.
+    async fn open_checked(
+        &self,
+        key: &str,
+        expected: Option<&Original>,
+    ) -> Result<(File, ObjectMeta)> {
+        let Some((_, meta)) = self.head(key).await? else {
+            return Err(Error::Refused(format!("no object {}", self.location(key))));
+        };
+        restore::check_expected(key, &meta, expected)?;
+        let path = self.object_path(key)?;
+        let file = File::open(&path).await.map_err(|e| local_error(&path, e))?;
+        Ok((file, meta))
+    }
+}
+
 fn meta_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(".meta.json");
@@ -174,13 +192,13 @@ impl ObjectStore for LocalStore {
         dest: &Path,
         expected: Option<&Original>,
     ) -> Result<u64> {
-        let Some((_, meta)) = self.head(key).await? else {
-            return Err(Error::Refused(format!("no object {}", self.location(key))));
-        };
-        restore::check_expected(key, &meta, expected)?;
-        let path = self.object_path(key)?;
-        let file = File::open(&path).await.map_err(|e| local_error(&path, e))?;
+        let (file, meta) = self.open_checked(key, expected).await?;
         restore::restore_verified(file, key, &meta, dest).await
+    }
+
+    async fn verify_content(&self, key: &str, expected: Option<&Original>) -> Result<u64> {
+        let (file, meta) = self.open_checked(key, expected).await?;
+        restore::verify_decoded(file, key, &meta).await
     }
 
     async fn apply_lifecycle(&self, prefix: &str, _: i32, _: i32, _: bool) -> Result<String> {

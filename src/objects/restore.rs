@@ -150,9 +150,45 @@ async fn decode_into<R>(object: R, key: &str, meta: &ObjectMeta, tmp: &Path) -> 
 where
     R: AsyncRead + Unpin + Send,
 {
-    let mut reader = Hashing::new(decoder(object, meta.encoding));
     let file = File::create(tmp).await.map_err(|e| local_error(tmp, e))?;
     let mut out = BufWriter::with_capacity(IO_BUFFER, file);
+    decode_checked(object, key, meta, &mut out, |e| local_error(tmp, e)).await?;
+    out.into_inner()
+        .sync_all()
+        .await
+        .map_err(|e| local_error(tmp, e))
+}
+
+/// Decodes `object` (stored under `key` with `meta`) and checks its size
+/// and SHA-256 against `meta`, writing nothing: the check of a restore
+/// without the file (`planner verify --deep`). Returns the original size.
+pub(super) async fn verify_decoded<R>(object: R, key: &str, meta: &ObjectMeta) -> Result<u64>
+where
+    R: AsyncRead + Unpin + Send,
+{
+    let mut sink = tokio::io::sink();
+    decode_checked(object, key, meta, &mut sink, |e| {
+        Error::Storage(format!("{key}: {e}"))
+    })
+    .await?;
+    Ok(meta.original_size)
+}
+
+/// Decodes `object` into `out` while hashing what comes out, then checks
+/// the size and SHA-256 against `meta`; `write_error` tells what a failed
+/// write to `out` was.
+async fn decode_checked<R, W>(
+    object: R,
+    key: &str,
+    meta: &ObjectMeta,
+    out: &mut W,
+    write_error: impl Fn(io::Error) -> Error,
+) -> Result<()>
+where
+    R: AsyncRead + Unpin + Send,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let mut reader = Hashing::new(decoder(object, meta.encoding));
     let mut buf = vec![0; IO_BUFFER];
     loop {
         let n = reader
@@ -162,11 +198,9 @@ where
         if n == 0 {
             break;
         }
-        out.write_all(&buf[..n])
-            .await
-            .map_err(|e| local_error(tmp, e))?;
+        out.write_all(&buf[..n]).await.map_err(&write_error)?;
     }
-    out.flush().await.map_err(|e| local_error(tmp, e))?;
+    out.flush().await.map_err(&write_error)?;
     let (size, sha256) = reader.digest();
     if size != meta.original_size || sha256 != meta.original_sha256 {
         return Err(Error::Refused(format!(
@@ -174,10 +208,7 @@ where
             meta.original_size, meta.original_sha256
         )));
     }
-    out.into_inner()
-        .sync_all()
-        .await
-        .map_err(|e| local_error(tmp, e))
+    Ok(())
 }
 
 /// A failure to read the object is worth a retry; bytes that do not decode are not.

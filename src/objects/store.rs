@@ -190,6 +190,13 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
         expected: Option<&Original>,
     ) -> Result<u64>;
 
+    /// Downloads and decodes the object as [`ObjectStore::restore_checked`]
+    /// does, checked the same way (against its metadata and `expected`),
+    /// writing nothing: proof that the object still holds the archived
+    /// file (`planner verify --deep`). Same errors; returns the original
+    /// size.
+    async fn verify_content(&self, key: &str, expected: Option<&Original>) -> Result<u64>;
+
     /// [`ObjectStore::restore_checked`] against the object's own metadata.
     async fn restore(&self, key: &str, dest: &Path) -> Result<u64> {
         self.restore_checked(key, dest, None).await

@@ -25,5 +25,6 @@ mod restore;
 mod retention;
 mod spec_queries;
 mod sqs_stuck;
+mod verify;
 mod window;
 mod worker_endpoint;

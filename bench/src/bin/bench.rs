@@ -21,6 +21,8 @@
 //!   2 workers. Every run is checked: the archive equals one `GROUP BY` over
 //!   the pristine samples older than the cut-off (`EXCEPT ALL` both ways),
 //!   no eligible sample remains, and the younger ones are untouched.
+//! - `--verify` (logs): the cost of `planner verify` against the archiving
+//!   it checks, and the digest's overhead on the archive statement.
 //!
 //! The workers run over RabbitMQ in-process: each its own pool, consumer and
 //! `worker::run` task, concurrency 1. A paced inserter on its own thread and
@@ -221,6 +223,14 @@ struct Args {
     /// such line).
     #[arg(long, default_value_t = 0.0)]
     max_wal_rate: f64,
+    /// Logs: the cost of `planner verify` instead of the usual table. Per
+    /// round: the statement moving every eligible row as the archiver's is
+    /// shaped, without and with the sum of the rows' digests (the digest's
+    /// overhead on the archive path); then the archiver inline at its
+    /// default settings, and `verify --kind logs` over what it archived
+    /// (verify seconds / archive seconds: the target is at most 1).
+    #[arg(long)]
+    verify: bool,
     /// Scratch database (dropped and recreated).
     #[arg(long, default_value = "archiver_bench")]
     database: String,
@@ -861,6 +871,52 @@ impl Bench {
         Ok(())
     }
 
+    /// Moves every eligible row in one statement shaped as the archiver's
+    /// chunk statement (`execute::logs`: it returns the rows' count and
+    /// bytes), with `digest` also the sum of their digests
+    /// (`schema::LOGS_ROW_DIGEST`), from a reset table, rows older than
+    /// `cutoff`. Returns the rows
+    /// moved and the seconds the statement took.
+    async fn one_statement_counted(
+        &self,
+        cutoff: DateTime<Utc>,
+        digest: bool,
+    ) -> Result<(i64, f64)> {
+        self.reset().await?;
+        let (returning, sum) = match digest {
+            true => (
+                format!(", {} AS digest", archiver::schema::LOGS_ROW_DIGEST),
+                ", COALESCE(sum(digest), 0)::text AS digest",
+            ),
+            false => (String::new(), ""),
+        };
+        let sql = format!(
+            "WITH moved AS (
+                 DELETE FROM scenario_logs WHERE received_at < $1
+                 RETURNING id, scenario_id, received_at, message_hash, message_preview, source,
+                           size_bytes, has_pii, token_count, sqs_blocks
+             ), ins AS (
+                 INSERT INTO scenario_logs_archive (id, scenario_id, received_at, message_hash,
+                     message_preview, source, size_bytes, has_pii, token_count, sqs_blocks,
+                     archived_at, archive_batch_id)
+                 SELECT id, scenario_id, received_at, message_hash, message_preview, source,
+                        size_bytes, has_pii, token_count, sqs_blocks, now(), $2
+                 FROM moved
+                 RETURNING size_bytes{returning}
+             )
+             SELECT count(*) AS n, COALESCE(sum(size_bytes), 0)::bigint AS bytes{sum} FROM ins"
+        );
+        let mut conn = self.pool.acquire().await?;
+        let t = Instant::now();
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(cutoff)
+            .bind(Uuid::new_v4())
+            .fetch_one(&mut *conn)
+            .await?;
+        let secs = t.elapsed().as_secs_f64();
+        Ok((row.get("n"), secs))
+    }
+
     /// Checks the archive holds exactly the rows older than `cutoff`, every
     /// column equal to the pristine copy, and the hot table the rest.
     /// Returns the rows moved.
@@ -1297,6 +1353,74 @@ fn per_commit(l: &Line) -> String {
     format!("{:.1} kB", l.wal as f64 / l.commits as f64 / 1e3)
 }
 
+/// `--verify`: per round, the digest's overhead on one statement moving
+/// every eligible row, then the archiver inline and `verify --kind logs`
+/// over what it archived.
+async fn verify_cost(bench: &Bench) -> Result<()> {
+    let mut rows = Vec::new();
+    for round in 1..=bench.args.repeat {
+        // One cut-off for both, so that they move the same rows.
+        let cutoff = bench.cutoff().await?;
+        let (n0, plain) = bench.one_statement_counted(cutoff, false).await?;
+        let (n1, digest) = bench.one_statement_counted(cutoff, true).await?;
+        ensure!(n0 == n1, "the two statements moved {n0} and {n1} rows");
+        eprintln!(
+            "bench: one statement moved {n0} rows in {plain:.2} s, {digest:.2} s with the digest"
+        );
+        let line = bench.measure(round, Method::Inline).await?;
+        let sel = archiver::ledger::Selection {
+            kinds: vec![Kind::Logs],
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let report = archiver::verify::verify(&bench.pool, &sel, false, None).await?;
+        let verify = t.elapsed().as_secs_f64();
+        let s = &report.summary;
+        ensure!(
+            s.ok && s.rows == line.moved && s.mismatches == 0,
+            "verify: {} mismatch(es), {} rows found, {} archived",
+            s.mismatches,
+            s.rows,
+            line.moved
+        );
+        eprintln!(
+            "bench: verify checked {} batches, {} rows in {verify:.2} s",
+            s.batches, s.rows
+        );
+        rows.push((round, line, s.batches, verify, n0, plain, digest));
+    }
+    println!(
+        "verify cost · {} log rows over {} days · batch {} · inline concurrency {} · live inserts {}/s during archiving",
+        bench.total,
+        bench.span_days,
+        bench.args.batch_size,
+        bench.args.inline_concurrency,
+        bench.args.insert_rate
+    );
+    println!(
+        "{:<3} {:>10} {:>8} {:>10} {:>9} {:>14} {:>13} {:>13} {:>16}",
+        "#",
+        "rows",
+        "batches",
+        "archive s",
+        "verify s",
+        "verify/archive",
+        "1 stmt s",
+        "+digest s",
+        "digest overhead"
+    );
+    for (round, line, batches, verify, _, plain, digest) in rows {
+        println!(
+            "{round:<3} {:>10} {batches:>8} {:>10.2} {verify:>9.2} {:>14.2} {plain:>13.2} {digest:>13.2} {:>15.1}%",
+            line.moved,
+            line.secs,
+            verify / line.secs,
+            (digest / plain - 1.0) * 100.0
+        );
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     archiver_bench::init_logging("warn,sqlx::query=error");
@@ -1331,7 +1455,14 @@ async fn main() -> Result<()> {
         !args.random_order || args.kind == Target::Metrics,
         "--random-order is for --kind metrics"
     );
+    ensure!(
+        !args.verify || args.kind == Target::Logs,
+        "--verify is for --kind logs"
+    );
     let bench = prepare(args).await?;
+    if bench.args.verify {
+        return verify_cost(&bench).await;
+    }
     let idle = idle_latency(&bench).await?;
     let mut lines = Vec::new();
     for round in 1..=bench.args.repeat {

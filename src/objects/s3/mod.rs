@@ -107,6 +107,44 @@ impl S3Store {
         Ok(sent)
     }
 
+    /// Opens object `key` for reading, with its metadata, refused (before a
+    /// byte is read) when it is missing, in an archive storage class,
+    /// without the archiver's metadata, or disagreeing with `expected`.
+    async fn get_checked(
+        &self,
+        key: &str,
+        expected: Option<&Original>,
+    ) -> Result<(
+        std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>,
+        ObjectMeta,
+    )> {
+        check_key(key)?;
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
+                return Err(Error::Refused(format!("no object {}", self.location(key))));
+            }
+            Err(e) if e.code() == Some("InvalidObjectState") => {
+                return Err(self.in_archive_tier(key).await);
+            }
+            Err(e) => return Err(sdk_error("GetObject", key, e)),
+        };
+        let meta = out.metadata().and_then(from_metadata).ok_or_else(|| {
+            Error::Refused(format!("{} has no archiver metadata", self.location(key)))
+        })?;
+        restore::check_expected(key, &meta, expected)?;
+        let body: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>> =
+            Box::pin(out.body.into_async_read());
+        Ok((body, meta))
+    }
+
     /// Why an object cannot be read now: it sits in an archive storage
     /// class (Glacier, Deep Archive, an archive tier of Intelligent-Tiering)
     /// and must first be restored from it, which takes hours.
@@ -215,30 +253,13 @@ impl ObjectStore for S3Store {
         dest: &Path,
         expected: Option<&Original>,
     ) -> Result<u64> {
-        check_key(key)?;
-        let out = match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-        {
-            Ok(out) => out,
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
-                return Err(Error::Refused(format!("no object {}", self.location(key))));
-            }
-            Err(e) if e.code() == Some("InvalidObjectState") => {
-                return Err(self.in_archive_tier(key).await);
-            }
-            Err(e) => return Err(sdk_error("GetObject", key, e)),
-        };
-        let meta = out.metadata().and_then(from_metadata).ok_or_else(|| {
-            Error::Refused(format!("{} has no archiver metadata", self.location(key)))
-        })?;
-        restore::check_expected(key, &meta, expected)?;
-        let body = Box::pin(out.body.into_async_read());
+        let (body, meta) = self.get_checked(key, expected).await?;
         restore::restore_verified(body, key, &meta, dest).await
+    }
+
+    async fn verify_content(&self, key: &str, expected: Option<&Original>) -> Result<u64> {
+        let (body, meta) = self.get_checked(key, expected).await?;
+        restore::verify_decoded(body, key, &meta).await
     }
 
     async fn apply_lifecycle(
