@@ -59,7 +59,7 @@ pub async fn run(app: &App, kinds: &[Kind], opts: &RunOptions) -> Result<bool> {
         match app.publisher().await? {
             None => inline(app, &pool, &kinds, &opts.plan).await,
             Some(publisher) => {
-                for &kind in &kinds {
+                for kind in tended(&kinds) {
                     adopt_abandoned(&pool, publisher.as_ref(), kind).await?;
                     rescue(&pool, publisher.as_ref(), kind, opts.rescue_after).await?;
                 }
@@ -257,6 +257,19 @@ fn wanted(kind: Kind, opts: &PlanOptions, explicit_reports: bool) -> Result<bool
         return Ok(false);
     }
     Ok(true)
+}
+
+/// The kinds whose abandoned jobs and lost messages a broker-mode run over
+/// `kinds` tends: those kinds, and restore batches (`planner restore
+/// --logs`) with logs, since the logs workers run them. Restores are never
+/// planned by the nightly run (not in [`Kind::ALL`]), but a restore whose
+/// planner died or whose messages the broker lost is finished by it.
+fn tended(kinds: &[Kind]) -> Vec<Kind> {
+    let mut tended = kinds.to_vec();
+    if kinds.contains(&Kind::Logs) {
+        tended.push(Kind::Restore);
+    }
+    tended
 }
 
 /// Adopts the jobs of `kind` that an earlier broker-mode planner started and

@@ -834,3 +834,68 @@ async fn a_restore_goes_through_rabbitmq_and_duplicate_deliveries_change_nothing
     delete_queues(&cfg).await;
     a.db.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_restore_whose_messages_were_lost_is_republished_by_the_next_logs_run() {
+    use crate::helpers::amqp::{amqp_config, delete_queues, purge, spawn_worker};
+    let a = Archived::new(4_000).await;
+    let cfg = amqp_config();
+    let (s, f, t) = (
+        a.scenario.to_string(),
+        a.from.to_rfc3339(),
+        a.to.to_rfc3339(),
+    );
+    ok(&a
+        .db
+        .planner()
+        .amqp(&cfg)
+        .env("ARCHIVER_BATCH_SIZE", "3")
+        .args([
+            "restore",
+            "--logs",
+            "--scenario",
+            &s,
+            "--from",
+            &f,
+            "--to",
+            &t,
+        ])
+        .output_within(LIMIT)
+        .await);
+    let job: Uuid = sqlx::query_scalar("SELECT id FROM archive_jobs WHERE job_type = 'restore'")
+        .fetch_one(&a.db.pool)
+        .await
+        .unwrap();
+    let batches = a.db.batches_of(job).await;
+    // The broker loses every message; an hour and a half passes.
+    purge(&cfg).await;
+    sqlx::query("UPDATE archive_batches SET published_at = now() - interval '90 minutes'")
+        .execute(&a.db.pool)
+        .await
+        .unwrap();
+    // The nightly logs run republishes them (restores ride the logs
+    // workers); a metrics-only run leaves them be.
+    let run = |kind: &'static str| {
+        a.db.planner()
+            .amqp(&cfg)
+            .args([kind])
+            .env("ARCHIVER_RESCUE_AFTER_MINUTES", "60")
+            .output_within(LIMIT)
+    };
+    let out = ok(&run("--metrics").await);
+    assert!(!out.contains("restore: republished"), "{out}");
+    let out = ok(&run("--logs").await);
+    assert!(
+        out.contains(&format!("restore: republished {} batch(es)", batches.len())),
+        "{out}"
+    );
+    let stop = CancellationToken::new();
+    let w = spawn_worker(&a.db.url, &cfg, 2, &stop);
+    assert_eq!(a.db.wait_job(job).await, "completed");
+    stop.cancel();
+    w.await.unwrap();
+    assert_eq!(a.db.hash(&a.scope_in("scenario_logs")).await, a.scope_hash);
+    assert_eq!(a.db.hash(&a.others()).await, a.others_hash);
+    delete_queues(&cfg).await;
+    a.db.cleanup().await;
+}
