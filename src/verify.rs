@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::human;
 use crate::ledger::{self, Recorded, Selection};
 use crate::objects::{ObjectStore, Original};
-use crate::partitions::next_month;
+use crate::partitions::{month_start, next_month, partition_name};
 use crate::schema::{
     LOGS_ARCHIVE, LOGS_ROW_DIGEST, METRICS_AGG_DIGEST, METRICS_ARCHIVE, REPORTS_ARCHIVE,
 };
@@ -283,7 +283,7 @@ pub async fn verify(
         .execute(&mut *tx)
         .await?;
     let batches = ledger::done_batches(&mut tx, sel).await?;
-    let dropped_months = dropped_months(&mut tx).await?;
+    let dropped_months = dropped_months(&mut tx, &batches).await?;
     let filtered = sel.job.is_some() || sel.since.is_some() || sel.sample.is_some();
     let mut check = Check::default();
     check.summary.batches = batches.len() as i64;
@@ -334,34 +334,92 @@ pub async fn verify(
     Ok(check.finish())
 }
 
-/// The months retention dropped, per archive table.
-async fn dropped_months(conn: &mut PgConnection) -> Result<Vec<(String, DateTime<Utc>)>> {
+/// A month of an archive table that retention dropped.
+#[derive(Debug, Clone)]
+struct Gone {
+    table: String,
+    month: DateTime<Utc>,
+    /// When, as `archive_dropped_partitions` recorded it; `None`: before
+    /// drops were recorded (its partition is simply no longer there).
+    at: Option<DateTime<Utc>>,
+}
+
+/// The months retention dropped, per archive table: those it recorded, and
+/// those a batch of `batches` touches whose partition no longer exists
+/// (dropped by a retention run from before drops were recorded: without
+/// them, every batch of such a month would read as missing its rows).
+async fn dropped_months(conn: &mut PgConnection, batches: &[Recorded]) -> Result<Vec<Gone>> {
     let rows = sqlx::query(
-        "SELECT table_name::text AS t, (month::timestamp AT TIME ZONE 'UTC') AS m
+        "SELECT table_name::text AS t, (month::timestamp AT TIME ZONE 'UTC') AS m, dropped_at
          FROM archive_dropped_partitions ORDER BY 1, 2",
     )
-    .fetch_all(conn)
+    .fetch_all(&mut *conn)
     .await?;
-    Ok(rows.iter().map(|r| (r.get("t"), r.get("m"))).collect())
+    let mut gone: Vec<Gone> = rows
+        .iter()
+        .map(|r| Gone {
+            table: r.get("t"),
+            month: r.get("m"),
+            at: Some(r.get("dropped_at")),
+        })
+        .collect();
+    let present: std::collections::HashSet<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent IN ($1::regclass, $2::regclass)",
+    )
+    .bind(LOGS_ARCHIVE)
+    .bind(METRICS_ARCHIVE)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .collect();
+    for b in batches {
+        let Some(table) = archive_table(b.kind) else {
+            continue;
+        };
+        let mut m = month_start(b.lo_ts.unwrap_or(b.hi_ts));
+        while m <= b.hi_ts {
+            if !present.contains(&partition_name(table, m))
+                && !gone.iter().any(|g| g.table == table && g.month == m)
+            {
+                gone.push(Gone {
+                    table: table.to_owned(),
+                    month: m,
+                    at: None,
+                });
+            }
+            m = next_month(m);
+        }
+    }
+    Ok(gone)
+}
+
+/// The archive table a batch of `kind` writes rows to (none for reports).
+fn archive_table(kind: Kind) -> Option<&'static str> {
+    match kind {
+        Kind::Logs => Some(LOGS_ARCHIVE),
+        Kind::Metrics => Some(METRICS_ARCHIVE),
+        _ => None,
+    }
 }
 
 /// The first dropped month of `b`'s archive table that its key range
-/// `(lo, hi]` touches.
-fn dropped_month<'a>(
-    b: &Recorded,
-    dropped: &'a [(String, DateTime<Utc>)],
-) -> Option<(&'a str, DateTime<Utc>)> {
-    let table = match b.kind {
-        Kind::Logs => LOGS_ARCHIVE,
-        Kind::Metrics => METRICS_ARCHIVE,
-        _ => return None,
-    };
+/// `(lo, hi]` touches, dropped after `b` was done (a batch done after a
+/// drop wrote to a partition made again for it, and is compared).
+fn dropped_month<'a>(b: &Recorded, dropped: &'a [Gone]) -> Option<(&'a str, DateTime<Utc>)> {
+    let table = archive_table(b.kind)?;
     dropped
         .iter()
-        .find(|(t, month)| {
-            t == table && b.lo_ts.is_none_or(|lo| lo < next_month(*month)) && b.hi_ts >= *month
+        .find(|g| {
+            g.table == table
+                && b.lo_ts.is_none_or(|lo| lo < next_month(g.month))
+                && b.hi_ts >= g.month
+                && match (g.at, b.completed_at) {
+                    (Some(at), Some(done)) => done <= at,
+                    _ => true,
+                }
         })
-        .map(|(t, m)| (t.as_str(), *m))
+        .map(|g| (g.table.as_str(), g.month))
 }
 
 /// What the archive holds for one batch.
@@ -865,9 +923,14 @@ mod tests {
     #[test]
     fn a_batch_touching_a_dropped_month_of_its_table_is_dropped() {
         let m = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        let gone = |table: &str, month: &str| Gone {
+            table: table.to_owned(),
+            month: m(month),
+            at: Some(m("2020-01-01T00:00:00Z")),
+        };
         let dropped = vec![
-            (LOGS_ARCHIVE.to_owned(), m("2019-03-01T00:00:00Z")),
-            (METRICS_ARCHIVE.to_owned(), m("2019-05-01T00:00:00Z")),
+            gone(LOGS_ARCHIVE, "2019-03-01T00:00:00Z"),
+            gone(METRICS_ARCHIVE, "2019-05-01T00:00:00Z"),
         ];
         let inside = batch(
             Kind::Logs,
@@ -901,5 +964,16 @@ mod tests {
         assert!(dropped_month(&before, &dropped).is_none());
         assert!(dropped_month(&from_start, &dropped).is_some());
         assert!(dropped_month(&other_table, &dropped).is_none());
+        // Done after the drop: it wrote to a partition made again, and is
+        // compared.
+        let mut later = batch(
+            Kind::Logs,
+            Some("2019-03-02T00:00:00Z"),
+            "2019-03-05T00:00:00Z",
+        );
+        later.completed_at = Some(m("2021-01-01T00:00:00Z"));
+        assert!(dropped_month(&later, &dropped).is_none());
+        later.completed_at = Some(m("2019-12-01T00:00:00Z"));
+        assert!(dropped_month(&later, &dropped).is_some());
     }
 }

@@ -169,6 +169,9 @@ fn old_rows() -> String {
                     {METRICS_AGG_DIGEST} AS d
              FROM {METRICS_ARCHIVE}
              WHERE (id, \"timestamp\") IN (SELECT {GROUP_ID}, g.day AT TIME ZONE 'UTC' FROM g)
+               -- The chunk's days (`$1`, `$3`): the months outside it are
+               -- pruned whatever join the planner picks.
+               AND \"timestamp\" >= COALESCE($1, '-infinity'::timestamptz) AND \"timestamp\" <= $3
          ), away AS (
              SELECT batch, COALESCE(sum(n), 0)::bigint AS n,
                     trunc(COALESCE(sum(s), 0) * 1000000)::text AS s, COALESCE(sum(d), 0)::text AS d

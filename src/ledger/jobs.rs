@@ -45,7 +45,8 @@ pub struct RestoreScope {
 /// hold is in force before any of its batches runs: `hold_until` is now
 /// (the database's clock) plus `hold_days` (0: no hold). The job's cut-off
 /// is the scope's end (`to`), or now: no archived row is newer. Returns
-/// the job and `hold_until`.
+/// the job and `hold_until`. With no `to`, the hold ends its range at
+/// now: logs of the scenario that arrive later are archived as usual.
 pub async fn create_restore_job(
     pool: &PgPool,
     scope: RestoreScope,
@@ -66,7 +67,8 @@ pub async fn create_restore_job(
     .await?;
     let hold_until: DateTime<Utc> = sqlx::query_scalar(
         "INSERT INTO archive_restores (job_id, kind, scenario_id, from_ts, to_ts, hold_until)
-         VALUES ($1, 'logs', $2, $3, $4, now() + make_interval(days => $5))
+         VALUES ($1, 'logs', $2, $3, COALESCE($4, GREATEST(now(), $3 + interval '1 microsecond')),
+                 now() + make_interval(days => $5))
          RETURNING hold_until",
     )
     .bind(id)

@@ -899,3 +899,26 @@ async fn a_restore_whose_messages_were_lost_is_republished_by_the_next_logs_run(
     delete_queues(&cfg).await;
     a.db.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_restore_without_to_holds_only_what_was_archived_not_the_scenarios_new_logs() {
+    let a = Archived::new(2_000).await;
+    let (s, f) = (a.scenario.to_string(), a.from.to_rfc3339());
+    ok(&a
+        .db
+        .planner()
+        .args(["restore", "--logs", "--scenario", &s, "--from", &f])
+        .output_within(LIMIT)
+        .await);
+    // The hold's range ends when the restore began: a log of the scenario
+    // arriving later is not held.
+    assert_eq!(
+        a.db.scalar(
+            "SELECT count(*) FROM archive_restores
+             WHERE to_ts IS NOT NULL AND to_ts <= now() AND to_ts > from_ts"
+        )
+        .await,
+        1
+    );
+    a.db.cleanup().await;
+}
