@@ -109,6 +109,11 @@ pub enum Error {
     /// corrupt object, missing or unreadable file, invalid key or request.
     #[error("refused: {0}")]
     Refused(String),
+    /// An object sits in an archive storage class (Glacier, Deep Archive)
+    /// and cannot be read until it is restored from it: refused, as
+    /// [`Error::Refused`], but nothing is wrong with it.
+    #[error("refused: {0}")]
+    InArchiveTier(String),
     /// A run archived what it should, but left archived reports' local files
     /// in place (each with its reason in `reports_archive`): the planner's
     /// exit status 4.
@@ -144,7 +149,8 @@ impl Error {
             | Error::LockLost(_)
             | Error::JobFailed(_)
             | Error::LeftInPlace(_)
-            | Error::Refused(_) => Class::Permanent,
+            | Error::Refused(_)
+            | Error::InArchiveTier(_) => Class::Permanent,
         }
     }
 

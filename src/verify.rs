@@ -145,6 +145,9 @@ pub struct Summary {
     pub not_verifiable: i64,
     /// Batches whose range touches a month retention dropped.
     pub dropped: i64,
+    /// Objects `--deep` could not read: in an archive storage class
+    /// (HEAD's checks passed; their content waits for a restore).
+    pub in_archive_tier: i64,
     /// Whether everything compared matched.
     pub ok: bool,
 }
@@ -598,6 +601,10 @@ enum ObjectFound {
     Checked(u64, Option<(&'static str, String, String)>),
     /// Not there (or without the archiver's metadata).
     Missing,
+    /// Present (its stored size) and matching what HEAD tells, but in an
+    /// archive storage class: its content cannot be read (`--deep`) until
+    /// it is restored from there.
+    InArchiveTier(u64),
 }
 
 /// HEADs `file`'s object (and with `deep` downloads and checks it).
@@ -637,6 +644,7 @@ async fn check_object<'f>(
     if deep {
         match store.verify_content(key, file.original.as_ref()).await {
             Ok(_) => {}
+            Err(Error::InArchiveTier(_)) => return Ok((file, ObjectFound::InArchiveTier(size))),
             Err(Error::Refused(why)) => {
                 let diff = ("content", "the archived file".to_owned(), why);
                 return Ok((file, ObjectFound::Checked(size, Some(diff))));
@@ -781,6 +789,12 @@ impl Check {
                 };
                 (what, expected, found, message)
             }
+            ObjectFound::InArchiveTier(size) => {
+                self.summary.objects += 1;
+                self.summary.bytes += size as i64;
+                self.summary.in_archive_tier += 1;
+                return;
+            }
             ObjectFound::Missing => (
                 "object",
                 key.clone(),
@@ -850,6 +864,13 @@ fn text(r: &Report, opts: &Options) -> String {
         human::count(s.not_verifiable),
         human::count(s.dropped),
     );
+    if s.in_archive_tier > 0 {
+        out += &format!(
+            "  {} object(s) in an archive storage class (Glacier): size and metadata checked, \
+             content not read (restore them from the archive tier to check it)\n",
+            human::count(s.in_archive_tier)
+        );
+    }
     // One line per batch, its differences in the order found.
     let mut seen = std::collections::HashSet::new();
     for m in &r.mismatches {

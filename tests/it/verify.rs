@@ -339,6 +339,39 @@ async fn deep_catches_an_object_replaced_with_one_of_the_same_size() {
     let files = db.scalar("SELECT count(*) FROM reports_archive").await;
     assert!(files >= 2, "{files}");
     assert_eq!(v["summary"]["objects"], files, "{v}");
+    assert_eq!(v["summary"]["in_archive_tier"], 0, "{v}");
+    // Another moves to Glacier (the lifecycle rule, after 90 days): its
+    // content cannot be read, which is no mismatch.
+    let other: String =
+        sqlx::query_scalar("SELECT object_key FROM reports_archive WHERE object_key <> $1 LIMIT 1")
+            .bind(&key)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    client
+        .copy_object()
+        .bucket(&bucket)
+        .key(&other)
+        .copy_source(format!("{bucket}/{other}"))
+        .storage_class(aws_sdk_s3::types::StorageClass::Glacier)
+        .metadata_directive(aws_sdk_s3::types::MetadataDirective::Copy)
+        .send()
+        .await
+        .unwrap();
+    let (code, v) = verify_json(&db, &d.root, &bucket, &["--deep"]).await;
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(
+        named(&v),
+        BTreeSet::from([batch]),
+        "only the replaced one: {v}"
+    );
+    assert_eq!(v["summary"]["in_archive_tier"], 1, "{v}");
+    let o = verify(&db, &d.root, &bucket, &["--deep"]).await;
+    assert!(
+        stdout(&o).contains("1 object(s) in an archive storage class"),
+        "{}",
+        both(&o)
+    );
     s3::delete_bucket(&client, &bucket).await;
     db.cleanup().await;
 }

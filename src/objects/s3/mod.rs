@@ -176,7 +176,7 @@ impl S3Store {
                 self.bucket
             )
         };
-        Error::Refused(format!(
+        Error::InArchiveTier(format!(
             "{} is in the {class} storage class and cannot be read until it is restored: {state}",
             self.location(key)
         ))
