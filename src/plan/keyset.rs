@@ -47,17 +47,7 @@ pub(super) async fn eligible(
     batch_size: i64,
 ) -> Result<Eligible> {
     let (name, ts, bytes) = (t.name, t.ts, t.bytes);
-    // Logs a restore holds are not eligible (only while a hold is in force:
-    // otherwise the count is the plain one).
-    let held = t.kind == Kind::Logs
-        && sqlx::query_scalar::<_, bool>(schema::LOGS_HOLD_ACTIVE)
-            .fetch_one(pool)
-            .await?;
-    let hold = if held {
-        format!(" AND {}", schema::LOGS_HOLD)
-    } else {
-        String::new()
-    };
+    let hold = hold(pool, t).await?;
     let sql = format!(
         "SELECT count(*) AS n, COALESCE(sum({bytes}), 0)::bigint AS bytes,
                 min({ts}) AS oldest, max({ts}) AS newest
@@ -85,6 +75,21 @@ pub(super) async fn eligible(
     })
 }
 
+/// Logs a restore holds are neither eligible nor cut into batches: the
+/// condition to add to a walk of `t`'s rows while a hold is in force, and
+/// nothing otherwise (the common path's statements stay as they are).
+async fn hold(pool: &PgPool, t: Table) -> Result<String> {
+    let held = t.kind == Kind::Logs
+        && sqlx::query_scalar::<_, bool>(schema::LOGS_HOLD_ACTIVE)
+            .fetch_one(pool)
+            .await?;
+    Ok(if held {
+        format!(" AND {}", schema::LOGS_HOLD)
+    } else {
+        String::new()
+    })
+}
+
 pub(super) async fn cut(
     pool: &PgPool,
     t: Table,
@@ -94,7 +99,8 @@ pub(super) async fn cut(
     batch_size: i64,
     sink: &mut Sink,
 ) -> Result<()> {
-    let Some(first) = first(pool, t, Some(super::start(after, floor)), cutoff).await? else {
+    let hold = hold(pool, t).await?;
+    let Some(first) = first(pool, t, Some(super::start(after, floor)), cutoff, &hold).await? else {
         return Ok(());
     };
     // The first batch starts where earlier runs' batches end, or, with none
@@ -111,12 +117,12 @@ pub(super) async fn cut(
         partitions::ensure_months(pool, archive, lo.ts.max(floor.ts), cutoff).await?;
     }
     loop {
-        if let Some(hi) = boundary(pool, t, lo, cutoff, batch_size).await? {
+        if let Some(hi) = boundary(pool, t, lo, cutoff, batch_size, &hold).await? {
             sink.push(lo, hi, batch_size).await?;
             lo = hi;
             continue;
         }
-        if let Some((hi, n)) = tail(pool, t, lo, cutoff).await? {
+        if let Some((hi, n)) = tail(pool, t, lo, cutoff, &hold).await? {
             sink.push(lo, hi, n).await?;
         }
         return Ok(());
@@ -129,11 +135,12 @@ async fn first(
     t: Table,
     after: Option<Key>,
     cutoff: DateTime<Utc>,
+    hold: &str,
 ) -> Result<Option<Key>> {
     let (name, ts) = (t.name, t.ts);
     let sql = format!(
         "SELECT {ts}, id FROM {name}
-         WHERE ({ts}, id) > {FROM_START} AND {ts} < $3
+         WHERE ({ts}, id) > {FROM_START} AND {ts} < $3{hold}
          ORDER BY {ts}, id LIMIT 1"
     );
     let row = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -155,11 +162,12 @@ async fn boundary(
     lo: Key,
     cutoff: DateTime<Utc>,
     batch_size: i64,
+    hold: &str,
 ) -> Result<Option<Key>> {
     let (name, ts) = (t.name, t.ts);
     let sql = format!(
         "SELECT {ts}, id FROM {name}
-         WHERE ({ts}, id) > ($1, $2) AND {ts} < $3
+         WHERE ({ts}, id) > ($1, $2) AND {ts} < $3{hold}
          ORDER BY {ts}, id OFFSET $4 LIMIT 1"
     );
     let row = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -181,11 +189,12 @@ async fn tail(
     t: Table,
     lo: Key,
     cutoff: DateTime<Utc>,
+    hold: &str,
 ) -> Result<Option<(Key, i64)>> {
     let (name, ts) = (t.name, t.ts);
     let sql = format!(
         "SELECT {ts}, id, count(*) OVER () AS n FROM {name}
-         WHERE ({ts}, id) > ($1, $2) AND {ts} < $3
+         WHERE ({ts}, id) > ($1, $2) AND {ts} < $3{hold}
          ORDER BY {ts} DESC, id DESC LIMIT 1"
     );
     let row = sqlx::query(sqlx::AssertSqlSafe(sql))

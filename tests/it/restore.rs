@@ -287,6 +287,11 @@ async fn the_next_logs_run_respects_the_hold_and_archives_them_once_it_expires()
         "held rows stay hot"
     );
     assert_eq!(
+        a.db.batches_of(job).await.len(),
+        0,
+        "held rows are not cut into batches night after night"
+    );
+    assert_eq!(
         a.db.scalar(&format!(
             "SELECT records_archived FROM archive_jobs WHERE id = '{job}'"
         ))
