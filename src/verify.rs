@@ -25,7 +25,7 @@ use crate::app::App;
 use crate::error::{Error, Result};
 use crate::human;
 use crate::ledger::{self, Recorded, Selection};
-use crate::objects::{ObjectStore, Original};
+use crate::objects::{self, ObjectStore, Original};
 use crate::partitions::{month_start, next_month, partition_name};
 use crate::schema::{
     LOGS_ARCHIVE, LOGS_ROW_DIGEST, METRICS_AGG_DIGEST, METRICS_ARCHIVE, REPORTS_ARCHIVE,
@@ -148,6 +148,9 @@ pub struct Summary {
     /// Objects `--deep` could not read: in an archive storage class
     /// (HEAD's checks passed; their content waits for a restore).
     pub in_archive_tier: i64,
+    /// Objects gone, archived longer ago than the bucket's lifecycle rule
+    /// keeps them: expired by it, not missing.
+    pub expired: i64,
     /// Whether everything compared matched.
     pub ok: bool,
 }
@@ -323,9 +326,15 @@ pub async fn verify(
             )
         })?;
         check_store_is_theirs(store, &files)?;
+        // Objects the bucket's lifecycle rule deleted are expired, not
+        // missing: those archived longer ago than its expiry (less an hour:
+        // an object is written just before its row is stamped).
+        let expired_before = store.expiry_days(objects::REPORTS_PREFIX).await?.map(|d| {
+            Utc::now() - chrono::Duration::days(i64::from(d)) + chrono::Duration::hours(1)
+        });
         let jobs: HashMap<Uuid, Uuid> = batches.iter().map(|b| (b.id, b.job_id)).collect();
         let results: Vec<_> = futures::stream::iter(&files)
-            .map(|f| check_object(store, f, deep))
+            .map(|f| check_object(store, f, deep, expired_before))
             .buffer_unordered(IN_FLIGHT)
             .collect()
             .await;
@@ -537,13 +546,16 @@ struct File {
     location: Option<String>,
     stored_size: Option<i64>,
     original: Option<Original>,
+    /// When it was archived (a column with a default, not NOT NULL).
+    archived_at: Option<DateTime<Utc>>,
 }
 
 /// The archived files of `batches`.
 async fn report_files(conn: &mut PgConnection, batches: &[&Recorded]) -> Result<Vec<File>> {
     let ids: Vec<Uuid> = batches.iter().map(|b| b.id).collect();
     let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT archive_batch_id, object_key, s3_location, stored_size_bytes, file_size_bytes, sha256
+        "SELECT archive_batch_id, object_key, s3_location, stored_size_bytes, file_size_bytes, sha256,
+                archived_at
          FROM {REPORTS_ARCHIVE} WHERE archive_batch_id = ANY($1) ORDER BY archived_at, id"
     )))
     .bind(&ids)
@@ -559,6 +571,7 @@ async fn report_files(conn: &mut PgConnection, batches: &[&Recorded]) -> Result<
                 key: r.get("object_key"),
                 location: r.get("s3_location"),
                 stored_size: r.get("stored_size_bytes"),
+                archived_at: r.get("archived_at"),
                 original: size.zip(sha256).map(|(size, sha256)| Original {
                     size: size.max(0) as u64,
                     sha256,
@@ -601,6 +614,9 @@ enum ObjectFound {
     Checked(u64, Option<(&'static str, String, String)>),
     /// Not there (or without the archiver's metadata).
     Missing,
+    /// Not there, and archived longer ago than the bucket's lifecycle rule
+    /// keeps objects: deleted by it.
+    Expired,
     /// Present (its stored size) and matching what HEAD tells, but in an
     /// archive storage class: its content cannot be read (`--deep`) until
     /// it is restored from there.
@@ -612,11 +628,19 @@ async fn check_object<'f>(
     store: &dyn ObjectStore,
     file: &'f File,
     deep: bool,
+    expired_before: Option<DateTime<Utc>>,
 ) -> Result<(&'f File, ObjectFound)> {
     let Some(key) = &file.key else {
         return Ok((file, ObjectFound::NoKey));
     };
     let Some((size, meta)) = store.head(key).await? else {
+        if file
+            .archived_at
+            .zip(expired_before)
+            .is_some_and(|(a, t)| a < t)
+        {
+            return Ok((file, ObjectFound::Expired));
+        }
         return Ok((file, ObjectFound::Missing));
     };
     let recorded = file.stored_size.map(|s| s.max(0) as u64);
@@ -795,6 +819,10 @@ impl Check {
                 self.summary.in_archive_tier += 1;
                 return;
             }
+            ObjectFound::Expired => {
+                self.summary.expired += 1;
+                return;
+            }
             ObjectFound::Missing => (
                 "object",
                 key.clone(),
@@ -864,6 +892,13 @@ fn text(r: &Report, opts: &Options) -> String {
         human::count(s.not_verifiable),
         human::count(s.dropped),
     );
+    if s.expired > 0 {
+        out += &format!(
+            "  {} object(s) gone, archived longer ago than the bucket's lifecycle rule keeps them: \
+             expired by it, not missing\n",
+            human::count(s.expired)
+        );
+    }
     if s.in_archive_tier > 0 {
         out += &format!(
             "  {} object(s) in an archive storage class (Glacier): size and metadata checked, \

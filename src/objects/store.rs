@@ -217,6 +217,12 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
         dry_run: bool,
     ) -> Result<String>;
 
+    /// After how many days the store's own lifecycle deletes objects under
+    /// `prefix` (S3: the bucket's rules); `None`: never (the local backend).
+    async fn expiry_days(&self, _prefix: &str) -> Result<Option<i32>> {
+        Ok(None)
+    }
+
     /// Checks that archiving could write here now: S3, that the bucket
     /// exists; both, that a test object written under
     /// `archived-reports/.archiver-check/<uuid>` can be deleted again.

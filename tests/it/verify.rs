@@ -611,3 +611,74 @@ async fn bad_verify_flags_exit_2_naming_the_flag_and_change_nothing() {
     assert_eq!(o.status.code(), Some(0), "{}", both(&o));
     db.cleanup().await;
 }
+
+#[tokio::test]
+async fn objects_the_lifecycle_rule_expired_are_not_missing_but_younger_ones_are() {
+    let db = TestDb::new().await;
+    let d = Dirs::new("verify-expired");
+    let client = s3::client();
+    let bucket = s3::new_bucket(&client).await;
+    archiver::demo::load_reports(&db.pool, 4, 2, 400, &d.root)
+        .await
+        .unwrap();
+    let o = db
+        .planner()
+        .s3_reports(&d.root, &bucket)
+        .args(["--reports"])
+        .output_within(LIMIT)
+        .await;
+    assert!(o.status.success(), "{}", both(&o));
+    let o = db
+        .planner()
+        .s3_reports(&d.root, &bucket)
+        .args([
+            "lifecycle",
+            "--glacier-after-days",
+            "10",
+            "--expire-after-days",
+            "30",
+        ])
+        .output_within(LIMIT)
+        .await;
+    assert!(o.status.success(), "{}", both(&o));
+    let files: Vec<(Uuid, Uuid, String)> = sqlx::query_as(
+        "SELECT id, archive_batch_id, object_key FROM reports_archive ORDER BY id LIMIT 2",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let [(old_id, _, old_key), (_, young_batch, young_key)] = &files[..] else {
+        panic!("two archived files: {files:?}");
+    };
+    // One was archived 40 days ago: the rule (30 days) deleted its object.
+    // The other's object is gone though it is a day old: missing.
+    sqlx::query(
+        "UPDATE reports_archive SET archived_at = now() - interval '40 days' WHERE id = $1",
+    )
+    .bind(old_id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    for key in [old_key, young_key] {
+        client
+            .delete_object()
+            .bucket(&bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+    }
+    let (code, v) = verify_json(&db, &d.root, &bucket, &[]).await;
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(named(&v), BTreeSet::from([*young_batch]), "{v}");
+    assert_eq!(v["summary"]["expired"], 1, "{v}");
+    let o = verify(&db, &d.root, &bucket, &[]).await;
+    assert!(
+        stdout(&o)
+            .contains("1 object(s) gone, archived longer ago than the bucket's lifecycle rule"),
+        "{}",
+        both(&o)
+    );
+    s3::delete_bucket(&client, &bucket).await;
+    db.cleanup().await;
+}

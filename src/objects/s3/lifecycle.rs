@@ -55,6 +55,38 @@ pub(super) async fn apply(
     }
 }
 
+/// After how many days a lifecycle rule of `bucket` deletes objects under
+/// `prefix`: the shortest expiry of its enabled rules that cover every key
+/// there (a prefix filter that `prefix` starts with, no other condition);
+/// `None` when no rule expires them.
+#[allow(deprecated)]
+pub(super) async fn expiry_days(
+    client: &Client,
+    bucket: &str,
+    prefix: &str,
+) -> Result<Option<i32>> {
+    let rules = read_rules(client, bucket).await?;
+    Ok(rules
+        .iter()
+        .filter(|r| r.status() == &ExpirationStatus::Enabled)
+        .filter(|r| {
+            let filter = r.filter();
+            let only_prefix = filter.is_none_or(|f| {
+                f.tag().is_none()
+                    && f.and().is_none()
+                    && f.object_size_greater_than().is_none()
+                    && f.object_size_less_than().is_none()
+            });
+            let covers = filter
+                .and_then(|f| f.prefix())
+                .or(r.prefix())
+                .is_none_or(|p| prefix.starts_with(p));
+            only_prefix && covers
+        })
+        .filter_map(|r| r.expiration().and_then(|e| e.days()))
+        .min())
+}
+
 /// The bucket's lifecycle rules; none if it has no lifecycle configuration.
 async fn read_rules(client: &Client, bucket: &str) -> Result<Vec<LifecycleRule>> {
     match client

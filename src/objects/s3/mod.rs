@@ -280,6 +280,10 @@ impl ObjectStore for S3Store {
         .await
     }
 
+    async fn expiry_days(&self, prefix: &str) -> Result<Option<i32>> {
+        lifecycle::expiry_days(&self.client, &self.bucket, prefix).await
+    }
+
     async fn check(&self) -> Result<String> {
         match self.client.head_bucket().bucket(&self.bucket).send().await {
             Ok(_) => {}
