@@ -105,28 +105,28 @@ impl Archived {
         assert!(out.contains("0 mismatch"), "{out}");
     }
 
+    /// The arguments of `planner restore --logs` of the scope.
+    fn restore_args(&self) -> Vec<String> {
+        let mut args: Vec<String> = ["restore", "--logs", "--scenario"]
+            .map(String::from)
+            .to_vec();
+        args.extend([
+            self.scenario.to_string(),
+            "--from".into(),
+            self.from.to_rfc3339(),
+            "--to".into(),
+            self.to.to_rfc3339(),
+        ]);
+        args
+    }
+
     /// `planner restore --logs` of the scope, with `extra` flags.
     async fn restore(&self, extra: &[&str]) -> Output {
-        let (s, f, t) = (
-            self.scenario.to_string(),
-            self.from.to_rfc3339(),
-            self.to.to_rfc3339(),
-        );
-        let mut args = vec![
-            "restore",
-            "--logs",
-            "--scenario",
-            &s,
-            "--from",
-            &f,
-            "--to",
-            &t,
-        ];
-        args.extend_from_slice(extra);
         self.db
             .planner()
             .env("ARCHIVER_BATCH_SIZE", "97")
-            .args(args)
+            .args(self.restore_args())
+            .args(extra)
             .output_within(LIMIT)
             .await
     }
@@ -764,26 +764,12 @@ async fn a_restore_goes_through_rabbitmq_and_duplicate_deliveries_change_nothing
     use archiver::transport::amqp::AmqpPublisher;
     let a = Archived::new(4_000).await;
     let cfg = amqp_config();
-    let (s, f, t) = (
-        a.scenario.to_string(),
-        a.from.to_rfc3339(),
-        a.to.to_rfc3339(),
-    );
     let out = ok(&a
         .db
         .planner()
         .amqp(&cfg)
         .env("ARCHIVER_BATCH_SIZE", "3")
-        .args([
-            "restore",
-            "--logs",
-            "--scenario",
-            &s,
-            "--from",
-            &f,
-            "--to",
-            &t,
-        ])
+        .args(a.restore_args())
         .output_within(LIMIT)
         .await);
     assert!(
@@ -845,26 +831,12 @@ async fn a_restore_whose_messages_were_lost_is_republished_by_the_next_logs_run(
     use crate::helpers::amqp::{amqp_config, delete_queues, purge, spawn_worker};
     let a = Archived::new(4_000).await;
     let cfg = amqp_config();
-    let (s, f, t) = (
-        a.scenario.to_string(),
-        a.from.to_rfc3339(),
-        a.to.to_rfc3339(),
-    );
     ok(&a
         .db
         .planner()
         .amqp(&cfg)
         .env("ARCHIVER_BATCH_SIZE", "3")
-        .args([
-            "restore",
-            "--logs",
-            "--scenario",
-            &s,
-            "--from",
-            &f,
-            "--to",
-            &t,
-        ])
+        .args(a.restore_args())
         .output_within(LIMIT)
         .await);
     let job: Uuid = sqlx::query_scalar("SELECT id FROM archive_jobs WHERE job_type = 'restore'")
