@@ -64,7 +64,7 @@ die() {
   exit 1
 }
 usage() {
-  log "usage: scripts/services.sh [postgres] [rabbitmq] [s3] [promtool] [hadolint] [compose] | stop"
+  log "usage: scripts/services.sh [postgres] [rabbitmq] [s3] [promtool] [hadolint] [compose] [hosts] | stop"
   exit 2
 }
 
@@ -728,8 +728,31 @@ stop_moto() {
   log "s3: stopped moto server (pid $pid)"
 }
 
+# ---------------------------------------------------------------- test hosts
+
+# The tests' extra hosts are network namespaces (tests/it/helpers/hosts.rs),
+# made with iproute2's `ip`: installed when missing (root only; without
+# root, the tests that need hosts say so and skip). Namespaces a killed test
+# run left (`archt-<pid>-<n>`, its process gone) are removed, veth and all.
+ensure_hosts() {
+  if ! command -v ip >/dev/null 2>&1; then
+    if [[ $EUID -eq 0 ]]; then apt_install iproute2; else
+      log "hosts: no ip (iproute2) and not root: the tests that need extra hosts skip"
+      return
+    fi
+  fi
+  local ns pid
+  for ns in $(ip netns list 2>/dev/null | awk '$1 ~ /^archt-/ {print $1}'); do
+    pid=${ns#archt-}
+    pid=${pid%%-*}
+    if ! kill -0 "$pid" 2>/dev/null; then
+      ip netns del "$ns" 2>/dev/null && log "hosts: removed $ns, left by a run that is gone"
+    fi
+  done
+}
+
 main() {
-  local want_pg=0 want_mq=0 want_s3=0 want_promtool=0 want_hadolint=0 want_compose=0
+  local want_pg=0 want_mq=0 want_s3=0 want_promtool=0 want_hadolint=0 want_compose=0 want_hosts=0
   local stop=0 arg
   for arg in "$@"; do
     case $arg in
@@ -739,6 +762,7 @@ main() {
       promtool) want_promtool=1 ;;
       hadolint) want_hadolint=1 ;;
       compose | docker-compose) want_compose=1 ;;
+      hosts) want_hosts=1 ;;
       stop) stop=1 ;;
       -h | --help) usage ;;
       *) log "services.sh: unknown argument: $arg" && usage ;;
@@ -746,7 +770,7 @@ main() {
   done
   if [[ $stop -eq 1 && $# -ne 1 ]]; then usage; fi
   if [[ $# -eq 0 ]]; then
-    want_pg=1 want_mq=1 want_s3=1 want_promtool=1 want_hadolint=1 want_compose=1
+    want_pg=1 want_mq=1 want_s3=1 want_promtool=1 want_hadolint=1 want_compose=1 want_hosts=1
   fi
 
   mkdir -p "$SERVICES_DIR"
@@ -764,6 +788,7 @@ main() {
   if [[ $want_promtool -eq 1 ]]; then ensure_promtool; fi
   if [[ $want_hadolint -eq 1 ]]; then ensure_hadolint; fi
   if [[ $want_compose -eq 1 ]]; then ensure_compose; fi
+  if [[ $want_hosts -eq 1 ]]; then ensure_hosts; fi
   write_env
 }
 

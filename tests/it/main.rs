@@ -13,6 +13,7 @@ mod fleet_sqs;
 mod governor;
 mod hardening;
 mod helpers;
+mod hosts;
 mod logs;
 mod metrics;
 mod monitoring;

@@ -39,7 +39,7 @@ impl TestDb {
 }
 
 impl Bin {
-    fn new(exe: &str, database_url: &str) -> Bin {
+    pub(crate) fn new(exe: &str, database_url: &str) -> Bin {
         let mut c = Command::new(exe);
         // Every setting comes from the test: none from the environment the
         // tests run in (a developer's shell may set any of them).

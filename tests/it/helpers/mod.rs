@@ -9,6 +9,7 @@
 pub mod amqp;
 pub mod bin;
 pub mod db;
+pub mod hosts;
 pub mod http;
 pub mod relay;
 pub mod s3;

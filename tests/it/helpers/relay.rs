@@ -10,6 +10,7 @@ use tokio::task::JoinHandle;
 /// can be cut and restored, as a network outage would; counts the
 /// connections it accepted.
 pub struct Relay {
+    addr: std::net::Ipv4Addr,
     port: u16,
     target: String,
     task: Option<JoinHandle<()>>,
@@ -19,8 +20,14 @@ pub struct Relay {
 impl Relay {
     /// A relay to any `host:port` (the RabbitMQ server, say).
     pub async fn to(target: &str) -> Relay {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Relay::on(std::net::Ipv4Addr::LOCALHOST, target).await
+    }
+
+    /// The same, listening on `addr` (a test host's link: `hosts`).
+    pub async fn on(addr: std::net::Ipv4Addr, target: &str) -> Relay {
+        let listener = tokio::net::TcpListener::bind((addr, 0)).await.unwrap();
         let mut relay = Relay {
+            addr,
             port: listener.local_addr().unwrap().port(),
             target: target.to_string(),
             task: None,
@@ -75,7 +82,7 @@ impl Relay {
 
     /// Accepts connections again, on the same port.
     pub async fn restore(&mut self) {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+        let listener = tokio::net::TcpListener::bind((self.addr, self.port))
             .await
             .unwrap();
         self.serve(listener);
