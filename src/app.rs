@@ -148,6 +148,17 @@ impl App {
         objects::open(bucket, &s.reports_archive_dir).await
     }
 
+    /// An executor for batches run inline by the planner (no broker): on
+    /// sessions of its own, with the batch timeouts, one per concurrent
+    /// batch and one over (planning keeps its own pool).
+    pub async fn inline_executor(&self) -> Result<Executor> {
+        let concurrency = u32::from(self.settings.concurrency);
+        let pool = self
+            .batch_pool(concurrency + 1, Duration::from_secs(30))
+            .await?;
+        self.executor(&pool).await
+    }
+
     /// What executing batches needs; reports only when `REPORTS_ROOT` is set.
     pub async fn executor(&self, pool: &PgPool) -> Result<Executor> {
         let Some(root) = &self.settings.reports_root else {

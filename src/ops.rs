@@ -364,11 +364,7 @@ pub async fn restore(app: &App, r: Restore) -> Result<bool> {
         );
         return Ok(true);
     }
-    let concurrency = u32::from(app.settings().concurrency);
-    let batch_pool = app
-        .batch_pool(concurrency + 1, Duration::from_secs(30))
-        .await?;
-    let exec = app.executor(&batch_pool).await?;
+    let exec = app.inline_executor().await?;
     let started = std::time::Instant::now();
     let ran = worker::run_inline(&exec, app.worker_options(), async |publisher| {
         // Restore batches an earlier inline restore left (it died, or its

@@ -99,11 +99,7 @@ async fn inline(app: &App, pool: &PgPool, kinds: &[Kind], opts: &PlanOptions) ->
     }
     // Batches run on sessions of their own, with the batch timeouts;
     // planning keeps `pool`.
-    let concurrency = u32::from(app.settings().concurrency);
-    let batch_pool = app
-        .batch_pool(concurrency + 1, Duration::from_secs(30))
-        .await?;
-    let exec = app.executor(&batch_pool).await?;
+    let exec = app.inline_executor().await?;
     let started = Instant::now();
     // On an interactive terminal, a bar per kind; nothing otherwise.
     let bars = progress::Bars::on_terminal(pool.clone(), kinds);

@@ -45,7 +45,7 @@ pub struct RestoreScope {
 /// hold is in force before any of its batches runs: `hold_until` is now
 /// (the database's clock) plus `hold_days` (0: no hold). The job's cut-off
 /// is the scope's end (`to`), or now: no archived row is newer. Returns
-/// the job and `hold_until`. With no `to`, the hold ends its range at
+/// the job, its cut-off and `hold_until`. With no `to`, the hold ends its range at
 /// now: logs of the scenario that arrive later are archived as usual.
 pub async fn create_restore_job(
     pool: &PgPool,
@@ -53,11 +53,11 @@ pub async fn create_restore_job(
     hold_days: u32,
     batch_size: i64,
     transport: &str,
-) -> Result<(Uuid, DateTime<Utc>)> {
+) -> Result<(Uuid, DateTime<Utc>, DateTime<Utc>)> {
     let mut tx = pool.begin().await?;
-    let id: Uuid = sqlx::query_scalar(
+    let (id, cutoff): (Uuid, DateTime<Utc>) = sqlx::query_as(
         "INSERT INTO archive_jobs (job_type, status, cutoff, batch_size, transport)
-         VALUES ($1, 'pending', COALESCE($2, now()), $3, $4) RETURNING id",
+         VALUES ($1, 'pending', COALESCE($2, now()), $3, $4) RETURNING id, cutoff",
     )
     .bind(JobType::Restore)
     .bind(scope.to)
@@ -79,7 +79,7 @@ pub async fn create_restore_job(
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok((id, hold_until))
+    Ok((id, cutoff, hold_until))
 }
 
 /// The scenario a restore job brings back (`None`: not a restore job).

@@ -276,13 +276,17 @@ pub async fn plan(
                 pending_before: pending.map(|(k, n)| (n, k)),
             })
         }
-        Err(e) => {
-            if let Err(e2) = ledger::fail_job(pool, job, &format!("planning failed: {e}")).await {
-                tracing::error!("could not mark job {job} failed: {e2}");
-            }
-            Err(e)
-        }
+        Err(e) => Err(planning_failed(pool, job, e).await),
     }
+}
+
+/// Marks `job` failed with why its planning did (logging, not returning, a
+/// failure to do so), and gives the planning error back.
+async fn planning_failed(pool: &PgPool, job: Uuid, e: Error) -> Error {
+    if let Err(e2) = ledger::fail_job(pool, job, &format!("planning failed: {e}")).await {
+        tracing::error!("could not mark job {job} failed: {e2}");
+    }
+    e
 }
 
 /// Walks `kind`'s eligible rows above `after` into `sink`.
