@@ -741,6 +741,10 @@ ensure_hosts() {
       return
     fi
   fi
+  # The partition tests drop one service's packets inside a host.
+  if ! command -v iptables >/dev/null 2>&1 && [[ $EUID -eq 0 ]]; then
+    apt_install iptables
+  fi
   local ns pid
   for ns in $(ip netns list 2>/dev/null | awk '$1 ~ /^archt-/ {print $1}'); do
     pid=${ns#archt-}

@@ -164,6 +164,7 @@ impl App {
         let Some(root) = &self.settings.reports_root else {
             return Ok(Executor {
                 governor: self.governor(),
+                deadline: self.settings.batch_timeouts.client_deadline(),
                 ..Executor::from(pool)
             });
         };
@@ -185,6 +186,7 @@ impl App {
             kinds: None,
             governor: self.governor(),
             chunks: Arc::default(),
+            deadline: self.settings.batch_timeouts.client_deadline(),
         })
     }
 

@@ -145,6 +145,22 @@ impl Default for BatchTimeouts {
     }
 }
 
+/// What the client adds to the statement timeout before it gives a silent
+/// session up ([`BatchTimeouts::client_deadline`]).
+pub const CLIENT_GRACE: Duration = Duration::from_secs(10);
+
+impl BatchTimeouts {
+    /// How long a transaction of a batch may wait for the database before
+    /// the worker gives its session up as lost (a network partition): the
+    /// statement timeout and [`CLIENT_GRACE`]. A chunk is a few statements
+    /// sized to take about the chunk time, the server cancels any of them
+    /// past the statement timeout and says so; one that has said nothing
+    /// for longer is not slow but gone. `None` with no statement timeout.
+    pub fn client_deadline(&self) -> Option<Duration> {
+        (!self.statement.is_zero()).then(|| self.statement + CLIENT_GRACE)
+    }
+}
+
 /// The options of a batch-executing session: `opts` with `t`'s limits.
 pub fn batch_options(opts: &PgConnectOptions, t: BatchTimeouts) -> PgConnectOptions {
     opts.clone().options([

@@ -32,8 +32,9 @@ pub struct WorkerOptions {
     pub delivery_limit: u32,
     /// Transient failures retried in place before handing the message back.
     pub transient_tries: u32,
-    /// After each batch, its slot rests this many times the batch's own
-    /// duration before taking the next: 0 runs flat out, 1 halves the load
+    /// After each batch, its slot rests this many times what the batch kept
+    /// the database busy (`Outcome::Done::busy`, not its waits) before
+    /// taking the next: 0 runs flat out, 1 halves the load
     /// the archiver puts on the database (and its speed).
     pub rest_ratio: f64,
 }
@@ -127,7 +128,16 @@ pub async fn process(
     }
     let permanent = err.class() == Class::Permanent;
     let limit = i32::try_from(opts.delivery_limit).unwrap_or(i32::MAX);
-    match ledger::record_failure(&exec.pool, msg.batch_id, &reason, permanent, limit).await {
+    let recorded = ledger::record_failure(&exec.pool, msg.batch_id, &reason, permanent, limit);
+    // Bounded as a batch's own work is (`execute::on_session`): a database
+    // that went silent is waited out, with the message handed back.
+    let recorded = match exec.deadline {
+        Some(d) => tokio::time::timeout(d, recorded)
+            .await
+            .unwrap_or_else(|_| Err(Error::Timeout("recording the failure"))),
+        None => recorded.await,
+    };
+    match recorded {
         Ok(Some(true)) if permanent => {
             tracing::error!(archive_batch_id = %msg.batch_id, "dead-lettering: {reason}");
             Disposition::DeadLetter(reason)
@@ -402,9 +412,8 @@ pub async fn run_counting<C: Consumer + ?Sized>(
         };
         let (exec, stats, token) = (exec.clone(), stats.clone(), shutdown.clone());
         tracker.spawn(async move {
-            let started = Instant::now();
-            handle(&exec, delivery, opts, &stats, &token).await;
-            rest(started.elapsed(), opts.rest_ratio, &token).await;
+            let busy = handle(&exec, delivery, opts, &stats, &token).await;
+            rest(busy, opts.rest_ratio, &token).await;
             drop(permit);
         });
     }
@@ -469,7 +478,10 @@ pub async fn run_inline_until<T>(
     })
 }
 
-/// Leaves the database alone for `ratio` times what the last batch took.
+/// Leaves the database alone for `ratio` times what the last batch kept it
+/// busy (`Outcome::Done::busy`): not the time it waited for the database,
+/// so that a batch that waited out a partition or a restart does not rest
+/// its slot for that long times the ratio.
 async fn rest(took: Duration, ratio: f64, shutdown: &CancellationToken) {
     if ratio <= 0.0 {
         return;
@@ -487,13 +499,19 @@ async fn handle(
     opts: WorkerOptions,
     stats: &WorkerStats,
     shutdown: &CancellationToken,
-) {
+) -> Duration {
     let started = Instant::now();
     stats.in_flight.fetch_add(1, Ordering::Relaxed);
     // Only for the counters: `process` decodes (and judges) it again.
     let kind = BatchMessage::decode(&d.payload).ok().map(|m| m.kind);
     let disposition = process(exec, &d.payload, opts, shutdown).await;
     let outcome = disposition.label();
+    // What the slot rests on: a batch run now; a no-op, a retry or a
+    // message handed back rest nothing.
+    let busy = match disposition {
+        Disposition::Ack(Outcome::Done { busy, .. }) => busy,
+        _ => Duration::ZERO,
+    };
     let settled = match disposition {
         Disposition::Ack(Outcome::Done { counts, .. }) => {
             stats.done.fetch_add(1, Ordering::Relaxed);
@@ -550,4 +568,5 @@ async fn handle(
     }
     stats.in_flight.fetch_sub(1, Ordering::Relaxed);
     stats.heartbeat.beat();
+    busy
 }

@@ -21,9 +21,9 @@ use crate::vocabulary::BatchStatus;
 use crate::vocabulary::Kind;
 use chunk::ChunkSizer;
 use reports::ReportsContext;
-use sqlx::{PgPool, Row};
+use sqlx::{PgConnection, PgPool, Row};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -46,6 +46,10 @@ pub struct Executor {
     pub governor: Arc<Governor>,
     /// The chunk sizes, learnt from the chunks this process ran.
     pub chunks: Arc<ChunkSizer>,
+    /// How long one transaction of a batch may wait for the database to
+    /// answer before its session is given up as lost ([`on_session`]);
+    /// `None`: as long as the network lets it.
+    pub deadline: Option<Duration>,
 }
 
 impl From<&PgPool> for Executor {
@@ -56,6 +60,7 @@ impl From<&PgPool> for Executor {
             kinds: None,
             governor: Arc::default(),
             chunks: Arc::default(),
+            deadline: crate::config::BatchTimeouts::default().client_deadline(),
         }
     }
 }
@@ -100,6 +105,11 @@ pub enum Outcome {
         counts: ledger::Counts,
         /// It was the last batch of its job.
         job_completed: bool,
+        /// How long this delivery kept the database busy with it: its
+        /// transactions (its file work, for reports), not the time spent
+        /// waiting for a session, a retry or the governor. What a worker's
+        /// rest ratio is a multiple of.
+        busy: Duration,
     },
     /// The batch had already run: nothing was changed.
     AlreadyDone,
@@ -137,9 +147,13 @@ pub async fn execute_batch(
     if kind == Kind::Restore {
         // One transaction, whatever its size: the governor is asked once.
         exec.governor.before_chunk(&exec.pool, stop).await?;
-        return restore::execute(exec, id).await;
+        return on_session(exec, "a restore batch", async |c| {
+            restore::execute(c, id).await
+        })
+        .await;
     }
     let mut ran = ledger::Counts::default();
+    let mut busy = Duration::ZERO;
     let mut chunks = 0;
     loop {
         if chunks > 0 && stop.is_cancelled() {
@@ -151,7 +165,10 @@ pub async fn execute_batch(
             return Err(Error::ShuttingDown);
         }
         exec.governor.before_chunk(&exec.pool, stop).await?;
-        let Some(chunk) = run_chunk(exec, id, kind).await? else {
+        let chunk = on_session(exec, "a chunk", async |c| {
+            run_chunk(c, exec, id, kind).await
+        });
+        let Some(chunk) = chunk.await? else {
             if chunks == 0 {
                 tracing::debug!("already done; acknowledging without effect");
                 return Ok(Outcome::AlreadyDone);
@@ -161,9 +178,11 @@ pub async fn execute_batch(
             return Ok(Outcome::Done {
                 counts: ran,
                 job_completed: false,
+                busy,
             });
         };
         ran += chunk.counts;
+        busy += chunk.took;
         chunks += 1;
         if let Some(job_completed) = chunk.last {
             tracing::debug!(
@@ -176,6 +195,7 @@ pub async fn execute_batch(
             return Ok(Outcome::Done {
                 counts: ran,
                 job_completed,
+                busy,
             });
         }
     }
@@ -184,17 +204,65 @@ pub async fn execute_batch(
 /// What one chunk did.
 struct Chunk {
     counts: ledger::Counts,
+    /// Its transaction, from its first statement to its commit.
+    took: Duration,
     /// `Some(job_completed)`: it was the batch's last.
     last: Option<bool>,
 }
 
-/// Runs the next chunk of batch `id` in a transaction of its own: locks the
-/// batch, moves the rows from its cursor up to the chunk's end, and records
-/// them with the new cursor. `None`: the batch is already done.
-async fn run_chunk(exec: &Executor, id: Uuid, kind: Kind) -> Result<Option<Chunk>> {
+/// Runs `work` (one transaction of a batch) on a session of `exec`'s pool.
+///
+/// A database cut off by the network answers nothing, and says nothing
+/// either: the socket waits on the kernel's retransmissions, about 15
+/// minutes, and sqlx sets no keepalive or user timeout of its own. The
+/// server bounds its side (its keepalives and `tcp_user_timeout` end the
+/// session, rolling back the transaction, `config::database_options`); this
+/// bounds ours: past `exec.deadline` without an answer the work is dropped,
+/// its session closed at once without a word (a pooled session would be
+/// pinged first, and hang), and the batch waits for the database as when it
+/// is down (an I/O error: [`crate::error::Class::Unavailable`]). Whether a
+/// COMMIT sent before the cut took effect is then unknown here, and need
+/// not be known: the ledger commits with the work, so the next try finds the
+/// batch's cursor where the database left it.
+pub async fn on_session<T>(
+    exec: &Executor,
+    what: &str,
+    work: impl AsyncFnOnce(&mut PgConnection) -> Result<T>,
+) -> Result<T> {
+    let mut session = exec.pool.acquire().await?;
+    let Some(deadline) = exec.deadline else {
+        return work(&mut session).await;
+    };
+    let answered = tokio::time::timeout(deadline, work(&mut session)).await;
+    match answered {
+        Ok(result) => result,
+        Err(_) => {
+            drop(session.detach());
+            tracing::warn!(
+                "the database did not answer {what} within {deadline:?}; its session is given up as lost"
+            );
+            Err(Error::Db(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer to {what} within {deadline:?} (the statement timeout and 10 s)"),
+            ))))
+        }
+    }
+}
+
+/// Runs the next chunk of batch `id` in a transaction of its own on
+/// `session`: locks the batch, moves the rows from its cursor up to the
+/// chunk's end, and records them with the new cursor. `None`: the batch is
+/// already done.
+async fn run_chunk(
+    session: &mut PgConnection,
+    exec: &Executor,
+    id: Uuid,
+    kind: Kind,
+) -> Result<Option<Chunk>> {
     let chunk_time = exec.governor.opts.chunk_time;
     let size = exec.chunks.size(kind, chunk_time);
-    let mut tx = exec.pool.begin().await?;
+    let started = Instant::now();
+    let mut tx = sqlx::Connection::begin(session).await?;
     batch_settings(&mut tx).await?;
     let batch = ledger::lock_batch(&mut tx, id).await?;
     check_kind(&batch, kind)?;
@@ -202,7 +270,6 @@ async fn run_chunk(exec: &Executor, id: Uuid, kind: Kind) -> Result<Option<Chunk
         tx.rollback().await?;
         return Ok(None);
     }
-    let started = Instant::now();
     let upto = chunk_end(&mut tx, &batch, size).await?;
     let counts = match batch.kind {
         Kind::Logs => logs::archive(&mut tx, &batch, batch.cursor, upto).await?,
@@ -223,6 +290,7 @@ async fn run_chunk(exec: &Executor, id: Uuid, kind: Kind) -> Result<Option<Chunk
     );
     Ok(Some(Chunk {
         counts,
+        took,
         last: last.then_some(job_completed),
     }))
 }

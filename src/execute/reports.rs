@@ -151,6 +151,7 @@ pub(super) async fn execute(
     batch: Batch,
 ) -> Result<Outcome> {
     let id = batch.id;
+    let started = std::time::Instant::now();
     if batch.status == BatchStatus::Done {
         delete_local(exec, ctx, id).await;
         return Ok(Outcome::AlreadyDone);
@@ -208,6 +209,7 @@ pub(super) async fn execute(
     Ok(Outcome::Done {
         counts,
         job_completed,
+        busy: started.elapsed(),
     })
 }
 

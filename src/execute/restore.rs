@@ -9,7 +9,7 @@
 //! hot table fails the batch for good, naming the id, and rolls back
 //! (nothing is lost: the archived row stays where it was).
 
-use super::{Executor, Outcome, batch_settings, check_kind};
+use super::{Outcome, batch_settings, check_kind};
 use crate::error::{Error, Result};
 use crate::ledger::{self, Counts};
 use crate::schema::{LOGS, LOGS_ARCHIVE, LOGS_ROW_DIGEST, RESTORE_RANGE, bind_batch};
@@ -24,9 +24,11 @@ const COLUMNS: &str = "id, scenario_id, received_at, message_hash, message_previ
 /// Ids named in a collision error, at most.
 const NAMED: i64 = 5;
 
-/// Executes restore batch `id` in one transaction (see the module's doc).
-pub async fn execute(exec: &Executor, id: Uuid) -> Result<Outcome> {
-    let mut tx = exec.pool.begin().await?;
+/// Executes restore batch `id` in one transaction on `session` (see the
+/// module's doc).
+pub async fn execute(session: &mut sqlx::PgConnection, id: Uuid) -> Result<Outcome> {
+    let started = std::time::Instant::now();
+    let mut tx = sqlx::Connection::begin(session).await?;
     batch_settings(&mut tx).await?;
     let batch = ledger::lock_batch(&mut tx, id).await?;
     check_kind(&batch, Kind::Restore)?;
@@ -111,5 +113,6 @@ pub async fn execute(exec: &Executor, id: Uuid) -> Result<Outcome> {
     Ok(Outcome::Done {
         counts,
         job_completed,
+        busy: started.elapsed(),
     })
 }

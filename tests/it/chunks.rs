@@ -401,6 +401,7 @@ async fn a_stop_between_chunks_hands_the_batch_back_and_a_later_run_finishes_it_
         Disposition::Ack(Outcome::Done {
             counts,
             job_completed,
+            ..
         }) => {
             assert_eq!(counts.archived, planned_rows - moved, "only the rest");
             assert!(job_completed);

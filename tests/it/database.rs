@@ -6,6 +6,7 @@
 use crate::helpers::amqp::{amqp_config, delete_queues, drain, queue_depth};
 use crate::helpers::bin::{Bin, stderr, stdout};
 use crate::helpers::db::admin_exec;
+use crate::helpers::standby::Clusters;
 use crate::helpers::{TestDb, plan_options, wait_until};
 use archiver::transport::amqp::{AmqpConfig, AmqpPublisher};
 use archiver::transport::{BatchMessage, Publisher};
@@ -261,6 +262,103 @@ async fn a_read_only_database_pauses_batches_and_the_job_completes_once_it_is_wr
     publisher.close().await.unwrap();
     delete_queues(&cfg).await;
     db.cleanup().await;
+}
+
+/// The database restarts under a running fleet (a fast restart: every
+/// session ended, the server gone for a moment), and then turns read-only
+/// for a while and back, for every session at once, as a primary demoted
+/// and promoted again: the workers wait and retry, no batch dies or is
+/// charged an attempt, and the job completes with every row archived once.
+#[tokio::test]
+async fn a_fast_restart_and_a_read_only_spell_under_two_workers_lose_nothing() {
+    let clusters = tokio::task::spawn_blocking(Clusters::primary)
+        .await
+        .unwrap();
+    let admin = clusters.primary_url();
+    let db = TestDb::new_at(&admin).await;
+    db.load_logs(12_000).await;
+    let (old, young) = db.split_hashes().await;
+    let cfg = amqp_config();
+    let publisher = AmqpPublisher::connect(cfg.clone()).await.unwrap();
+    let planned = archiver::plan::plan(&db.pool, Kind::Logs, &plan_options(50, "amqp"), &publisher)
+        .await
+        .unwrap();
+    let workers: Vec<_> = (0..2)
+        .map(|_| worker(&db, &cfg).env("ARCHIVER_REST_RATIO", "5").spawn())
+        .collect();
+    let logs = || {
+        workers
+            .iter()
+            .map(|w| w.log())
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    };
+    let done = "SELECT count(*) FROM archive_batches WHERE status = 'done'";
+    wait_until("a few batches", Duration::from_secs(30), || async {
+        db.scalar(done).await >= 3
+    })
+    .await;
+    let c = std::sync::Arc::new(clusters);
+    let restart = c.clone();
+    tokio::task::spawn_blocking(move || restart.restart_primary())
+        .await
+        .unwrap();
+    let after_restart = db.scalar(done).await;
+    wait_until(
+        "batches done after the restart",
+        Duration::from_secs(60),
+        || async { db.scalar(done).await > after_restart },
+    )
+    .await;
+    let system = |sql: &'static str| {
+        let admin = admin.clone();
+        async move {
+            let pool = sqlx::PgPool::connect(&admin).await.unwrap();
+            sqlx::query(sql).execute(&pool).await.unwrap();
+            sqlx::query("SELECT pg_reload_conf()")
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        }
+    };
+    system("ALTER SYSTEM SET default_transaction_read_only = on").await;
+    wait_until(
+        "a batch to meet the read-only database",
+        Duration::from_secs(30),
+        || async { logs().contains("read-only transaction") },
+    )
+    .await;
+    let during = db.scalar(done).await;
+    assert!(
+        during < planned.batches as i64,
+        "the job outlasted the faults"
+    );
+    system("ALTER SYSTEM RESET default_transaction_read_only").await;
+    let status = wait_until("the job to complete", Duration::from_secs(90), || async {
+        let status = db.job_status(planned.job).await;
+        (status != "running").then_some(status)
+    })
+    .await;
+    assert_eq!(status, "completed", "{}", logs());
+    let charged = db
+        .scalar("SELECT count(*) FROM archive_batches WHERE status <> 'done' OR attempts > 1")
+        .await;
+    assert_eq!(charged, 0, "no batch dead or charged:\n{}", logs());
+    db.assert_logs_invariant(&old, &young).await;
+    db.assert_job_counted_once(planned.job, old.0).await;
+    assert_eq!(queue_depth(&cfg, &cfg.dead_queue()).await, Some(0));
+    let mut outs = Vec::new();
+    for mut w in workers {
+        assert!(w.is_running(), "{}", w.log());
+        outs.push(w.stop().await);
+    }
+    let all = outs.join("\n");
+    assert!(all.contains("read-only transaction"), "{all}");
+    publisher.close().await.unwrap();
+    delete_queues(&cfg).await;
+    db.cleanup().await;
+    drop(c);
 }
 
 /// The planner's lock session is ended (as a NAT dropping it, or a DBA)

@@ -128,6 +128,32 @@ impl Host {
     pub fn heal(&self) {
         ip(&["link", "set", &self.link, "up"]).unwrap();
     }
+
+    /// Cuts this host off from one service only (`url` as [`Host::url`]
+    /// gave it), silently, as a partition does: its packets to the service
+    /// are dropped, nothing is refused or reset, while the rest of the link
+    /// works. Undone by [`Host::unblock`].
+    pub fn block(&self, url: &str) {
+        self.filter("-I", url).unwrap();
+    }
+
+    /// Lets this host reach the service `url` again.
+    pub fn unblock(&self, url: &str) {
+        self.filter("-D", url).unwrap();
+    }
+
+    /// Adds (`-I`) or deletes (`-D`) the rule dropping this host's packets
+    /// to `url`'s relay.
+    fn filter(&self, op: &str, url: &str) -> Result<(), String> {
+        let u = url::Url::parse(url).map_err(|e| format!("{url}: {e}"))?;
+        let port = u.port_or_known_default().unwrap().to_string();
+        let here = self.here.to_string();
+        let args = [
+            "netns", "exec", &self.name, "iptables", op, "OUTPUT", "-p", "tcp", "-d", &here,
+            "--dport", &port, "-j", "DROP",
+        ];
+        ip(&args)
+    }
 }
 
 impl Drop for Host {

@@ -140,6 +140,23 @@ impl Clusters {
         format!("postgresql://postgres@127.0.0.1:{port}/{db}")
     }
 
+    /// Restarts the primary as an operator's fast restart does: every
+    /// session is ended (57P01), the server is down for a moment and comes
+    /// back with its data. Blocks until it accepts connections again.
+    pub fn restart_primary(&self) {
+        let data = self.base.join("primary");
+        let d = data.to_str().unwrap().to_string();
+        let log = format!("{d}.log");
+        // With its log file named again: otherwise the server would write
+        // to (and hold open) this call's pipes.
+        self.pg(
+            "pg_ctl",
+            &[
+                "-D", &d, "-l", &log, "-m", "fast", "-w", "-t", "60", "restart",
+            ],
+        );
+    }
+
     fn start(&mut self, data: &Path) {
         let d = data.to_str().unwrap().to_string();
         let log = format!("{d}.log");
