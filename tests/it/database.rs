@@ -324,12 +324,20 @@ async fn a_fast_restart_and_a_read_only_spell_under_two_workers_lose_nothing() {
     };
     system("ALTER SYSTEM SET default_transaction_read_only = on").await;
     wait_until(
-        "a batch to meet the read-only database",
+        "both workers to meet the read-only database",
         Duration::from_secs(30),
-        || async { logs().contains("read-only transaction") },
+        || async {
+            workers
+                .iter()
+                .all(|w| w.log().contains("read-only transaction"))
+        },
     )
     .await;
     let during = db.scalar(done).await;
+    eprintln!(
+        "{} batches: {after_restart} done at the restart, {during} when the database turned read-only",
+        planned.batches
+    );
     assert!(
         during < planned.batches as i64,
         "the job outlasted the faults"

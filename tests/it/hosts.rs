@@ -52,9 +52,9 @@ struct Fleet {
 
 impl Fleet {
     /// `rows` logs rows planned in batches of `batch`, and a worker on each
-    /// of `hosts` new hosts resting `rest` times each batch's duration.
-    /// `None` where hosts cannot be made.
-    async fn start(hosts: usize, rows: i64, batch: i64, rest: &str) -> Option<Fleet> {
+    /// of `hosts` new hosts running `slots` batches at once, each resting
+    /// `rest` times what its batch took. `None` where hosts cannot be made.
+    async fn start(hosts: usize, rows: i64, batch: i64, slots: u8, rest: &str) -> Option<Fleet> {
         let mut made = Vec::new();
         for _ in 0..hosts {
             made.push(host()?);
@@ -77,6 +77,7 @@ impl Fleet {
                     .env("QUEUE_URL", &amqp)
                     .env("ARCHIVER_QUEUE", &cfg.queue)
                     .env("ARCHIVER_REST_RATIO", rest)
+                    .env("ARCHIVER_CONCURRENCY", slots.to_string())
                     .env("RUST_LOG", "archiver=debug,worker=debug,info")
                     .env("ARCHIVER_STATEMENT_TIMEOUT", "5s")
                     .env("ARCHIVER_IDLE_IN_TRANSACTION_TIMEOUT", "5s")
@@ -123,6 +124,14 @@ impl Fleet {
             .collect()
     }
 
+    /// What the worker on host `i` said, less its debug lines: seen when a
+    /// test fails, or with `--success-output`.
+    fn report(&self, i: usize) {
+        let log = self.workers[i].log();
+        let said: Vec<&str> = log.lines().filter(|l| !l.contains(" DEBUG ")).collect();
+        eprintln!("worker on host {i}:\n{}", said.join("\n"));
+    }
+
     /// The job completed (bounded by `within`), every row was archived
     /// once, its counters are counted once, no batch is dead, nothing was
     /// dead-lettered and every worker still runs; then stops them.
@@ -164,6 +173,7 @@ impl Fleet {
         for (i, w) in self.workers.iter_mut().enumerate() {
             assert!(w.is_running(), "worker on host {i} exited:\n{}", w.log());
         }
+        self.report(0);
         for w in &self.workers {
             w.sigterm();
         }
@@ -178,7 +188,7 @@ impl Fleet {
 
 #[tokio::test]
 async fn a_worker_on_another_host_archives_every_row_once_and_rides_out_a_cut_link() {
-    let Some(fleet) = Fleet::start(1, 6_000, 200, "1").await else {
+    let Some(fleet) = Fleet::start(1, 6_000, 200, 2, "1").await else {
         return;
     };
     fleet.until_done(2).await;
@@ -201,7 +211,7 @@ const DB_CUT: Duration = Duration::from_secs(4 * HEARTBEAT);
 
 #[tokio::test]
 async fn a_host_cut_off_from_the_database_longer_than_the_heartbeat_resumes_its_batches() {
-    let Some(fleet) = Fleet::start(2, 30_000, 200, "20").await else {
+    let Some(fleet) = Fleet::start(2, 30_000, 200, 2, "20").await else {
         return;
     };
     fleet.until_done(4).await;
@@ -227,7 +237,7 @@ async fn a_host_cut_off_from_the_database_longer_than_the_heartbeat_resumes_its_
 
 #[tokio::test]
 async fn a_host_cut_off_from_the_broker_after_its_commits_reconnects_and_nothing_runs_twice() {
-    let Some(fleet) = Fleet::start(2, 30_000, 200, "20").await else {
+    let Some(fleet) = Fleet::start(2, 30_000, 200, 2, "20").await else {
         return;
     };
     // Right after a commit of this host's.
@@ -260,7 +270,8 @@ const LONG_CUT: Duration = Duration::from_secs(60);
 
 #[tokio::test]
 async fn a_host_cut_off_from_everything_for_minutes_loses_its_batches_to_the_other_and_rejoins() {
-    let Some(fleet) = Fleet::start(2, 30_000, 200, "20").await else {
+    // Enough work that some is left when the link comes back.
+    let Some(fleet) = Fleet::start(2, 60_000, 200, 1, "100").await else {
         return;
     };
     fleet.until_done(4).await;
@@ -271,7 +282,16 @@ async fn a_host_cut_off_from_everything_for_minutes_loses_its_batches_to_the_oth
     // The other host went on meanwhile, with the cut one's deliveries.
     let during = fleet.done().await;
     cut.heal();
-    eprintln!("link down for {:?}; {during} batches done", t.elapsed());
+    let healed = fleet.workers[0].log().len();
+    eprintln!(
+        "link down for {:?}; {during} of {} batches done",
+        t.elapsed(),
+        fleet.planned.batches
+    );
+    assert!(
+        during < fleet.planned.batches as i64,
+        "work is left for the host that comes back"
+    );
     let reconnected = poll_until(Duration::from_secs(90), || async {
         fleet.workers[0].log().matches("consuming").count() >= 2
     })
@@ -281,5 +301,10 @@ async fn a_host_cut_off_from_everything_for_minutes_loses_its_batches_to_the_oth
         "the cut-off worker consumes again:\n{}",
         fleet.logs()
     );
+    let log = fleet.workers[0].log();
     fleet.assert_exactly_once(Duration::from_secs(180)).await;
+    assert!(
+        log[healed..].contains("batch done"),
+        "the host that came back ran batches again:\n{log}"
+    );
 }
