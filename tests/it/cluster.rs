@@ -28,7 +28,7 @@ async fn the_fleet_rides_out_losing_the_node_that_leads_its_queue() {
     let Some(cfg) = cluster_config() else { return };
     let _cluster = lock_cluster().await;
     let db = TestDb::new().await;
-    db.load_logs(12_000).await;
+    db.load_logs(8_000).await;
     archiver::demo::load_metrics(&db.pool, 3_000, 6, 3 * 365)
         .await
         .unwrap();
@@ -40,8 +40,8 @@ async fn the_fleet_rides_out_losing_the_node_that_leads_its_queue() {
         .await;
     assert!(old_samples > 0, "test data must have old samples");
 
-    // Two workers, slowed (they rest 20 times as long as they work) so the node can
-    // go mid-job, each given every node. They start first, so that the work
+    // Two workers, slowed (they rest 20 times as long as they work) so the
+    // node can go mid-job, each given every node. They start first, so that the work
     // queue is declared by one of them and led by its node (RabbitMQ puts a
     // new quorum queue's leader on the declaring client's node): stopping
     // the leader then also takes a worker's connection.
@@ -70,10 +70,6 @@ async fn the_fleet_rides_out_losing_the_node_that_leads_its_queue() {
         logs(&workers)
     );
 
-    let publisher = AmqpPublisher::connect(cfg.clone()).await.unwrap();
-    let planned = plan_logs(&db, &publisher, 50, "amqp").await;
-    publisher.close().await.unwrap();
-
     // The work queue and its dead-letter queue are replicated on all three.
     let (leader, members) = quorum_leader_and_members(CLUSTER_NODES[0], &cfg.queue);
     assert_eq!(members.len(), 3, "work queue members: {members:?}");
@@ -96,6 +92,12 @@ async fn the_fleet_rides_out_losing_the_node_that_leads_its_queue() {
         "no worker on the leader {leader}; {}",
         logs(&workers)
     );
+
+    // Planned last, so that the job is young when the node goes.
+    let publisher = AmqpPublisher::connect(cfg.clone()).await.unwrap();
+    let planned = plan_logs(&db, &publisher, 50, "amqp").await;
+    publisher.close().await.unwrap();
+
     let done = || async {
         sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM archive_batches WHERE job_id = $1 AND status = 'done'",
@@ -231,7 +233,7 @@ async fn a_publish_cut_off_with_its_node_is_published_again_on_another() {
     assert_eq!(node.len(), 1, "one publisher connection: {node:?}");
     let node = node[0].clone();
 
-    // Publish rounds of 50 until the node has been stopped, then 5 more.
+    // Publish rounds of 10 until the node has been stopped, then 5 more.
     let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let publishing = {
         let stopped = stopped.clone();
@@ -242,7 +244,7 @@ async fn a_publish_cut_off_with_its_node_is_published_again_on_another() {
                 if stopped.load(std::sync::atomic::Ordering::SeqCst) {
                     after += 1;
                 }
-                let round: Vec<BatchMessage> = (0..50)
+                let round: Vec<BatchMessage> = (0..10)
                     .map(|_| BatchMessage::new(uuid::Uuid::new_v4(), Kind::Logs))
                     .collect();
                 let started = Instant::now();
@@ -284,7 +286,7 @@ async fn a_publish_cut_off_with_its_node_is_published_again_on_another() {
         .filter(|m| !got.contains(&String::from_utf8(m.encode()).unwrap()))
         .count();
     eprintln!(
-        "publisher on {node}, stopped mid-publish, went on at {}: {} rounds of 50 confirmed, the slowest in {slowest:?}; \
+        "publisher on {node}, stopped mid-publish, went on at {}: {} rounds of 10 confirmed, the slowest in {slowest:?}; \
          new leader {leader}; {} distinct messages in the queue",
         moved_to[0],
         sent.len(),
@@ -292,4 +294,41 @@ async fn a_publish_cut_off_with_its_node_is_published_again_on_another() {
     );
     assert_eq!(missing, 0, "every confirmed message is in the queue");
     delete_queues(&cfg).await;
+}
+
+/// A `QUEUE_URL` list with a bad entry stops the planner at start, naming
+/// the entry by position; one whose nodes all refuse fails the run saying
+/// how many were tried. Neither shows the password. (No cluster needed.)
+#[tokio::test]
+async fn a_bad_or_unreachable_node_list_is_named_without_the_password() {
+    let db = TestDb::new().await;
+    db.load_logs(200).await;
+    let bad = "amqp://guest:hunter2@127.0.0.1:5681/%2f,amqp://guest:hunter2@127.0.0.1:notaport/%2f";
+    let o = db
+        .planner()
+        .env("QUEUE_URL", bad)
+        .args(["--logs"])
+        .output_within(Duration::from_secs(60))
+        .await;
+    let err = crate::helpers::stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("QUEUE_URL: entry 2 of 2: "), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+
+    // Nothing listens on these (ports below 1024 that no test uses).
+    let down = "amqp://guest:hunter2@127.0.0.1:9/%2f,amqp://guest:hunter2@127.0.0.1:7/%2f";
+    let o = db
+        .planner()
+        .env("QUEUE_URL", down)
+        .args(["--logs"])
+        .output_within(Duration::from_secs(90))
+        .await;
+    let both = crate::helpers::bin::both(&o);
+    assert!(!o.status.success(), "{both}");
+    assert!(
+        both.contains("none of the 2 broker nodes answered"),
+        "{both}"
+    );
+    assert!(!both.contains("hunter2"), "{both}");
+    db.cleanup().await;
 }
