@@ -162,14 +162,28 @@ async fn open_node(
         // Named after the queue too, so operators (and tests) can tell fleets apart.
         ConnectionProperties::default().with_connection_name(LongString::from(format!("{name} {}", cfg.queue)));
     let conn = timed("connect", Connection::connect(url, props)).await?;
-    let channel = timed("channel.open", conn.create_channel()).await?;
-    timed(
-        "confirm.select",
-        channel.confirm_select(ConfirmSelectOptions::default()),
-    )
-    .await?;
-    let depths = declare(&channel, cfg).await?;
-    Ok((conn, channel, depths))
+    let set_up = async {
+        let channel = timed("channel.open", conn.create_channel()).await?;
+        timed(
+            "confirm.select",
+            channel.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
+        let depths = declare(&channel, cfg).await?;
+        Ok::<_, Error>((channel, depths))
+    };
+    match set_up.await {
+        Ok((channel, depths)) => Ok((conn, channel, depths)),
+        Err(e) => {
+            // Not left open on a node that half works (the next is tried).
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                conn.close(200, "setup failed".into()),
+            )
+            .await;
+            Err(e)
+        }
+    }
 }
 
 /// Messages ready in the work queue and in the dead-letter queue, as their
