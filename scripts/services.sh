@@ -560,7 +560,12 @@ cluster_join() {
     cluster_ctl "$node" -q -t 30 stop_app >/dev/null 2>&1 || return 1
     # A node that was in another cluster (of wiped data) must forget it.
     cluster_ctl "$node" -q -t 30 reset >/dev/null 2>&1 || return 1
-    cluster_ctl "$node" -q -t 30 join_cluster "$first@localhost" >/dev/null 2>&1 || return 1
+    if ! cluster_ctl "$node" -q -t 30 join_cluster "$first@localhost" >/dev/null 2>&1; then
+      # Node 1 still counts it a member from before its data went: forget
+      # that member, then join afresh.
+      cluster_ctl "$first" -q -t 30 forget_cluster_node "$node@localhost" >/dev/null 2>&1 || return 1
+      cluster_ctl "$node" -q -t 30 join_cluster "$first@localhost" >/dev/null 2>&1 || return 1
+    fi
     cluster_ctl "$node" -q -t 30 start_app >/dev/null 2>&1 || return 1
   done
   if [[ $CLUSTER_JOINED -eq 1 ]]; then running=$(cluster_running_nodes "$first") || return 1; fi
