@@ -17,6 +17,7 @@ use crate::helpers::{TestDb, plan_logs};
 use archiver::transport::amqp::AmqpPublisher;
 use archiver::transport::{BatchMessage, Publisher};
 use archiver::vocabulary::Kind;
+use secrecy::ExposeSecret;
 use std::time::{Duration, Instant};
 
 /// The metrics cut-off the planner uses: whole UTC days older than 730 days.
@@ -137,6 +138,25 @@ async fn the_fleet_rides_out_losing_the_node_that_leads_its_queue() {
     .await
     .unwrap();
 
+    // `planner check` tries the nodes from the first: given the stopped one
+    // first, it says so and moves on to the next.
+    let mut urls: Vec<&str> = cfg.url.expose_secret().split(',').collect();
+    let down_at = CLUSTER_NODES.iter().position(|n| *n == leader).unwrap();
+    urls.rotate_left(down_at);
+    let check = db
+        .planner()
+        .env("QUEUE_URL", urls.join(","))
+        .env("ARCHIVER_QUEUE", &cfg.queue)
+        .args(["check"])
+        .output_within(Duration::from_secs(90))
+        .await;
+    let check_out = crate::helpers::bin::both(&check);
+    assert!(check.status.success(), "{check_out}");
+    assert!(
+        check_out.contains("broker node 1 of 3 unavailable") && check_out.contains("queue: ok"),
+        "{check_out}"
+    );
+
     // The workers go on with the logs job on the surviving nodes.
     let resumed = poll_until(Duration::from_secs(90), || async { done().await > at_stop }).await;
     let resumed_after = stopped_at.elapsed();
@@ -158,8 +178,9 @@ async fn the_fleet_rides_out_losing_the_node_that_leads_its_queue() {
     eprintln!(
         "leader {leader} (holding {on_leader} of the 2 workers' connections) stopped with {at_stop} of {} batches done; the planner published while it was down \
          ({planner_took:?} after the stop); a batch done again {resumed_after:?} after the stop; new leader \
-         {new_leader}; node started again {restarted_after:?} after the stop\nplanner: {planner_out}\n{}",
+         {new_leader}; node started again {restarted_after:?} after the stop\nplanner: {planner_out}{}\n{}",
         planned.batches,
+        crate::helpers::stderr(&planner),
         logs(&workers)
     );
 
