@@ -5,9 +5,11 @@
 # URLs to use.
 #
 # Usage: scripts/services.sh [postgres] [rabbitmq] [s3] [promtool]
-#                             [hadolint] [compose]  (no argument = all)
+#                             [hadolint] [compose] [hosts] [cluster]
+#                             (no argument = all)
 #        scripts/services.sh stop    (stops only the private PostgreSQL
-#                                     cluster and the moto server this
+#                                     cluster, the moto server and the
+#                                     three-node RabbitMQ cluster this
 #                                     script started)
 #
 # Environment:
@@ -64,7 +66,7 @@ die() {
   exit 1
 }
 usage() {
-  log "usage: scripts/services.sh [postgres] [rabbitmq] [s3] [promtool] [hadolint] [compose] [hosts] | stop"
+  log "usage: scripts/services.sh [postgres] [rabbitmq] [s3] [promtool] [hadolint] [compose] [hosts] [cluster] | stop"
   exit 2
 }
 
@@ -416,6 +418,230 @@ ensure_rabbitmq() {
   log "rabbitmq: $what on 127.0.0.1:5672"
 }
 
+# ---------------------------------------------------- RabbitMQ cluster
+
+# Three RabbitMQ nodes of our own (archc1..3@localhost) joined into one
+# cluster, beside the shared broker on 127.0.0.1:5672 (never touched): each
+# with its own AMQP port (5681-5683), distribution port (+20000), config,
+# data, logs and pid file under $CLUSTER_DIR/<node>/, sharing the running
+# epmd and the rabbitmq user's Erlang cookie, listening on 127.0.0.1 only.
+# Scratch state: a cluster that cannot be mended is wiped and made anew.
+# Each node takes about 140 MB (one scheduler thread, a 1 GB memory alarm);
+# a cold start of the three takes 15-25 s on 2 cores (a node alone, ~8 s),
+# reusing a healthy cluster under a second.
+CLUSTER_DIR=$SERVICES_DIR/cluster
+CLUSTER_NODES=(archc1 archc2 archc3)
+CLUSTER_PORT=5681 # node i (0-based) listens on CLUSTER_PORT+i
+CLUSTER_START_TIMEOUT=120
+CLUSTER_URLS=''
+CLUSTER_JOINED=0 # set when this run joined a node (a new cluster)
+RMQ_BIN=''
+
+# The directory of RabbitMQ's own scripts (Debian's sbin entries are
+# wrappers that su to rabbitmq and drop our environment on the way).
+find_rmq_bin() {
+  local server
+  server=$(command -v rabbitmq-server) || return 1
+  server=$(readlink -f -- "$server")
+  RMQ_BIN=$(dirname -- "$server")
+  [[ -x $RMQ_BIN/rabbitmqctl ]]
+}
+
+# Run a RabbitMQ script as the rabbitmq user (its home holds the cookie the
+# shared broker uses, so one rabbitmqctl reaches every node), without our lock.
+rmq_as() {
+  local home
+  if [[ $EUID -eq 0 ]]; then
+    home=$(getent passwd rabbitmq | cut -d: -f6)
+    (cd / && nolock runuser -u rabbitmq -- env HOME="$home" "$@")
+  else
+    (cd / && nolock "$@")
+  fi
+}
+
+cluster_ctl() {
+  local node=$1
+  shift
+  rmq_as "$RMQ_BIN/rabbitmqctl" -n "$node@localhost" "$@" </dev/null
+}
+
+# The node's Erlang VM answers (its app may be stopped).
+cluster_node_up() { cluster_ctl "$1" -q -t 5 ping >/dev/null 2>&1; }
+
+# The node's RabbitMQ app runs.
+cluster_app_running() {
+  rmq_as "$RMQ_BIN/rabbitmq-diagnostics" -n "$1@localhost" -q -t 10 check_running \
+    </dev/null >/dev/null 2>&1
+}
+
+cluster_port() { echo $((CLUSTER_PORT + $1)); }
+
+start_cluster_node() {
+  local i=$1 node=${CLUSTER_NODES[$1]} dir port
+  dir=$CLUSTER_DIR/$node
+  port=$(cluster_port "$i")
+  if port_in_use 127.0.0.1 "$port"; then
+    die "127.0.0.1:$port (for cluster node $node) is taken by something that is not that node"
+  fi
+  if port_in_use 127.0.0.1 $((port + 20000)); then
+    die "127.0.0.1:$((port + 20000)) (distribution port of cluster node $node) is taken"
+  fi
+  mkdir -p "$dir/mnesia" "$dir/log"
+  # Small nodes: an absolute memory alarm, rare statistics, one scheduler.
+  cat >"$dir/rabbitmq.conf" <<EOF
+listeners.tcp.local = 127.0.0.1:$port
+vm_memory_high_watermark.absolute = 1GB
+disk_free_limit.absolute = 50MB
+collect_statistics_interval = 30000
+EOF
+  # Our own env file instead of /etc/rabbitmq/rabbitmq-env.conf (which
+  # names the shared broker's node).
+  echo 'ERL_EPMD_ADDRESS=127.0.0.1' >"$dir/rabbitmq-env.conf"
+  echo '[].' >"$dir/enabled_plugins"
+  if [[ $EUID -eq 0 ]]; then chown -R rabbitmq: "$dir"; fi
+  rm -f -- "$dir/pid"
+  rmq_as env \
+    RABBITMQ_NODENAME="$node@localhost" \
+    RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
+    RABBITMQ_NODE_PORT="$port" \
+    RABBITMQ_DIST_PORT=$((port + 20000)) \
+    RABBITMQ_CONF_ENV_FILE="$dir/rabbitmq-env.conf" \
+    RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf" \
+    RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" \
+    RABBITMQ_MNESIA_BASE="$dir/mnesia" \
+    RABBITMQ_LOG_BASE="$dir/log" \
+    RABBITMQ_PID_FILE="$dir/pid" \
+    RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS='+S 1:1 -kernel inet_dist_use_interface {127,0,0,1}' \
+    "$RMQ_BIN/rabbitmq-server" -detached >>"$dir/start.log" 2>&1 ||
+    die "rabbitmq-server -detached for cluster node $node failed (see $dir/start.log)"
+}
+
+# Nodes whose VM is down are started (all at once: a node restarted after
+# its peers stopped waits for them); nodes with a stopped app get it back.
+# Then waits until every app runs, by $1 (a SECONDS deadline).
+cluster_bring_up() {
+  local deadline=$1 i node started=' '
+  for i in "${!CLUSTER_NODES[@]}"; do
+    node=${CLUSTER_NODES[$i]}
+    if ! cluster_node_up "$node"; then
+      log "rabbitmq cluster: starting $node@localhost on 127.0.0.1:$(cluster_port "$i")"
+      start_cluster_node "$i"
+      started+="$node "
+    fi
+  done
+  for node in "${CLUSTER_NODES[@]}"; do
+    # A VM that was running with its app stopped (a test's stop_app, a
+    # killed run) gets its app started again; one we just started boots.
+    if [[ $started != *" $node "* ]] && ! cluster_app_running "$node"; then
+      log "rabbitmq cluster: $node@localhost runs with its app stopped; starting it"
+      cluster_ctl "$node" -q -t 60 start_app >/dev/null 2>&1 || true
+    fi
+    until cluster_app_running "$node"; do
+      ((SECONDS < deadline)) || return 1
+      sleep 1
+    done
+  done
+}
+
+# The running members of the cluster node $1 belongs to, as JSON.
+cluster_running_nodes() {
+  cluster_ctl "$1" -q -t 10 cluster_status --formatter json 2>/dev/null |
+    grep -o '"running_nodes":\[[^]]*\]'
+}
+
+# Joins nodes 2 and 3 to node 1 unless they are members already.
+cluster_join() {
+  local first=${CLUSTER_NODES[0]} node running
+  running=$(cluster_running_nodes "$first") || return 1
+  for node in "${CLUSTER_NODES[@]:1}"; do
+    [[ $running == *"\"$node@localhost\""* ]] && continue
+    CLUSTER_JOINED=1
+    log "rabbitmq cluster: joining $node@localhost to $first@localhost"
+    cluster_ctl "$node" -q -t 30 stop_app >/dev/null 2>&1 || return 1
+    # A node that was in another cluster (of wiped data) must forget it.
+    cluster_ctl "$node" -q -t 30 reset >/dev/null 2>&1 || return 1
+    if ! cluster_ctl "$node" -q -t 30 join_cluster "$first@localhost" >/dev/null 2>&1; then
+      # Node 1 still counts it a member from before its data went: forget
+      # that member, then join afresh.
+      cluster_ctl "$first" -q -t 30 forget_cluster_node "$node@localhost" >/dev/null 2>&1 || return 1
+      cluster_ctl "$node" -q -t 30 join_cluster "$first@localhost" >/dev/null 2>&1 || return 1
+    fi
+    cluster_ctl "$node" -q -t 30 start_app >/dev/null 2>&1 || return 1
+  done
+  if [[ $CLUSTER_JOINED -eq 1 ]]; then running=$(cluster_running_nodes "$first") || return 1; fi
+  for node in "${CLUSTER_NODES[@]}"; do
+    [[ $running == *"\"$node@localhost\""* ]] || return 1
+  done
+}
+
+# Every node speaks AMQP and node 1 sees all three running: reuse it as it
+# is (each rabbitmqctl costs about a second, so the healthy case asks once).
+cluster_healthy() {
+  local i running
+  for i in "${!CLUSTER_NODES[@]}"; do
+    amqp_probe 127.0.0.1 "$(cluster_port "$i")" || return 1
+  done
+  running=$(cluster_running_nodes "${CLUSTER_NODES[0]}") || return 1
+  for i in "${CLUSTER_NODES[@]}"; do
+    [[ $running == *"\"$i@localhost\""* ]] || return 1
+  done
+}
+
+stop_cluster_nodes() {
+  local i node
+  for ((i = ${#CLUSTER_NODES[@]} - 1; i >= 0; i--)); do
+    node=${CLUSTER_NODES[$i]}
+    if cluster_node_up "$node"; then
+      cluster_ctl "$node" -q -t 60 stop >/dev/null 2>&1 ||
+        die "could not stop cluster node $node@localhost"
+      log "rabbitmq cluster: stopped $node@localhost"
+    fi
+  done
+}
+
+ensure_cluster() {
+  if ! command -v rabbitmq-server >/dev/null; then
+    apt_install rabbitmq-server
+  fi
+  find_rmq_bin || die "cannot find RabbitMQ's scripts (rabbitmqctl beside rabbitmq-server)"
+  if [[ $EUID -ne 0 && $(id -un) != rabbitmq ]]; then
+    die "the RabbitMQ cluster needs root or the rabbitmq user (for the shared Erlang cookie)"
+  fi
+  local started=$SECONDS deadline=$((SECONDS + CLUSTER_START_TIMEOUT)) node i urls=()
+  mkdir -p "$CLUSTER_DIR"
+  if [[ $EUID -eq 0 ]]; then chown rabbitmq: "$CLUSTER_DIR"; fi
+  if cluster_healthy; then
+    log "rabbitmq cluster: reusing ${CLUSTER_NODES[*]} on 127.0.0.1:$CLUSTER_PORT-$((CLUSTER_PORT + ${#CLUSTER_NODES[@]} - 1))"
+  elif ! { cluster_bring_up "$deadline" && cluster_join; }; then
+    ((SECONDS < deadline)) || die "the RabbitMQ cluster did not start within ${CLUSTER_START_TIMEOUT} s (see $CLUSTER_DIR/*/log/)"
+    # Scratch data: rather than mend a cluster whose members disagree,
+    # start it anew.
+    log "rabbitmq cluster: cannot mend the cluster in $CLUSTER_DIR; starting it anew"
+    stop_cluster_nodes
+    rm -rf -- "${CLUSTER_DIR:?}"/archc*
+    cluster_bring_up "$deadline" ||
+      die "the RabbitMQ cluster did not start within ${CLUSTER_START_TIMEOUT} s (see $CLUSTER_DIR/*/log/)"
+    cluster_join || die "cluster nodes did not join ${CLUSTER_NODES[0]}@localhost (see $CLUSTER_DIR/*/log/)"
+  fi
+  # As on the shared broker (scripts/test): a killed test's queues go once
+  # unused for an hour. Set when the cluster is new (it keeps policies).
+  if [[ $CLUSTER_JOINED -eq 1 ]]; then
+    cluster_ctl "${CLUSTER_NODES[0]}" -q set_policy --apply-to queues --priority 0 \
+      archiver-test-queues-expire '^test\.' '{"expires": 3600000}' >/dev/null 2>&1 ||
+      log "rabbitmq cluster: could not set the test queue expiry policy"
+  fi
+  for i in "${!CLUSTER_NODES[@]}"; do
+    amqp_probe 127.0.0.1 "$(cluster_port "$i")" ||
+      die "cluster node ${CLUSTER_NODES[$i]} runs but 127.0.0.1:$(cluster_port "$i") does not speak AMQP"
+    urls+=("amqp://guest:guest@127.0.0.1:$(cluster_port "$i")/%2f")
+  done
+  CLUSTER_URLS=$(
+    IFS=,
+    echo "${urls[*]}"
+  )
+  log "rabbitmq cluster: ${CLUSTER_NODES[*]} ready on 127.0.0.1:$CLUSTER_PORT-$((CLUSTER_PORT + ${#CLUSTER_NODES[@]} - 1)) ($((SECONDS - started)) s)"
+}
+
 # ------------------------------------------------------------- S3 (moto)
 
 # Does an S3-protocol server answer on host:port? An anonymous ListBuckets
@@ -683,6 +909,7 @@ write_env() {
     if [[ -n $PROMTOOL ]]; then printf 'export ARCHIVER_PROMTOOL=%q\n' "$PROMTOOL"; fi
     if [[ -n $HADOLINT ]]; then printf 'export ARCHIVER_HADOLINT=%q\n' "$HADOLINT"; fi
     if [[ -n $COMPOSE ]]; then printf 'export ARCHIVER_COMPOSE=%q\n' "$COMPOSE"; fi
+    if [[ -n $CLUSTER_URLS ]]; then printf 'export ARCHIVER_AMQP_CLUSTER_URLS=%q\n' "$CLUSTER_URLS"; fi
   } >"$tmp"
   # What an earlier run found and this one was not asked about stays
   # (`services.sh hadolint` alone must not forget the database).
@@ -709,6 +936,7 @@ stop_services() {
     log "postgres: no private cluster running; nothing to stop"
   fi
   stop_moto
+  if find_rmq_bin 2>/dev/null; then stop_cluster_nodes; fi
 }
 
 stop_moto() {
@@ -757,6 +985,7 @@ ensure_hosts() {
 
 main() {
   local want_pg=0 want_mq=0 want_s3=0 want_promtool=0 want_hadolint=0 want_compose=0 want_hosts=0
+  local want_cluster=0
   local stop=0 arg
   for arg in "$@"; do
     case $arg in
@@ -767,6 +996,7 @@ main() {
       hadolint) want_hadolint=1 ;;
       compose | docker-compose) want_compose=1 ;;
       hosts) want_hosts=1 ;;
+      cluster) want_cluster=1 ;;
       stop) stop=1 ;;
       -h | --help) usage ;;
       *) log "services.sh: unknown argument: $arg" && usage ;;
@@ -775,6 +1005,7 @@ main() {
   if [[ $stop -eq 1 && $# -ne 1 ]]; then usage; fi
   if [[ $# -eq 0 ]]; then
     want_pg=1 want_mq=1 want_s3=1 want_promtool=1 want_hadolint=1 want_compose=1 want_hosts=1
+    want_cluster=1
   fi
 
   mkdir -p "$SERVICES_DIR"
@@ -793,6 +1024,7 @@ main() {
   if [[ $want_hadolint -eq 1 ]]; then ensure_hadolint; fi
   if [[ $want_compose -eq 1 ]]; then ensure_compose; fi
   if [[ $want_hosts -eq 1 ]]; then ensure_hosts; fi
+  if [[ $want_cluster -eq 1 ]]; then ensure_cluster; fi
   write_env
 }
 

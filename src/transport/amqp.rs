@@ -2,6 +2,12 @@
 //! dead-letter exchange, persistent messages published with confirms and
 //! `mandatory`, and a consumer that reconnects with jittered backoff.
 //!
+//! `QUEUE_URL` may name the nodes of a cluster (comma-separated): a
+//! connection tries them in turn from a rotating start, so a fleet spreads
+//! over the nodes, and a consumer or publisher whose node goes moves on to
+//! the next. A publish whose confirm was lost with its node is sent again on
+//! another (at least once: the ledger makes a second delivery a no-op).
+//!
 //! Topology for work queue `Q`: exchange `Q.dlx` (fanout) → queue `Q.dead`.
 //! Queue arguments cannot change once declared; a mismatch is reported with
 //! the queue's name.
@@ -28,7 +34,8 @@ use std::time::Duration;
 /// Where and how to reach the broker.
 #[derive(Debug, Clone)]
 pub struct AmqpConfig {
-    /// `amqp://` URL (holds credentials: redacted from `Debug`, never logged).
+    /// `amqp://` URL, or the URLs of a cluster's nodes separated by commas
+    /// (holds credentials: redacted from `Debug`, never logged).
     pub url: SecretString,
     /// Work queue name.
     pub queue: String,
@@ -45,6 +52,32 @@ impl AmqpConfig {
     pub fn dead_queue(&self) -> String {
         format!("{}.dead", self.queue)
     }
+    /// The node URLs, in the order given (one for a single broker).
+    fn nodes(&self) -> Vec<&str> {
+        self.url
+            .expose_secret()
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
+    }
+}
+
+/// Where the next connection of this process starts in the node list:
+/// random at first (so a fleet's processes spread over a cluster), then one
+/// further for each connection.
+fn rotating_start() -> usize {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: OnceLock<AtomicUsize> = OnceLock::new();
+    NEXT.get_or_init(|| {
+        let seed = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        AtomicUsize::new((seed % 1024) as usize)
+    })
+    .fetch_add(1, Ordering::Relaxed)
 }
 
 /// Timeout for one call to the broker; lapin can hang on a dying connection.
@@ -57,25 +90,100 @@ async fn timed<T>(what: &'static str, f: impl Future<Output = lapin::Result<T>>)
     }
 }
 
+/// A connection to one node, with a channel in confirm mode on which the
+/// topology is declared.
+struct Opened {
+    conn: Connection,
+    channel: Channel,
+    depths: Depths,
+    /// Which node of the list (`0..`), counting on from where the attempt
+    /// started (so `node + 1` is the next one to try).
+    node: usize,
+}
+
+impl Opened {
+    /// Connection and channel still open: a node that went closes them.
+    fn usable(&self) -> bool {
+        self.conn.status().connected() && self.channel.status().connected()
+    }
+}
+
 /// Opens a connection and a channel in confirm mode, and declares the
-/// topology (see [`declare`] for what it returns).
-async fn open(cfg: &AmqpConfig, name: &str) -> Result<(Connection, Channel, Depths)> {
+/// topology (see [`declare`] for what it returns), on the first node that
+/// lets it, trying the nodes in turn from `start` (modulo their number),
+/// each within the per-call timeout.
+async fn open(cfg: &AmqpConfig, name: &str, start: usize) -> Result<Opened> {
+    let nodes = cfg.nodes();
+    let n = nodes.len().max(1);
+    let mut last = None;
+    for node in start..start + n {
+        let url = nodes.get(node % n).copied().unwrap_or_default();
+        match open_node(cfg, name, url).await {
+            Ok((conn, channel, depths)) => {
+                if n > 1 {
+                    tracing::info!(queue = %cfg.queue, node = %describe_node(url), "connected to broker node {} of {n}", node % n + 1);
+                }
+                return Ok(Opened {
+                    conn,
+                    channel,
+                    depths,
+                    node,
+                });
+            }
+            // A queue declared with other arguments is the same on every node.
+            Err(e @ Error::Config { .. }) => return Err(e),
+            Err(e) => {
+                if n > 1 {
+                    tracing::warn!(queue = %cfg.queue, node = %describe_node(url), "broker node {} of {n} unavailable ({e}); trying the next", node % n + 1);
+                }
+                last = Some(e);
+            }
+        }
+    }
+    let e = last.unwrap_or_else(|| Error::Broker("no broker URL".into()));
+    Err(if n > 1 {
+        match e {
+            Error::Broker(m) => Error::Broker(format!(
+                "none of the {n} broker nodes answered; the last: {m}"
+            )),
+            e => e,
+        }
+    } else {
+        e
+    })
+}
+
+async fn open_node(
+    cfg: &AmqpConfig,
+    name: &str,
+    url: &str,
+) -> Result<(Connection, Channel, Depths)> {
     let props =
         // Named after the queue too, so operators (and tests) can tell fleets apart.
         ConnectionProperties::default().with_connection_name(LongString::from(format!("{name} {}", cfg.queue)));
-    let conn = timed(
-        "connect",
-        Connection::connect(cfg.url.expose_secret(), props),
-    )
-    .await?;
-    let channel = timed("channel.open", conn.create_channel()).await?;
-    timed(
-        "confirm.select",
-        channel.confirm_select(ConfirmSelectOptions::default()),
-    )
-    .await?;
-    let depths = declare(&channel, cfg).await?;
-    Ok((conn, channel, depths))
+    let conn = timed("connect", Connection::connect(url, props)).await?;
+    let set_up = async {
+        let channel = timed("channel.open", conn.create_channel()).await?;
+        timed(
+            "confirm.select",
+            channel.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
+        let depths = declare(&channel, cfg).await?;
+        Ok::<_, Error>((channel, depths))
+    };
+    match set_up.await {
+        Ok((channel, depths)) => Ok((conn, channel, depths)),
+        Err(e) => {
+            // Not left open on a node that half works (the next is tried).
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                conn.close(200, "setup failed".into()),
+            )
+            .await;
+            Err(e)
+        }
+    }
 }
 
 /// Messages ready in the work queue and in the dead-letter queue, as their
@@ -176,15 +284,30 @@ fn mismatch(e: Error, queue: &str) -> Error {
     }
 }
 
-/// Where `cfg` points, for people: scheme, user, host, port and vhost;
-/// never the password.
+/// Where `cfg` points, for people: scheme, user, host and port of each
+/// node, and the vhost; never the password.
 pub fn describe(cfg: &AmqpConfig) -> String {
-    match cfg.url.expose_secret().parse::<lapin::uri::AMQPUri>() {
-        Ok(u) => format!(
-            "{}://{}@{}:{}, vhost {}",
-            u.scheme, u.authority.userinfo.username, u.authority.host, u.authority.port, u.vhost
-        ),
+    let nodes = cfg.nodes();
+    let vhost = match nodes.first().map(|u| u.parse::<lapin::uri::AMQPUri>()) {
+        Some(Ok(u)) => u.vhost,
         // `QueueConfig::parse` has parsed it already; never echo it.
+        _ => return "(an unparsable URL)".to_string(),
+    };
+    let each: Vec<String> = nodes.iter().map(|u| describe_node(u)).collect();
+    if each.len() > 1 {
+        format!("{} ({} nodes), vhost {vhost}", each.join(", "), each.len())
+    } else {
+        format!("{}, vhost {vhost}", each.join(", "))
+    }
+}
+
+/// One node's URL for people: scheme, user, host and port.
+fn describe_node(url: &str) -> String {
+    match url.parse::<lapin::uri::AMQPUri>() {
+        Ok(u) => format!(
+            "{}://{}@{}:{}",
+            u.scheme, u.authority.userinfo.username, u.authority.host, u.authority.port
+        ),
         Err(_) => "(an unparsable URL)".to_string(),
     }
 }
@@ -200,7 +323,12 @@ pub fn describe(cfg: &AmqpConfig) -> String {
 /// also report the queues' depths. Returns what it found.
 pub async fn check(cfg: &AmqpConfig) -> Result<String> {
     // Failures say where (lapin's do not); never with the password.
-    let (conn, channel, depths) = open(cfg, "archiver-check").await.map_err(|e| match e {
+    let Opened {
+        conn,
+        channel,
+        depths,
+        ..
+    } = open(cfg, "archiver-check", 0).await.map_err(|e| match e {
         Error::Broker(m) => Error::Broker(format!("{}: {m}", describe(cfg))),
         e => e,
     })?;
@@ -219,11 +347,14 @@ pub async fn check(cfg: &AmqpConfig) -> Result<String> {
     ))
 }
 
-/// Publishes batch messages with confirms.
+/// Publishes batch messages with confirms. Its connection is replaced
+/// (on the next node of a cluster) when a publish finds it gone, and the
+/// messages whose confirms it took with it are published again.
 pub struct AmqpPublisher {
     cfg: AmqpConfig,
-    conn: Connection,
-    channel: Channel,
+    /// The connection in use; replaced under the lock, so concurrent
+    /// publishes that lose it reconnect once.
+    session: tokio::sync::Mutex<Arc<Opened>>,
 }
 
 impl std::fmt::Debug for AmqpPublisher {
@@ -237,11 +368,49 @@ impl std::fmt::Debug for AmqpPublisher {
 /// Messages in flight before waiting for their confirms.
 const PUBLISH_WINDOW: usize = 500;
 
+/// Times one window of messages is published again on a new connection
+/// after the one it went out on failed, before the publish fails.
+const PUBLISH_RETRIES: usize = 6;
+
+/// How a window of messages failed to be confirmed.
+enum Unconfirmed {
+    /// The connection (or its node) failed, or the broker refused the
+    /// messages for now (nack, as a quorum queue without a leader may):
+    /// worth publishing again on another connection.
+    Lost(Error),
+    /// It can never succeed this way (e.g. unroutable).
+    Failed(Error),
+}
+
 impl AmqpPublisher {
     /// Connects and declares the topology.
     pub async fn connect(cfg: AmqpConfig) -> Result<Self> {
-        let (conn, channel, _) = open(&cfg, "archiver-planner").await?;
-        Ok(AmqpPublisher { cfg, conn, channel })
+        let opened = open(&cfg, "archiver-planner", rotating_start()).await?;
+        Ok(AmqpPublisher {
+            cfg,
+            session: tokio::sync::Mutex::new(Arc::new(opened)),
+        })
+    }
+
+    async fn current(&self) -> Arc<Opened> {
+        self.session.lock().await.clone()
+    }
+
+    /// A new connection in place of `failed`, starting at the node after
+    /// its own; the one already made if another publish replaced it first.
+    async fn replace(&self, failed: &Arc<Opened>) -> Result<Arc<Opened>> {
+        let mut current = self.session.lock().await;
+        if !Arc::ptr_eq(&current, failed) {
+            return Ok(current.clone());
+        }
+        let opened = Arc::new(open(&self.cfg, "archiver-planner", failed.node + 1).await?);
+        let old = std::mem::replace(&mut *current, opened.clone());
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            old.conn.close(320, "reconnecting".into()),
+        )
+        .await;
+        Ok(opened)
     }
 
     /// Messages ready in the work queue (not counting those being worked on).
@@ -250,9 +419,13 @@ impl AmqpPublisher {
             passive: true,
             ..Default::default()
         };
+        let mut session = self.current().await;
+        if !session.usable() {
+            session = self.replace(&session).await?;
+        }
         let q = timed(
             "queue.declare (passive)",
-            self.channel.queue_declare(
+            session.channel.queue_declare(
                 self.cfg.queue.as_str().into(),
                 passive,
                 FieldTable::default(),
@@ -260,6 +433,53 @@ impl AmqpPublisher {
         )
         .await?;
         Ok(q.message_count())
+    }
+
+    /// Publishes one window on `session` and waits for every confirm.
+    async fn publish_window(
+        &self,
+        session: &Opened,
+        window: &[BatchMessage],
+    ) -> std::result::Result<(), Unconfirmed> {
+        let lost = |e: Error| {
+            if matches!(e, Error::Timeout(_)) || !session.usable() {
+                Unconfirmed::Lost(e)
+            } else {
+                Unconfirmed::Failed(e)
+            }
+        };
+        let mut confirms = Vec::with_capacity(window.len());
+        for m in window {
+            let c = timed(
+                "basic.publish",
+                session.channel.basic_publish(
+                    "".into(),
+                    self.cfg.queue.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &m.encode(),
+                    properties(&m.batch_id.to_string()),
+                ),
+            )
+            .await
+            .map_err(lost)?;
+            confirms.push(c);
+        }
+        let what = format!("publish to {}", self.cfg.queue);
+        let mut refused = None;
+        for c in confirms {
+            match confirmed(c, &what).await {
+                Ok(()) => {}
+                Err(Refusal::Nack(e)) => refused = Some(e),
+                Err(Refusal::Other(e)) => return Err(lost(e)),
+            }
+        }
+        match refused {
+            None => Ok(()),
+            Some(e) => Err(Unconfirmed::Lost(e)),
+        }
     }
 }
 
@@ -270,18 +490,37 @@ fn properties(msg_id: &str) -> BasicProperties {
         .with_message_id(ShortString::from(msg_id))
 }
 
-async fn confirmed(c: lapin::PublisherConfirm, what: &str) -> Result<()> {
-    match timed("publisher confirm", c).await? {
+/// Why a confirm was not a plain ack.
+enum Refusal {
+    /// The broker refused the message (nack).
+    Nack(Error),
+    /// Anything else: returned unroutable, no confirm, a failed channel.
+    Other(Error),
+}
+
+impl From<Refusal> for Error {
+    fn from(r: Refusal) -> Error {
+        match r {
+            Refusal::Nack(e) | Refusal::Other(e) => e,
+        }
+    }
+}
+
+async fn confirmed(c: lapin::PublisherConfirm, what: &str) -> std::result::Result<(), Refusal> {
+    match timed("publisher confirm", c)
+        .await
+        .map_err(Refusal::Other)?
+    {
         Confirmation::Ack(None) => Ok(()),
-        Confirmation::Ack(Some(_)) => Err(Error::Broker(format!(
+        Confirmation::Ack(Some(_)) => Err(Refusal::Other(Error::Broker(format!(
             "{what}: returned unroutable (does the queue exist?)"
-        ))),
-        Confirmation::Nack(_) => Err(Error::Broker(format!(
+        )))),
+        Confirmation::Nack(_) => Err(Refusal::Nack(Error::Broker(format!(
             "{what}: the broker refused the message (nack)"
-        ))),
-        Confirmation::NotRequested => Err(Error::Broker(format!(
+        )))),
+        Confirmation::NotRequested => Err(Refusal::Other(Error::Broker(format!(
             "{what}: channel is not in confirm mode"
-        ))),
+        )))),
     }
 }
 
@@ -289,34 +528,48 @@ async fn confirmed(c: lapin::PublisherConfirm, what: &str) -> Result<()> {
 impl Publisher for AmqpPublisher {
     async fn publish(&self, messages: &[BatchMessage]) -> Result<()> {
         for window in messages.chunks(PUBLISH_WINDOW) {
-            let mut confirms = Vec::with_capacity(window.len());
-            for m in window {
-                let c = timed(
-                    "basic.publish",
-                    self.channel.basic_publish(
-                        "".into(),
-                        self.cfg.queue.as_str().into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..Default::default()
-                        },
-                        &m.encode(),
-                        properties(&m.batch_id.to_string()),
-                    ),
-                )
-                .await?;
-                confirms.push(c);
-            }
-            for c in confirms {
-                confirmed(c, &format!("publish to {}", self.cfg.queue)).await?;
+            let mut delays = ExponentialBuilder::default()
+                .with_jitter()
+                .with_min_delay(Duration::from_millis(250))
+                .with_max_delay(Duration::from_secs(5))
+                .with_max_times(PUBLISH_RETRIES)
+                .build();
+            let mut session = self.current().await;
+            loop {
+                let mut failure = match self.publish_window(&session, window).await {
+                    Ok(()) => break,
+                    Err(Unconfirmed::Failed(e)) => return Err(e),
+                    Err(Unconfirmed::Lost(e)) => e,
+                };
+                // Publish the window again on a new connection (the next
+                // node's), as long as the retries last.
+                loop {
+                    let Some(d) = delays.next() else {
+                        return Err(failure);
+                    };
+                    tracing::warn!(
+                        queue = %self.cfg.queue,
+                        messages = window.len(),
+                        "publish not confirmed ({failure}); publishing again on a new connection in {d:?}"
+                    );
+                    tokio::time::sleep(d).await;
+                    match self.replace(&session).await {
+                        Ok(s) => {
+                            session = s;
+                            break;
+                        }
+                        Err(e) => failure = e,
+                    }
+                }
             }
         }
         Ok(())
     }
 
     async fn close(&self) -> Result<()> {
-        let _ = timed("channel.close", self.channel.close(200, "done".into())).await;
-        let _ = timed("connection.close", self.conn.close(200, "done".into())).await;
+        let session = self.current().await;
+        let _ = timed("channel.close", session.channel.close(200, "done".into())).await;
+        let _ = timed("connection.close", session.conn.close(200, "done".into())).await;
         Ok(())
     }
 
@@ -329,6 +582,9 @@ impl Publisher for AmqpPublisher {
 pub struct AmqpConsumer {
     cfg: AmqpConfig,
     prefetch: u16,
+    /// The node the next connection tries first: after the one it last
+    /// used, so a consumer whose node went moves on.
+    next_node: usize,
     live: Option<Live>,
     /// The live connection's status (lapin updates it as the socket lives
     /// and dies), for [`Consumer::connected`]: `None` while not consuming.
@@ -357,13 +613,20 @@ impl AmqpConsumer {
         AmqpConsumer {
             cfg,
             prefetch: concurrency.max(1).saturating_mul(2),
+            next_node: rotating_start(),
             live: None,
             status: Arc::default(),
         }
     }
 
-    async fn start(&self) -> Result<Live> {
-        let (conn, channel, _) = open(&self.cfg, "archiver-worker").await?;
+    async fn start(&mut self) -> Result<Live> {
+        let Opened {
+            conn,
+            channel,
+            node,
+            ..
+        } = open(&self.cfg, "archiver-worker", self.next_node).await?;
+        self.next_node = node + 1;
         // Set on every (re)connect: a recovered channel may not keep it.
         timed(
             "basic.qos",
@@ -550,7 +813,9 @@ impl Acknowledge for AmqpAcker {
                 ),
             )
             .await?;
-            confirmed(c, "dead-letter publish").await
+            confirmed(c, "dead-letter publish")
+                .await
+                .map_err(Error::from)
         }
         .await;
         match published {

@@ -45,7 +45,10 @@ impl QueueConfig {
         }
         // Never echo the URL: it may hold a password, with or without a
         // scheme in front of it.
-        let Some((scheme, _)) = url.split_once("://") else {
+        // The first entry's scheme (a list of nodes may start with an empty
+        // entry, which `amqp_nodes` names).
+        let first = url.trim_start_matches([',', ' ']);
+        let Some((scheme, _)) = first.split_once("://") else {
             return Err(Error::config(
                 "QUEUE_URL",
                 "not a URL (no scheme://): expected amqp://user:pass@host:5672/vhost, an SQS queue URL or sqs://<name>",
@@ -62,21 +65,17 @@ impl QueueConfig {
         };
         match scheme {
             "amqp" | "amqps" => {
-                url.parse::<lapin::uri::AMQPUri>().map_err(|e| {
-                    Error::config(
-                        "QUEUE_URL",
-                        format!(
-                            "not a valid AMQP URL: {}",
-                            redact(&e.to_string(), url, "<QUEUE_URL>")
-                        ),
-                    )
-                })?;
+                let nodes = amqp_nodes(url, scheme)?;
                 Ok(QueueConfig::Amqp(AmqpConfig {
-                    url: SecretString::from(url),
+                    url: SecretString::from(nodes.join(",")),
                     queue: queue.to_string(),
                     delivery_limit,
                 }))
             }
+            "sqs" | "http" | "https" if url.contains(',') => Err(Error::config(
+                "QUEUE_URL",
+                "several URLs separated by commas are for RabbitMQ (amqp://) only: SQS takes one queue URL",
+            )),
             "sqs" | "http" | "https" => Ok(QueueConfig::Sqs(SqsConfig::new(url, delivery_limit)?)),
             _ => Err(Error::config(
                 "QUEUE_URL",
@@ -114,6 +113,72 @@ impl QueueConfig {
             QueueConfig::Sqs(cfg) => &cfg.name,
         }
     }
+}
+
+/// Entries of an AMQP `QUEUE_URL`: one URL, or the nodes of a cluster
+/// separated by commas, each checked to be an AMQP URL of the same scheme
+/// and virtual host as the first (the queues live in one vhost of one
+/// cluster). Errors name the entry by its position, never its text. A comma
+/// inside a password is written `%2C`.
+fn amqp_nodes(url: &str, scheme: &str) -> Result<Vec<String>> {
+    let entries: Vec<&str> = url.split(',').map(str::trim).collect();
+    let n = entries.len();
+    let which = |i: usize| {
+        if n == 1 {
+            String::new()
+        } else {
+            format!("entry {} of {n}: ", i + 1)
+        }
+    };
+    let mut vhost = None;
+    for (i, entry) in entries.iter().enumerate() {
+        if entry.is_empty() {
+            return Err(Error::config(
+                "QUEUE_URL",
+                format!(
+                    "{}empty (a list is amqp://…,amqp://…, with no empty entry)",
+                    which(i)
+                ),
+            ));
+        }
+        if entry.split_once("://").map(|(s, _)| s) != Some(scheme) {
+            return Err(Error::config(
+                "QUEUE_URL",
+                format!(
+                    "{}not an {scheme}:// URL: every entry of the list must be one, like the first (a comma in a password is written %2C)",
+                    which(i)
+                ),
+            ));
+        }
+        let parsed = entry.parse::<lapin::uri::AMQPUri>().map_err(|e| {
+            Error::config(
+                "QUEUE_URL",
+                format!(
+                    "{}not a valid AMQP URL: {}",
+                    which(i),
+                    redact(
+                        &redact(&e.to_string(), url, "<QUEUE_URL>"),
+                        entry,
+                        "<entry>"
+                    )
+                ),
+            )
+        })?;
+        match &vhost {
+            None => vhost = Some(parsed.vhost),
+            Some(first) if *first != parsed.vhost => {
+                return Err(Error::config(
+                    "QUEUE_URL",
+                    format!(
+                        "{}virtual host differs from entry 1's: the nodes of a list must serve the same vhost",
+                        which(i)
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(entries.into_iter().map(str::to_string).collect())
 }
 
 /// The error of a process that needs a broker and was given none.
@@ -171,6 +236,78 @@ mod tests {
             delivery_limit: 5,
         };
         assert!(!format!("{cfg:?}").contains("hunter2"), "{cfg:?}");
+    }
+
+    #[test]
+    fn queue_url_may_list_a_clusters_nodes() {
+        let list = " amqp://guest:hunter2@r1:5672/%2f , amqp://guest:hunter2@r2:5673/%2f,amqp://guest:hunter2@r3/%2f";
+        let QueueConfig::Amqp(cfg) = QueueConfig::parse(Some(list), "q", 5).unwrap() else {
+            panic!("not AMQP")
+        };
+        assert_eq!(
+            cfg.url.expose_secret(),
+            "amqp://guest:hunter2@r1:5672/%2f,amqp://guest:hunter2@r2:5673/%2f,amqp://guest:hunter2@r3/%2f"
+        );
+        assert_eq!(
+            super::super::amqp::describe(&cfg),
+            "amqp://guest@r1:5672, amqp://guest@r2:5673, amqp://guest@r3:5672 (3 nodes), vhost /"
+        );
+        // A comma in a password is percent-encoded.
+        QueueConfig::parse(
+            Some("amqp://guest:a%2Cb@r1/%2f,amqp://guest:a%2Cb@r2/%2f"),
+            "q",
+            5,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_bad_entry_of_a_list_is_named_by_its_position_never_shown() {
+        for (bad, want) in [
+            ("amqp://u:hunter2@r1/%2f,", "entry 2 of 2: empty"),
+            (",amqp://u:hunter2@r1/%2f", "entry 1 of 2: empty"),
+            (
+                "amqp://u:hunter2@r1/%2f,,amqp://u:hunter2@r2/%2f",
+                "entry 2 of 3: empty",
+            ),
+            (
+                "amqp://u:hunter2@r1/%2f,sqs://jobs",
+                "entry 2 of 2: not an amqp:// URL",
+            ),
+            (
+                "amqp://u:hunter2@r1/%2f,amqps://u:hunter2@r2/%2f",
+                "entry 2 of 2: not an amqp:// URL",
+            ),
+            (
+                "amqp://u:hunter2@r1/%2f,u:hunter2@r2/%2f",
+                "entry 2 of 2: not an amqp:// URL",
+            ),
+            // An unencoded comma in the password splits it.
+            (
+                "amqp://u:hun,ter2@r1/%2f",
+                "entry 1 of 2: not a valid AMQP URL",
+            ),
+            (
+                "amqp://u:hunter2@r1/%2f,amqp://u:hunter2@r2:notaport/%2f",
+                "entry 2 of 2: not a valid AMQP URL",
+            ),
+            (
+                "amqp://u:hunter2@r1/%2f,amqp://u:hunter2@r2/other",
+                "entry 2 of 2: virtual host differs",
+            ),
+            ("sqs://jobs,sqs://other", "for RabbitMQ (amqp://) only"),
+            (
+                "https://sqs.eu-west-1.amazonaws.com/1/a,https://u:hunter2@x/1/b",
+                "for RabbitMQ (amqp://) only",
+            ),
+        ] {
+            let e = QueueConfig::parse(Some(bad), "q", 5)
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("QUEUE_URL: "), "{bad}: {e}");
+            assert!(e.contains(want), "{bad}: {e}");
+            assert!(!e.contains("hunter2") && !e.contains("ter2"), "{bad}: {e}");
+        }
     }
 
     #[test]

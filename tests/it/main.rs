@@ -5,6 +5,7 @@
 mod check;
 mod chunks;
 mod cli;
+mod cluster;
 mod database;
 mod deploy;
 mod failures;

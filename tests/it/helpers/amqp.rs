@@ -27,14 +27,132 @@ pub fn amqp_config() -> AmqpConfig {
     }
 }
 
-/// A connection of the test's own to the broker.
+/// A connection of the test's own to the broker: to the first node of a
+/// cluster's list that answers.
 pub async fn connect(cfg: &AmqpConfig) -> lapin::Connection {
-    lapin::Connection::connect(
-        cfg.url.expose_secret(),
-        lapin::ConnectionProperties::default(),
+    let mut last = None;
+    for url in cfg.url.expose_secret().split(',') {
+        match lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await {
+            Ok(conn) => return conn,
+            Err(e) => last = Some(e),
+        }
+    }
+    panic!("no broker node answered: {last:?}")
+}
+
+/// The test cluster's nodes (`scripts/services.sh cluster`) as one
+/// `QUEUE_URL`, with a queue no other test uses; `None` (the test skips,
+/// saying why) when no cluster was started.
+pub fn cluster_config() -> Option<AmqpConfig> {
+    match std::env::var("ARCHIVER_AMQP_CLUSTER_URLS") {
+        Ok(urls) if !urls.trim().is_empty() => Some(AmqpConfig {
+            url: urls.into(),
+            ..amqp_config()
+        }),
+        _ => {
+            eprintln!(
+                "skipped: ARCHIVER_AMQP_CLUSTER_URLS is not set (scripts/services.sh cluster starts the test cluster)"
+            );
+            None
+        }
+    }
+}
+
+/// The names of the test cluster's nodes (`archc1@localhost`, …).
+pub const CLUSTER_NODES: [&str; 3] = ["archc1@localhost", "archc2@localhost", "archc3@localhost"];
+
+/// `rabbitmqctl -n <node> <args>`, bounded; its stdout (panics on failure).
+pub fn rabbitmqctl_on(node: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new("timeout")
+        .args(["90", "rabbitmqctl", "-n", node, "-q"])
+        .args(args)
+        .output()
+        .expect("rabbitmqctl");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl -n {node} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// A quorum queue's leader and members, as node `via` sees them.
+pub fn quorum_leader_and_members(via: &str, queue: &str) -> (String, Vec<String>) {
+    let out = rabbitmqctl_on(
+        via,
+        &[
+            "list_queues",
+            "--no-table-headers",
+            "name",
+            "leader",
+            "members",
+        ],
+    );
+    let line = out
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(queue))
+        .unwrap_or_else(|| panic!("queue {queue} not listed by {via}:\n{out}"));
+    let mut fields = line.split_whitespace().skip(1);
+    let leader = fields.next().unwrap_or_default().to_string();
+    let members = CLUSTER_NODES
+        .iter()
+        .filter(|n| line.contains(*n))
+        .map(|n| n.to_string())
+        .collect();
+    (leader, members)
+}
+
+/// The test cluster to oneself: a test that stops a node holds this for
+/// its whole run, so that two such tests (of this run or of another
+/// worktree's, sharing the cluster) never have two of the three nodes down
+/// at once. Waits (bounded) for the other to finish; released when dropped.
+pub async fn lock_cluster() -> std::fs::File {
+    let path = std::env::temp_dir().join("archiver-test-cluster.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    wait_until(
+        &format!("the test cluster's lock {}", path.display()),
+        Duration::from_secs(300),
+        || std::future::ready(file.try_lock().is_ok()),
     )
-    .await
-    .unwrap()
+    .await;
+    file
+}
+
+/// A cluster node whose RabbitMQ application the test stopped: started
+/// again when the test says so, or when it is dropped (a failing test must
+/// not leave the cluster short of a node).
+pub struct StoppedNode(Option<String>);
+
+impl StoppedNode {
+    /// Stops `node`'s application (`rabbitmqctl stop_app`): its clients'
+    /// connections close and its queue replicas go down.
+    pub fn stop(node: &str) -> StoppedNode {
+        rabbitmqctl_on(node, &["stop_app"]);
+        StoppedNode(Some(node.to_string()))
+    }
+
+    /// Starts it again and waits until it runs (`start_app` returns then).
+    pub fn start(mut self) {
+        if let Some(node) = self.0.take() {
+            rabbitmqctl_on(&node, &["start_app"]);
+        }
+    }
+}
+
+impl Drop for StoppedNode {
+    fn drop(&mut self) {
+        if let Some(node) = self.0.take() {
+            let _ = std::process::Command::new("timeout")
+                .args(["90", "rabbitmqctl", "-n", &node, "-q", "start_app"])
+                .status();
+        }
+    }
 }
 
 /// A worker as the binary runs it, in this process: its own pool and
