@@ -637,3 +637,92 @@ async fn sessions_carry_keepalives_and_batch_sessions_their_timeouts() {
     batches.close().await;
     db.cleanup().await;
 }
+
+/// A worker cut off from the database in the middle of a chunk (its
+/// statement sent, waiting on a row lock the application holds) hears
+/// nothing: no error, no reset, the socket would wait out the kernel's
+/// retransmissions (~15 min). The executor gives the chunk up at its
+/// deadline with an error that says so and waits for the database as when
+/// it is down; the server rolls the chunk back once the session's end
+/// reaches it; run again, the batch moves every row once.
+#[tokio::test]
+async fn a_chunk_the_database_leaves_unanswered_is_given_up_at_its_deadline_and_runs_once_later() {
+    use crate::helpers::plan_only;
+    use crate::helpers::relay::Relay;
+    use archiver::error::Class;
+    use archiver::execute::{Executor, Outcome, execute_batch};
+    use tokio_util::sync::CancellationToken;
+
+    let db = TestDb::new().await;
+    db.load_logs(2_000).await;
+    let (old, young) = db.split_hashes().await;
+    let planned = plan_only(&db, Kind::Logs, &plan_options(5_000, "inline")).await;
+    let batch = db.batches_of(planned.job).await[0];
+    let mut url = url::Url::parse(&db.url).unwrap();
+    let relay = Relay::to(&format!(
+        "{}:{}",
+        url.host_str().unwrap(),
+        url.port_or_known_default().unwrap()
+    ))
+    .await;
+    url.set_host(Some("127.0.0.1")).unwrap();
+    url.set_port(Some(relay.port())).unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(url.as_str())
+        .await
+        .unwrap();
+    let deadline = Duration::from_secs(2);
+    let exec = Executor {
+        deadline: Some(deadline),
+        ..Executor::from(&pool)
+    };
+    let held = db.hold_a_row_of(batch, Duration::from_secs(4)).await;
+    let run = {
+        let exec = exec.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let r = execute_batch(&exec, batch, Kind::Logs, &CancellationToken::new()).await;
+            (r, started.elapsed())
+        })
+    };
+    wait_until(
+        "the chunk to wait on the row lock",
+        Duration::from_secs(20),
+        || async { db.lock_waiters().await >= 1 },
+    )
+    .await;
+    relay.freeze();
+    let (given_up, took) = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("given up within its deadline, not the kernel's 15 minutes")
+        .unwrap();
+    let err = given_up.expect_err("nothing answered");
+    assert_eq!(err.class(), Class::Unavailable, "{err}");
+    assert!(
+        err.to_string().contains("no answer to a chunk within 2s"),
+        "{err}"
+    );
+    assert!(took >= deadline && took < deadline * 5, "{took:?}");
+    // The application lets go; nothing of the chunk was committed.
+    held.await.unwrap();
+    let archived = "SELECT count(*) FROM scenario_logs_archive";
+    assert_eq!(db.scalar(archived).await, 0);
+    // The network comes back: the server hears the session end and rolls
+    // its transaction back; the batch runs again, once.
+    relay.thaw();
+    let again = execute_batch(&exec, batch, Kind::Logs, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(matches!(again, Outcome::Done { .. }), "{again:?}");
+    for b in db.batches_of(planned.job).await {
+        execute_batch(&exec, b, Kind::Logs, &CancellationToken::new())
+            .await
+            .unwrap();
+    }
+    db.assert_logs_invariant(&old, &young).await;
+    db.assert_job_counted_once(planned.job, old.0).await;
+    pool.close().await;
+    db.cleanup().await;
+}

@@ -134,8 +134,9 @@ impl Fleet {
 
     /// The job completed (bounded by `within`), every row was archived
     /// once, its counters are counted once, no batch is dead, nothing was
-    /// dead-lettered and every worker still runs; then stops them.
-    async fn assert_exactly_once(mut self, within: Duration) {
+    /// dead-lettered and every worker still runs; then stops them and
+    /// returns their logs.
+    async fn assert_exactly_once(mut self, within: Duration) -> Vec<String> {
         let job = self.planned.job;
         let status = poll_until(within, || async {
             let s = self.db.job_status(job).await;
@@ -182,7 +183,9 @@ impl Fleet {
         }
         self.publisher.close().await.unwrap();
         delete_queues(&self.cfg).await;
+        let logs = self.workers.iter().map(|w| w.log()).collect();
         self.db.cleanup().await;
+        logs
     }
 }
 
@@ -301,8 +304,8 @@ async fn a_host_cut_off_from_everything_for_minutes_loses_its_batches_to_the_oth
         "the cut-off worker consumes again:\n{}",
         fleet.logs()
     );
-    let log = fleet.workers[0].log();
-    fleet.assert_exactly_once(Duration::from_secs(180)).await;
+    let log = fleet.assert_exactly_once(Duration::from_secs(180)).await;
+    let log = &log[0];
     assert!(
         log[healed..].contains("batch done"),
         "the host that came back ran batches again:\n{log}"

@@ -3,7 +3,10 @@
 //! for the other tests.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::task::JoinHandle;
 
 /// A TCP relay on loopback to a server (SQS, RabbitMQ, PostgreSQL) that
@@ -15,6 +18,7 @@ pub struct Relay {
     target: String,
     task: Option<JoinHandle<()>>,
     accepted: Arc<AtomicUsize>,
+    frozen: Arc<AtomicBool>,
 }
 
 impl Relay {
@@ -32,6 +36,7 @@ impl Relay {
             target: target.to_string(),
             task: None,
             accepted: Arc::new(AtomicUsize::new(0)),
+            frozen: Arc::new(AtomicBool::new(false)),
         };
         relay.serve(listener);
         relay
@@ -54,22 +59,40 @@ impl Relay {
 
     fn serve(&mut self, listener: tokio::net::TcpListener) {
         let (target, accepted) = (self.target.clone(), self.accepted.clone());
+        let frozen = self.frozen.clone();
         self.task = Some(tokio::spawn(async move {
             // Dropping the set (when the task is aborted) cuts every connection.
             let mut conns = tokio::task::JoinSet::new();
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
+                let Ok((inbound, _)) = listener.accept().await else {
                     return;
                 };
                 accepted.fetch_add(1, Ordering::SeqCst);
-                let target = target.clone();
+                let (target, frozen) = (target.clone(), frozen.clone());
                 conns.spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    if let Ok(outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let (from_client, to_client) = inbound.into_split();
+                        let (from_server, to_server) = outbound.into_split();
+                        tokio::join!(
+                            pump(from_client, to_server, frozen.clone()),
+                            pump(from_server, to_client, frozen),
+                        );
                     }
                 });
             }
         }));
+    }
+
+    /// Stops passing bytes either way, closing nothing: the connections
+    /// stay open and silent, as across a network partition, until
+    /// [`Relay::thaw`] passes on what was held.
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+
+    /// Passes bytes again, those held first.
+    pub fn thaw(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
     }
 
     /// Cuts every connection and refuses new ones.
@@ -86,5 +109,21 @@ impl Relay {
             .await
             .unwrap();
         self.serve(listener);
+    }
+}
+
+/// Copies `from` to `to` until `from` ends, then ends `to`; holds what it
+/// reads (and the end) while `frozen`.
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, frozen: Arc<AtomicBool>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = from.read(&mut buf).await.unwrap_or(0);
+        while frozen.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if n == 0 || to.write_all(&buf[..n]).await.is_err() {
+            let _ = to.shutdown().await;
+            return;
+        }
     }
 }
