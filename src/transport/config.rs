@@ -295,6 +295,16 @@ mod tests {
                 "amqp://u:hunter2@r1/%2f,amqp://u:hunter2@r2/other",
                 "entry 2 of 2: virtual host differs",
             ),
+            // A heartbeat asked for in the URL (README: partitions) is
+            // checked like the rest of it.
+            (
+                "amqp://u:hunter2@r1/%2f?heartbeat=abc",
+                "not a valid AMQP URL",
+            ),
+            (
+                "amqp://u:hunter2@r1/%2f?heartbeat=5,amqp://u:hunter2@r2/%2f?heartbeat=-1",
+                "entry 2 of 2: not a valid AMQP URL",
+            ),
             ("sqs://jobs,sqs://other", "for RabbitMQ (amqp://) only"),
             (
                 "https://sqs.eu-west-1.amazonaws.com/1/a,https://u:hunter2@x/1/b",
