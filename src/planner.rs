@@ -112,7 +112,11 @@ async fn inline(app: &App, pool: &PgPool, kinds: &[Kind], opts: &PlanOptions) ->
                     stop.cancel();
                     why
                 }
-                () = stop.cancelled() => "a batch was handed back (the line above says why)".to_string(),
+                // A chunk may see the deadline (or the window's close) a
+                // moment before this timer does: name it, not the hand-back.
+                () = stop.cancelled() => window::closed(&gov).unwrap_or_else(|| {
+                    "a batch was handed back (the line above says why)".to_string()
+                }),
             }
         })
     };
