@@ -55,6 +55,44 @@ pub async fn connect(opts: &PgConnectOptions, max: u32, patience: Duration) -> R
         })
 }
 
+/// Runs `work` on a session of `pool`, giving the session up as lost when
+/// the database has not answered within `deadline` (`None`: as long as the
+/// network lets it).
+///
+/// A database cut off by the network answers nothing, and says nothing
+/// either: the socket waits on the kernel's retransmissions, about 15
+/// minutes, and sqlx sets no keepalive or user timeout of its own. The
+/// server bounds its side (its keepalives and `tcp_user_timeout` end the
+/// session, rolling back its transaction: `config::database_options`); this
+/// bounds ours: past the deadline the work is dropped and its session
+/// closed at once without a word (returned to the pool, it would be pinged
+/// first, and hang), with an I/O error ([`Class::Unavailable`]: wait for the
+/// database as when it is down) that names `what` and the deadline.
+pub async fn on_session<T>(
+    pool: &PgPool,
+    deadline: Option<Duration>,
+    what: &str,
+    work: impl AsyncFnOnce(&mut PgConnection) -> Result<T>,
+) -> Result<T> {
+    let mut session = pool.acquire().await?;
+    let Some(deadline) = deadline else {
+        return work(&mut session).await;
+    };
+    match tokio::time::timeout(deadline, work(&mut session)).await {
+        Ok(result) => result,
+        Err(_) => {
+            drop(session.detach());
+            tracing::warn!(
+                "the database did not answer {what} within {deadline:?}; its session is given up as lost"
+            );
+            Err(Error::Db(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer to {what} within {deadline:?}"),
+            ))))
+        }
+    }
+}
+
 /// When (milliseconds after [`EPOCH`], plus one) a session of this process
 /// last said it is read-only; 0: never.
 static READ_ONLY_SEEN: AtomicU64 = AtomicU64::new(0);

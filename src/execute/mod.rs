@@ -210,43 +210,18 @@ struct Chunk {
     last: Option<bool>,
 }
 
-/// Runs `work` (one transaction of a batch) on a session of `exec`'s pool.
-///
-/// A database cut off by the network answers nothing, and says nothing
-/// either: the socket waits on the kernel's retransmissions, about 15
-/// minutes, and sqlx sets no keepalive or user timeout of its own. The
-/// server bounds its side (its keepalives and `tcp_user_timeout` end the
-/// session, rolling back the transaction, `config::database_options`); this
-/// bounds ours: past `exec.deadline` without an answer the work is dropped,
-/// its session closed at once without a word (a pooled session would be
-/// pinged first, and hang), and the batch waits for the database as when it
-/// is down (an I/O error: [`crate::error::Class::Unavailable`]). Whether a
-/// COMMIT sent before the cut took effect is then unknown here, and need
-/// not be known: the ledger commits with the work, so the next try finds the
+/// Runs `work` (one transaction of a batch) on a session of `exec`'s pool,
+/// given up past `exec.deadline` without an answer ([`db::on_session`]):
+/// the batch then waits for the database as when it is down. Whether a
+/// COMMIT sent before a cut took effect is then unknown here, and need not
+/// be known: the ledger commits with the work, so the next try finds the
 /// batch's cursor where the database left it.
-pub async fn on_session<T>(
+async fn on_session<T>(
     exec: &Executor,
     what: &str,
     work: impl AsyncFnOnce(&mut PgConnection) -> Result<T>,
 ) -> Result<T> {
-    let mut session = exec.pool.acquire().await?;
-    let Some(deadline) = exec.deadline else {
-        return work(&mut session).await;
-    };
-    let answered = tokio::time::timeout(deadline, work(&mut session)).await;
-    match answered {
-        Ok(result) => result,
-        Err(_) => {
-            drop(session.detach());
-            tracing::warn!(
-                "the database did not answer {what} within {deadline:?}; its session is given up as lost"
-            );
-            Err(Error::Db(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no answer to {what} within {deadline:?} (the statement timeout and 10 s)"),
-            ))))
-        }
-    }
+    crate::db::on_session(&exec.pool, exec.deadline, what, work).await
 }
 
 /// Runs the next chunk of batch `id` in a transaction of its own on

@@ -17,6 +17,12 @@ pub const FRESH: Duration = Duration::from_millis(250);
 /// How many WAL positions are kept at most (a few minutes of readings).
 const MAX_SAMPLES: usize = 4096;
 
+/// How long a reading may wait for the primary before its session is given
+/// up as lost (a partition): a reading is two small statements that take
+/// milliseconds, so 30 s without an answer is not load but a cut link. The
+/// chunk then waits for the database as when it is down.
+const READING_DEADLINE: Duration = Duration::from_secs(30);
+
 /// What the database said at one instant.
 #[derive(Debug, Clone)]
 pub struct Reading {
@@ -102,7 +108,16 @@ impl Governor {
     }
 
     async fn read(&self, pool: &PgPool) -> Result<Reading> {
-        let mut conn = pool.acquire().await?;
+        crate::db::on_session(
+            pool,
+            Some(READING_DEADLINE),
+            "a governor reading",
+            async |conn| self.read_on(conn).await,
+        )
+        .await
+    }
+
+    async fn read_on(&self, conn: &mut sqlx::PgConnection) -> Result<Reading> {
         let probe = match self.opts.probe_factor {
             Some(_) => {
                 let t = Instant::now();
