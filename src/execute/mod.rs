@@ -204,7 +204,7 @@ pub async fn execute_batch(
 /// What one chunk did.
 struct Chunk {
     counts: ledger::Counts,
-    /// Its transaction, from its first statement to its commit.
+    /// Its work, from holding the batch's lock to its commit.
     took: Duration,
     /// `Some(job_completed)`: it was the batch's last.
     last: Option<bool>,
@@ -236,7 +236,6 @@ async fn run_chunk(
 ) -> Result<Option<Chunk>> {
     let chunk_time = exec.governor.opts.chunk_time;
     let size = exec.chunks.size(kind, chunk_time);
-    let started = Instant::now();
     let mut tx = sqlx::Connection::begin(session).await?;
     batch_settings(&mut tx).await?;
     let batch = ledger::lock_batch(&mut tx, id).await?;
@@ -245,6 +244,8 @@ async fn run_chunk(
         tx.rollback().await?;
         return Ok(None);
     }
+    // From here: the chunk's own work, not a wait for the batch's lock.
+    let started = Instant::now();
     let upto = chunk_end(&mut tx, &batch, size).await?;
     let counts = match batch.kind {
         Kind::Logs => logs::archive(&mut tx, &batch, batch.cursor, upto).await?,
