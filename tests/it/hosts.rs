@@ -115,6 +115,20 @@ impl Fleet {
         assert!(got.is_some(), "{n} batches not done:\n{}", self.logs());
     }
 
+    /// Waits (bounded by `within`) until the worker on host `i` has
+    /// connected to the broker and is consuming again.
+    async fn until_consuming_again(&self, i: usize, within: Duration) {
+        let again = poll_until(within, || async {
+            self.workers[i].log().matches("consuming").count() >= 2
+        })
+        .await;
+        assert!(
+            again.is_some(),
+            "the cut-off worker consumes again:\n{}",
+            self.logs()
+        );
+    }
+
     /// Every worker's log, headed by its host's number.
     fn logs(&self) -> String {
         self.workers
@@ -254,15 +268,9 @@ async fn a_host_cut_off_from_the_broker_after_its_commits_reconnects_and_nothing
     tokio::time::sleep(Duration::from_secs(4 * HEARTBEAT)).await;
     cut.unblock(&fleet.urls[0].1);
     let healed = Instant::now();
-    let reconnected = poll_until(Duration::from_secs(60), || async {
-        fleet.workers[0].log().matches("consuming").count() >= 2
-    })
-    .await;
-    assert!(
-        reconnected.is_some(),
-        "the cut-off worker consumes again:\n{}",
-        fleet.logs()
-    );
+    fleet
+        .until_consuming_again(0, Duration::from_secs(60))
+        .await;
     eprintln!("consuming again {:?} after the heal", healed.elapsed());
     fleet.assert_exactly_once(Duration::from_secs(120)).await;
 }
@@ -295,15 +303,9 @@ async fn a_host_cut_off_from_everything_for_minutes_loses_its_batches_to_the_oth
         during < fleet.planned.batches as i64,
         "work is left for the host that comes back"
     );
-    let reconnected = poll_until(Duration::from_secs(90), || async {
-        fleet.workers[0].log().matches("consuming").count() >= 2
-    })
-    .await;
-    assert!(
-        reconnected.is_some(),
-        "the cut-off worker consumes again:\n{}",
-        fleet.logs()
-    );
+    fleet
+        .until_consuming_again(0, Duration::from_secs(90))
+        .await;
     let log = fleet.assert_exactly_once(Duration::from_secs(180)).await;
     let log = &log[0];
     assert!(

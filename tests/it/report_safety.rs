@@ -643,16 +643,7 @@ async fn restore_report_of_a_glacier_object_says_to_restore_it_from_the_archive_
         .await
         .unwrap();
     // What the lifecycle rule does after 90 days: the object moves to Glacier.
-    client
-        .copy_object()
-        .bucket(&bucket)
-        .key(&key)
-        .copy_source(format!("{bucket}/{key}"))
-        .storage_class(aws_sdk_s3::types::StorageClass::Glacier)
-        .metadata_directive(aws_sdk_s3::types::MetadataDirective::Copy)
-        .send()
-        .await
-        .unwrap();
+    s3::to_glacier(&client, &bucket, &key).await;
     let get = client.get_object().bucket(&bucket).key(&key).send().await;
     assert_eq!(
         get.err().and_then(|e| e.code().map(str::to_owned)),

@@ -47,6 +47,25 @@ async fn archive_all(db: &TestDb, root: &Path, bucket: &str) {
     }
 }
 
+/// A few report files archived by the planner binary into a new bucket:
+/// their directories, the S3 client and the bucket.
+async fn archive_reports(db: &TestDb, name: &str) -> (Dirs, aws_sdk_s3::Client, String) {
+    let d = Dirs::new(name);
+    let client = s3::client();
+    let bucket = s3::new_bucket(&client).await;
+    archiver::demo::load_reports(&db.pool, 4, 2, 400, &d.root)
+        .await
+        .unwrap();
+    let o = db
+        .planner()
+        .s3_reports(&d.root, &bucket)
+        .args(["--reports"])
+        .output_within(LIMIT)
+        .await;
+    assert!(o.status.success(), "{}", both(&o));
+    (d, client, bucket)
+}
+
 /// `planner verify ARGS` against `bucket`.
 async fn verify(db: &TestDb, root: &Path, bucket: &str, args: &[&str]) -> Output {
     db.planner()
@@ -280,19 +299,7 @@ async fn verify_matches_then_names_each_changed_batch_and_only_those() {
 #[tokio::test]
 async fn deep_catches_an_object_replaced_with_one_of_the_same_size() {
     let db = TestDb::new().await;
-    let d = Dirs::new("verify-deep");
-    let client = s3::client();
-    let bucket = s3::new_bucket(&client).await;
-    archiver::demo::load_reports(&db.pool, 4, 2, 400, &d.root)
-        .await
-        .unwrap();
-    let o = db
-        .planner()
-        .s3_reports(&d.root, &bucket)
-        .args(["--reports"])
-        .output_within(LIMIT)
-        .await;
-    assert!(o.status.success(), "{}", both(&o));
+    let (d, client, bucket) = archive_reports(&db, "verify-deep").await;
     let (batch, key): (Uuid, String) = sqlx::query_as(
         "SELECT archive_batch_id, object_key FROM reports_archive ORDER BY id LIMIT 1",
     )
@@ -348,16 +355,7 @@ async fn deep_catches_an_object_replaced_with_one_of_the_same_size() {
             .fetch_one(&db.pool)
             .await
             .unwrap();
-    client
-        .copy_object()
-        .bucket(&bucket)
-        .key(&other)
-        .copy_source(format!("{bucket}/{other}"))
-        .storage_class(aws_sdk_s3::types::StorageClass::Glacier)
-        .metadata_directive(aws_sdk_s3::types::MetadataDirective::Copy)
-        .send()
-        .await
-        .unwrap();
+    s3::to_glacier(&client, &bucket, &other).await;
     let (code, v) = verify_json(&db, &d.root, &bucket, &["--deep"]).await;
     assert_eq!(code, 1, "{v}");
     assert_eq!(
@@ -615,19 +613,7 @@ async fn bad_verify_flags_exit_2_naming_the_flag_and_change_nothing() {
 #[tokio::test]
 async fn objects_the_lifecycle_rule_expired_are_not_missing_but_younger_ones_are() {
     let db = TestDb::new().await;
-    let d = Dirs::new("verify-expired");
-    let client = s3::client();
-    let bucket = s3::new_bucket(&client).await;
-    archiver::demo::load_reports(&db.pool, 4, 2, 400, &d.root)
-        .await
-        .unwrap();
-    let o = db
-        .planner()
-        .s3_reports(&d.root, &bucket)
-        .args(["--reports"])
-        .output_within(LIMIT)
-        .await;
-    assert!(o.status.success(), "{}", both(&o));
+    let (d, client, bucket) = archive_reports(&db, "verify-expired").await;
     let o = db
         .planner()
         .s3_reports(&d.root, &bucket)

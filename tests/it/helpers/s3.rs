@@ -53,3 +53,18 @@ pub async fn delete_bucket(client: &Client, bucket: &str) {
     }
     client.delete_bucket().bucket(bucket).send().await.unwrap();
 }
+
+/// Moves object `key` to Glacier, as a lifecycle rule does after its days:
+/// its content can no longer be read until it is restored.
+pub async fn to_glacier(client: &Client, bucket: &str, key: &str) {
+    client
+        .copy_object()
+        .bucket(bucket)
+        .key(key)
+        .copy_source(format!("{bucket}/{key}"))
+        .storage_class(aws_sdk_s3::types::StorageClass::Glacier)
+        .metadata_directive(aws_sdk_s3::types::MetadataDirective::Copy)
+        .send()
+        .await
+        .unwrap();
+}
