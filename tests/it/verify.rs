@@ -76,6 +76,18 @@ async fn verify(db: &TestDb, root: &Path, bucket: &str, args: &[&str]) -> Output
         .await
 }
 
+/// `planner verify --json` with no object store (logs and metrics only):
+/// its exit status and its one JSON object.
+async fn verify_logs_json(db: &TestDb) -> (Option<i32>, Value) {
+    let o = db
+        .planner()
+        .args(["verify", "--json"])
+        .output_within(LIMIT)
+        .await;
+    let v = serde_json::from_str(&stdout(&o)).unwrap_or_else(|e| panic!("{e}: {}", both(&o)));
+    (o.status.code(), v)
+}
+
 /// `planner verify --json ARGS`, its exit status and its one JSON object.
 async fn verify_json(db: &TestDb, root: &Path, bucket: &str, args: &[&str]) -> (i32, Value) {
     let mut all = vec!["--json"];
@@ -474,13 +486,8 @@ async fn batches_without_digests_are_not_verifiable_and_retention_drops_are_drop
         .execute(&db.pool)
         .await
         .unwrap();
-    let o = db
-        .planner()
-        .args(["verify", "--json"])
-        .output_within(LIMIT)
-        .await;
-    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
-    assert_eq!(o.status.code(), Some(1), "{v}");
+    let (code, v) = verify_logs_json(&db).await;
+    assert_eq!(code, Some(1), "{v}");
     assert_eq!(named(&v), BTreeSet::from([old]), "{v}");
     assert_eq!(v["mismatches"][0]["what"], "rows", "{v}");
 
@@ -508,13 +515,8 @@ async fn batches_without_digests_are_not_verifiable_and_retention_drops_are_drop
         recorded >= 10,
         "each drop recorded with its job: {recorded}"
     );
-    let o = db
-        .planner()
-        .args(["verify", "--json"])
-        .output_within(LIMIT)
-        .await;
-    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
-    assert_eq!(o.status.code(), Some(0), "{v}");
+    let (code, v) = verify_logs_json(&db).await;
+    assert_eq!(code, Some(0), "{v}");
     let dropped = v["summary"]["dropped"].as_i64().unwrap();
     assert!(dropped > 0, "{v}");
     assert!(
@@ -531,13 +533,8 @@ async fn batches_without_digests_are_not_verifiable_and_retention_drops_are_drop
         .execute(&db.pool)
         .await
         .unwrap();
-    let o = db
-        .planner()
-        .args(["verify", "--json"])
-        .output_within(LIMIT)
-        .await;
-    let w: Value = serde_json::from_str(&stdout(&o)).unwrap();
-    assert_eq!(o.status.code(), Some(0), "{w}");
+    let (code, w) = verify_logs_json(&db).await;
+    assert_eq!(code, Some(0), "{w}");
     assert_eq!(w["summary"]["dropped"], v["summary"]["dropped"], "{w}");
     assert_eq!(named(&w), BTreeSet::new(), "{w}");
     db.cleanup().await;
